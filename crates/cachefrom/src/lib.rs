@@ -1,0 +1,5 @@
+//! cachefrom
+pub mod dockerfile;
+pub mod refs;
+pub mod ci;
+pub mod git;
