@@ -3,3 +3,5 @@ pub mod dockerfile;
 pub mod refs;
 pub mod ci;
 pub mod git;
+pub mod backend;
+pub mod plan;

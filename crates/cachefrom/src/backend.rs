@@ -1,0 +1,307 @@
+//! How the cache travels: one enum, each variant mapped to docker arguments in one place.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::refs::Repository;
+
+/// A cache backend. Written on the command line as BuildKit writes cache options:
+/// `TYPE[,KEY=VALUE...]`, e.g. `registry`, `local,dir=/cache`, `s3,bucket=b,region=eu-west-1`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Backend {
+    /// Per-stage images carrying inline cache metadata (`--cache-to type=inline`), pushed as tags.
+    /// Works with any registry and with the classic builder.
+    Inline,
+    /// BuildKit's registry cache (`type=registry`, `mode=max`): every layer of every stage, stored
+    /// as a cache manifest beside the image. `options` go to `--cache-to` as they are
+    /// (default: `image-manifest=true,oci-mediatypes=true`, which ECR and others need).
+    Registry {
+        /// Extra `KEY=VALUE` options for `--cache-to`.
+        options: BTreeMap<String, String>,
+    },
+    /// BuildKit's local cache (`type=local`, `mode=max`) in a shared directory: one folder a tag.
+    Local {
+        /// The shared directory.
+        dir: PathBuf,
+    },
+    /// One tar file a stage and level in a shared directory, for CI file caches: BuildKit's local
+    /// cache (`mode=max`) packed with `tar`. BuildKit does not read cache from images loaded with
+    /// `docker load` (moby#39003), so the tar carries the cache itself.
+    Tarball {
+        /// The shared directory holding the `.tar` files.
+        dir: PathBuf,
+    },
+    /// BuildKit's S3 cache (`type=s3`); `options` (bucket, region, prefix, …) pass through.
+    S3 {
+        /// `KEY=VALUE` options for `type=s3`.
+        options: BTreeMap<String, String>,
+    },
+    /// BuildKit's GitHub Actions cache (`type=gha`); `options` (url, token, …) pass through.
+    Gha {
+        /// `KEY=VALUE` options for `type=gha`.
+        options: BTreeMap<String, String>,
+    },
+}
+
+/// Where one stage's cache lives at one level of the chain.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(tag = "kind", content = "at", rename_all = "kebab-case")]
+pub enum CacheLocation {
+    /// An image reference `REPOSITORY:TAG` (inline and registry).
+    Image(String),
+    /// A directory (local).
+    Directory(PathBuf),
+    /// A tar file (tarball).
+    TarFile(PathBuf),
+    /// A name inside a remote store (`name=` for s3, `scope=` for gha).
+    Named(String),
+}
+
+impl std::fmt::Display for CacheLocation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CacheLocation::Image(image) => f.write_str(image),
+            CacheLocation::Directory(dir) | CacheLocation::TarFile(dir) => write!(f, "{}", dir.display()),
+            CacheLocation::Named(name) => f.write_str(name),
+        }
+    }
+}
+
+/// The names accepted by [`Backend::parse`].
+pub const BACKEND_NAMES: &str = "inline, registry, local, tarball, s3, gha";
+
+impl Backend {
+    /// Parses `TYPE[,KEY=VALUE...]`. `local` and `tarball` need `dir=DIR`, or `default_dir`.
+    pub fn parse(text: &str, default_dir: Option<&Path>) -> Result<Backend> {
+        let mut parts = text.split(',');
+        let kind = parts.next().unwrap_or_default().trim().to_lowercase();
+        let mut options = BTreeMap::new();
+        for part in parts {
+            let (key, value) = part
+                .split_once('=')
+                .with_context(|| format!("backend option `{part}` in `{text}` is not KEY=VALUE"))?;
+            options.insert(key.trim().to_string(), value.trim().to_string());
+        }
+        let mut take_dir = |kind: &str| -> Result<PathBuf> {
+            let dir = options.remove("dir").map(PathBuf::from).or_else(|| default_dir.map(Path::to_path_buf));
+            let dir = dir.with_context(|| format!("the {kind} backend needs a directory: --backend {kind},dir=DIR or --cache-dir DIR"))?;
+            if let Some(extra) = options.keys().next() {
+                bail!("the {kind} backend takes only dir=DIR, not `{extra}`");
+            }
+            Ok(dir)
+        };
+        let backend = match kind.as_str() {
+            "inline" => {
+                if !options.is_empty() {
+                    bail!("the inline backend takes no options");
+                }
+                Backend::Inline
+            }
+            "registry" => Backend::Registry { options },
+            "local" => Backend::Local { dir: take_dir("local")? },
+            "tarball" => Backend::Tarball { dir: take_dir("tarball")? },
+            "s3" => {
+                for needed in ["bucket", "region"] {
+                    if !options.contains_key(needed) {
+                        bail!("the s3 backend needs {needed}=…: --backend s3,bucket=NAME,region=REGION");
+                    }
+                }
+                Backend::S3 { options }
+            }
+            "gha" => Backend::Gha { options },
+            "" => bail!("no backend given; choose one of {BACKEND_NAMES}"),
+            other => bail!("unknown backend `{other}`; choose one of {BACKEND_NAMES}"),
+        };
+        Ok(backend)
+    }
+
+    /// The backend's short name.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Backend::Inline => "inline",
+            Backend::Registry { .. } => "registry",
+            Backend::Local { .. } => "local",
+            Backend::Tarball { .. } => "tarball",
+            Backend::S3 { .. } => "s3",
+            Backend::Gha { .. } => "gha",
+        }
+    }
+
+    /// True when BuildKit must export the cache itself (`--cache-to type=registry|local|s3|gha`):
+    /// the default `docker` driver can do that only with the containerd image store.
+    pub fn needs_cache_export(&self) -> bool {
+        !matches!(self, Backend::Inline)
+    }
+
+    /// True when each stage's image must be tagged and loaded locally (to push it or save it).
+    pub fn tags_stage_images(&self) -> bool {
+        matches!(self, Backend::Inline)
+    }
+
+    /// True when the existence of a location can be checked before the build.
+    pub fn can_check_existence(&self) -> bool {
+        !matches!(self, Backend::S3 { .. } | Backend::Gha { .. })
+    }
+
+    /// Where `tag`'s cache lives for this backend.
+    pub fn location(&self, repository: &Repository, tag: &str) -> CacheLocation {
+        match self {
+            Backend::Inline | Backend::Registry { .. } => CacheLocation::Image(repository.with_tag(tag)),
+            Backend::Local { dir } => CacheLocation::Directory(dir.join(repository_dir_name(repository)).join(tag)),
+            Backend::Tarball { dir } => {
+                CacheLocation::TarFile(dir.join(repository_dir_name(repository)).join(format!("{tag}.tar")))
+            }
+            Backend::S3 { .. } | Backend::Gha { .. } => {
+                CacheLocation::Named(format!("{}-{tag}", repository_dir_name(repository)))
+            }
+        }
+    }
+
+    /// The `--cache-from` value reading `location`. For `tarball`, `unpacked` is where the tar
+    /// file is unpacked before the build.
+    pub fn cache_from_arg(&self, location: &CacheLocation, unpacked: &Path) -> String {
+        match (self, location) {
+            (Backend::Inline, CacheLocation::Image(image)) => image.clone(),
+            (Backend::Registry { .. }, CacheLocation::Image(image)) => format!("type=registry,ref={image}"),
+            (Backend::Local { .. }, CacheLocation::Directory(dir)) => format!("type=local,src={}", dir.display()),
+            (Backend::Tarball { .. }, _) => format!("type=local,src={}", unpacked.display()),
+            (Backend::S3 { options }, CacheLocation::Named(name)) => {
+                format!("type=s3,{}name={name}", join_options(options, &["mode", "ignore-error"]))
+            }
+            (Backend::Gha { options }, CacheLocation::Named(name)) => {
+                format!("type=gha,{}scope={name}", join_options(options, &["mode", "ignore-error"]))
+            }
+            (backend, location) => unreachable!("{} has no location {location:?}", backend.name()),
+        }
+    }
+
+    /// The `--cache-to` value writing `location`, or `None` for backends whose writes happen after
+    /// the build (inline pushes the image; tarball packs `staging`). `ignore_error` keeps a failed
+    /// export from failing a build that succeeded.
+    pub fn cache_to_arg(&self, location: &CacheLocation, staging: &Path, ignore_error: bool) -> Option<String> {
+        let ignore = if ignore_error { ",ignore-error=true" } else { "" };
+        let arg = match (self, location) {
+            (Backend::Inline, _) => return None,
+            (Backend::Registry { options }, CacheLocation::Image(image)) => {
+                let mut options = options.clone();
+                options.entry("image-manifest".to_string()).or_insert_with(|| "true".to_string());
+                options.entry("oci-mediatypes".to_string()).or_insert_with(|| "true".to_string());
+                format!("type=registry,ref={image},mode=max,{}", join_options(&options, &["ref", "mode"]).trim_end_matches(','))
+                    + ignore
+            }
+            (Backend::Local { .. }, CacheLocation::Directory(dir)) => {
+                format!("type=local,dest={},mode=max{ignore}", dir.display())
+            }
+            (Backend::Tarball { .. }, _) => format!("type=local,dest={},mode=max{ignore}", staging.display()),
+            (Backend::S3 { options }, CacheLocation::Named(name)) => {
+                format!("type=s3,{}name={name},mode=max{ignore}", join_options(options, &["mode", "ignore-error"]))
+            }
+            (Backend::Gha { options }, CacheLocation::Named(name)) => {
+                format!("type=gha,{}scope={name},mode=max{ignore}", join_options(options, &["mode", "ignore-error"]))
+            }
+            (backend, location) => unreachable!("{} has no location {location:?}", backend.name()),
+        };
+        Some(arg)
+    }
+}
+
+/// `KEY=VALUE,` for each option not in `skip`, sorted.
+fn join_options(options: &BTreeMap<String, String>, skip: &[&str]) -> String {
+    options
+        .iter()
+        .filter(|(key, _)| !skip.contains(&key.as_str()))
+        .map(|(key, value)| format!("{key}={value},"))
+        .collect()
+}
+
+/// A file-system-safe name for a repository: `127.0.0.1:5000/team/app` → `127.0.0.1-5000-team-app`.
+fn repository_dir_name(repository: &Repository) -> String {
+    format!("{}/{}", repository.registry, repository.path).replace(['/', ':'], "-")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn repo() -> Repository {
+        Repository::parse("127.0.0.1:5000/app").unwrap()
+    }
+
+    #[test]
+    fn parse_every_backend() {
+        assert_eq!(Backend::parse("inline", None).unwrap(), Backend::Inline);
+        assert_eq!(Backend::parse("registry", None).unwrap(), Backend::Registry { options: BTreeMap::new() });
+        assert_eq!(Backend::parse("local,dir=/c", None).unwrap(), Backend::Local { dir: "/c".into() });
+        assert_eq!(Backend::parse("tarball", Some(Path::new("/t"))).unwrap(), Backend::Tarball { dir: "/t".into() });
+        let s3 = Backend::parse("s3,bucket=b,region=r", None).unwrap();
+        assert_eq!(s3.name(), "s3");
+        assert_eq!(Backend::parse("gha,url=http://x", None).unwrap().name(), "gha");
+    }
+
+    #[test]
+    fn parse_errors_say_what_to_do() {
+        let error = |text: &str| Backend::parse(text, None).unwrap_err().to_string();
+        assert_eq!(error("zip"), "unknown backend `zip`; choose one of inline, registry, local, tarball, s3, gha");
+        assert!(error("local").contains("--backend local,dir=DIR"));
+        assert!(error("s3,bucket=b").contains("needs region"));
+        assert!(error("inline,mode=max").contains("no options"));
+        assert!(error("registry,junk").contains("not KEY=VALUE"));
+    }
+
+    #[test]
+    fn docker_arguments_of_each_backend() {
+        let staging = Path::new("/work/stage");
+        let registry = Backend::parse("registry", None).unwrap();
+        let location = registry.location(&repo(), "cache-deps-main");
+        assert_eq!(registry.cache_from_arg(&location, staging), "type=registry,ref=127.0.0.1:5000/app:cache-deps-main");
+        assert_eq!(
+            registry.cache_to_arg(&location, staging, true).unwrap(),
+            "type=registry,ref=127.0.0.1:5000/app:cache-deps-main,mode=max,image-manifest=true,oci-mediatypes=true,ignore-error=true"
+        );
+
+        let inline = Backend::Inline;
+        let location = inline.location(&repo(), "cache-deps-main");
+        assert_eq!(inline.cache_from_arg(&location, staging), "127.0.0.1:5000/app:cache-deps-main");
+        assert_eq!(inline.cache_to_arg(&location, staging, true), None);
+
+        let local = Backend::parse("local,dir=/c", None).unwrap();
+        let location = local.location(&repo(), "cache-deps-main");
+        assert_eq!(location, CacheLocation::Directory("/c/127.0.0.1-5000-app/cache-deps-main".into()));
+        assert_eq!(local.cache_from_arg(&location, staging), "type=local,src=/c/127.0.0.1-5000-app/cache-deps-main");
+        assert_eq!(
+            local.cache_to_arg(&location, staging, false).unwrap(),
+            "type=local,dest=/c/127.0.0.1-5000-app/cache-deps-main,mode=max"
+        );
+
+        let tarball = Backend::parse("tarball,dir=/t", None).unwrap();
+        let location = tarball.location(&repo(), "cache-deps-main");
+        assert_eq!(location, CacheLocation::TarFile("/t/127.0.0.1-5000-app/cache-deps-main.tar".into()));
+        assert_eq!(tarball.cache_from_arg(&location, staging), "type=local,src=/work/stage");
+        assert_eq!(tarball.cache_to_arg(&location, staging, true).unwrap(), "type=local,dest=/work/stage,mode=max,ignore-error=true");
+
+        let s3 = Backend::parse("s3,bucket=b,region=r", None).unwrap();
+        let location = s3.location(&repo(), "cache-deps-main");
+        assert_eq!(s3.cache_from_arg(&location, staging), "type=s3,bucket=b,region=r,name=127.0.0.1-5000-app-cache-deps-main");
+        assert_eq!(
+            s3.cache_to_arg(&location, staging, false).unwrap(),
+            "type=s3,bucket=b,region=r,name=127.0.0.1-5000-app-cache-deps-main,mode=max"
+        );
+        let gha = Backend::parse("gha", None).unwrap();
+        let location = gha.location(&repo(), "cache-deps-main");
+        assert_eq!(gha.cache_from_arg(&location, staging), "type=gha,scope=127.0.0.1-5000-app-cache-deps-main");
+    }
+
+    #[test]
+    fn backends_round_trip_through_json() {
+        for text in ["inline", "registry,compression=zstd", "local,dir=/c", "tarball,dir=/t", "s3,bucket=b,region=r", "gha"] {
+            let backend = Backend::parse(text, None).unwrap();
+            let json = serde_json::to_string(&backend).unwrap();
+            assert_eq!(serde_json::from_str::<Backend>(&json).unwrap(), backend, "{json}");
+        }
+        assert!(serde_json::from_str::<Backend>(r#"{"type":"inline","junk":1}"#).is_err());
+    }
+}

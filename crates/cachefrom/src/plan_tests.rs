@@ -1,0 +1,362 @@
+use super::*;
+use crate::dockerfile::parse_dockerfile_text;
+
+const SHA_HEAD: &str = "4444444444444444444444444444444444444444";
+const SHA_PARENT: &str = "3333333333333333333333333333333333333333";
+const SHA_BASE: &str = "2222222222222222222222222222222222222222";
+
+const RUST_SERVICE: &str = "\
+ARG RUST_IMAGE=rust:1.85
+FROM ${RUST_IMAGE} AS deps
+RUN cargo fetch
+FROM deps AS builder
+RUN cargo build
+FROM debian:bookworm AS docs
+RUN make docs
+FROM debian:bookworm-slim AS runtime
+COPY --from=builder /app /app
+";
+
+fn feature_branch() -> GitFacts {
+    GitFacts {
+        branch: Some("feature/login".into()),
+        branch_source: Some("git".into()),
+        commit: Some(SHA_HEAD.into()),
+        parent: Some(SHA_PARENT.into()),
+        default_branch: "main".into(),
+        merge_base: Some(SHA_BASE.into()),
+        notes: vec![],
+    }
+}
+
+fn main_branch() -> GitFacts {
+    GitFacts { branch: Some("main".into()), merge_base: None, ..feature_branch() }
+}
+
+fn options(git: GitFacts) -> PlanOptions {
+    let mut options = PlanOptions::new("app", Repository::parse("127.0.0.1:5000/app").unwrap(), git);
+    options.work_dir = "/work".into();
+    options
+}
+
+fn plan(text: &str, options: &PlanOptions) -> Plan {
+    let dockerfile = parse_dockerfile_text(text, &options.build_args).unwrap();
+    Plan::from_dockerfile(options, Path::new("app/Dockerfile"), &dockerfile).unwrap()
+}
+
+fn tags(refs: &[CacheRef]) -> Vec<String> {
+    refs.iter().map(|r| format!("{}={}", r.level, r.tag)).collect()
+}
+
+#[test]
+fn builds_needed_stages_in_order_and_leaves_out_the_rest() {
+    let plan = plan(RUST_SERVICE, &options(feature_branch()));
+    let names: Vec<&str> = plan.stages.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["deps", "builder", "runtime"]);
+    assert_eq!(plan.target, "runtime");
+    assert_eq!(plan.stage("runtime").unwrap().depends_on, ["deps", "builder"]);
+    assert!(plan.stage("runtime").unwrap().is_target);
+}
+
+#[test]
+fn the_chain_of_a_feature_branch() {
+    let plan = plan(RUST_SERVICE, &options(feature_branch()));
+    let feature = crate::refs::sanitize_tag("feature/login");
+    assert_eq!(
+        tags(&plan.stage("deps").unwrap().cache_from),
+        [
+            format!("branch=cache-deps-{feature}"),
+            format!("merge-base=cache-deps-{SHA_BASE}"),
+            "default-branch=cache-deps-main".to_string(),
+            format!("parent=cache-deps-{SHA_PARENT}"),
+            "unprefixed=cache-deps".to_string(),
+        ]
+    );
+    // A branch writes its own tags only: never main's, never the unprefixed one.
+    assert_eq!(
+        tags(&plan.stage("deps").unwrap().cache_to),
+        [format!("branch=cache-deps-{feature}"), format!("commit=cache-deps-{SHA_HEAD}")]
+    );
+    assert!(plan.notes.iter().any(|n| n.contains("the default branch `main` writes its own")), "{:?}", plan.notes);
+}
+
+#[test]
+fn the_default_branch_writes_its_tags_and_the_unprefixed_one() {
+    let plan = plan(RUST_SERVICE, &options(main_branch()));
+    assert_eq!(plan.chain, [Level::Branch, Level::Parent, Level::Unprefixed]);
+    assert_eq!(
+        tags(&plan.stage("deps").unwrap().cache_to),
+        ["branch=cache-deps-main".to_string(), format!("commit=cache-deps-{SHA_HEAD}"), "unprefixed=cache-deps".to_string()]
+    );
+    assert!(plan.notes.iter().any(|n| n == "cache level merge-base is not used: on the default branch"), "{:?}", plan.notes);
+}
+
+#[test]
+fn a_missing_merge_base_is_dropped_with_a_note() {
+    let git = GitFacts { merge_base: None, notes: vec!["no merge-base: shallow".into()], ..feature_branch() };
+    let plan = plan(RUST_SERVICE, &options(git));
+    assert_eq!(plan.chain, [Level::Branch, Level::DefaultBranch, Level::Parent, Level::Unprefixed]);
+    assert!(plan.notes.contains(&"cache level merge-base is not used: merge-base unknown".to_string()));
+    assert!(plan.notes.contains(&"no merge-base: shallow".to_string()));
+    assert!(plan.to_string().contains("# note: cache level merge-base is not used: merge-base unknown"));
+}
+
+#[test]
+fn the_chain_order_is_configurable() {
+    let mut options = options(feature_branch());
+    options.chain = Level::parse_chain("default-branch,branch").unwrap();
+    let plan = plan(RUST_SERVICE, &options);
+    let feature = crate::refs::sanitize_tag("feature/login");
+    assert_eq!(
+        tags(&plan.stage("deps").unwrap().cache_from),
+        ["default-branch=cache-deps-main".to_string(), format!("branch=cache-deps-{feature}")]
+    );
+    assert!(plan.to_string().contains("# cache sources, most specific first: default-branch > branch"));
+    assert!(Level::parse_chain("branch,nope").unwrap_err().to_string().contains("unknown cache level `nope`"));
+    assert!(Level::parse_chain("branch,branch").is_err());
+}
+
+#[test]
+fn sources_include_the_caches_of_the_stages_read_from() {
+    let mut options = options(main_branch());
+    options.backend = Backend::parse("registry", None).unwrap();
+    let plan = plan(RUST_SERVICE, &options);
+    let runtime = plan.stage("runtime").unwrap();
+    let sources: Vec<String> = plan.all_candidate_sources(runtime).iter().map(|(s, r)| format!("{s}:{}", r.tag)).collect();
+    assert_eq!(
+        sources[..3],
+        ["runtime:cache-runtime-main".to_string(), "deps:cache-deps-main".into(), "builder:cache-builder-main".into()]
+    );
+}
+
+#[test]
+fn the_script_for_the_registry_backend() {
+    let mut options = options(main_branch());
+    options.backend = Backend::parse("registry", None).unwrap();
+    options.chain = vec![Level::Branch, Level::Unprefixed];
+    options.docker_args = vec!["--network=host".into()];
+    let script = plan("FROM alpine AS deps\nFROM deps AS app\n", &options).to_string();
+    let expected = format!(
+        r#"#!/bin/sh
+# cachefrom plan: app/Dockerfile (target app), registry backend, buildx builder
+# branch main (from git); default branch main
+# commit {SHA_HEAD}; parent {SHA_PARENT}; merge-base none
+# cache sources, most specific first: branch > unprefixed
+# writes: branch, commit, unprefixed
+set -eu
+
+# Stages, in build order: deps -> app
+# deps cache candidates:
+#   branch          127.0.0.1:5000/app:cache-deps-main
+#   unprefixed      127.0.0.1:5000/app:cache-deps
+# app cache candidates:
+#   branch          127.0.0.1:5000/app:cache-app-main
+#   unprefixed      127.0.0.1:5000/app:cache-app
+# cachefrom checks which candidates exist (no layer download) and passes only those,
+# from one level of the chain for every stage where it can.
+
+# Write each built stage's cache, even when a later stage fails.
+push_cached() {{
+  : # BuildKit writes the cache during each build (--cache-to)
+}}
+trap push_cached EXIT
+
+# Stage deps (1/2)
+docker buildx build \
+  --progress=plain \
+  --target deps \
+  -f app/Dockerfile \
+  --provenance=false \
+  --cache-from type=registry,ref=127.0.0.1:5000/app:cache-deps-main \
+  --cache-from type=registry,ref=127.0.0.1:5000/app:cache-deps \
+  --cache-to type=registry,ref=127.0.0.1:5000/app:cache-deps-main,mode=max,image-manifest=true,oci-mediatypes=true,ignore-error=true \
+  --cache-to type=registry,ref=127.0.0.1:5000/app:cache-deps-{SHA_HEAD},mode=max,image-manifest=true,oci-mediatypes=true,ignore-error=true \
+  --cache-to type=registry,ref=127.0.0.1:5000/app:cache-deps,mode=max,image-manifest=true,oci-mediatypes=true,ignore-error=true \
+  --network=host \
+  app
+built_deps=1
+
+# Stage app (2/2)
+docker buildx build \
+  --progress=plain \
+  --target app \
+  -f app/Dockerfile \
+  --provenance=false \
+  --cache-from type=registry,ref=127.0.0.1:5000/app:cache-app-main \
+  --cache-from type=registry,ref=127.0.0.1:5000/app:cache-deps-main \
+  --cache-from type=registry,ref=127.0.0.1:5000/app:cache-app \
+  --cache-from type=registry,ref=127.0.0.1:5000/app:cache-deps \
+  --cache-to type=registry,ref=127.0.0.1:5000/app:cache-app-main,mode=max,image-manifest=true,oci-mediatypes=true,ignore-error=true \
+  --cache-to type=registry,ref=127.0.0.1:5000/app:cache-app-{SHA_HEAD},mode=max,image-manifest=true,oci-mediatypes=true,ignore-error=true \
+  --cache-to type=registry,ref=127.0.0.1:5000/app:cache-app,mode=max,image-manifest=true,oci-mediatypes=true,ignore-error=true \
+  --network=host \
+  app
+built_app=1
+"#
+    );
+    assert_eq!(script, expected);
+}
+
+#[test]
+fn the_inline_backend_tags_and_pushes_each_stage_in_the_trap() {
+    let mut options = options(main_branch());
+    options.chain = vec![Level::Branch];
+    options.tags = vec!["127.0.0.1:5000/app:v1".into()];
+    options.push_tags = true;
+    let script = plan("FROM alpine AS deps\nFROM deps AS app\n", &options).to_string();
+    assert!(script.contains(
+        "push_cached() {\n  if [ -n \"${built_deps:-}\" ]; then\n    docker push 127.0.0.1:5000/app:cache-deps-main || echo \"cachefrom: cache write failed\" >&2\n"
+    ), "{script}");
+    assert!(script.contains("  --cache-to type=inline \\\n"), "{script}");
+    assert!(script.contains("  -t 127.0.0.1:5000/app:cache-app-main \\\n"), "{script}");
+    assert!(script.contains("  -t 127.0.0.1:5000/app:v1 \\\n"), "{script}");
+    assert!(script.ends_with("\n# Push the final image.\ndocker push 127.0.0.1:5000/app:v1\n"), "{script}");
+}
+
+#[test]
+fn the_tarball_backend_unpacks_before_and_packs_after() {
+    let mut options = options(main_branch());
+    options.chain = vec![Level::Branch];
+    options.backend = Backend::parse("tarball,dir=/shared", None).unwrap();
+    let script = plan("FROM alpine AS deps\n", &options).to_string();
+    assert!(script.contains("{ test -f /shared/127.0.0.1-5000-app/cache-deps-main.tar && mkdir -p /work/from/deps && tar -xf /shared/127.0.0.1-5000-app/cache-deps-main.tar -C /work/from/deps; } || true"), "{script}");
+    assert!(script.contains("tar -cf /shared/127.0.0.1-5000-app/cache-deps-main.tar.partial -C /work/to/deps . && mv"), "{script}");
+    assert!(script.contains("--cache-from type=local,src=/work/from/deps"), "{script}");
+    assert!(script.contains("--cache-to type=local,dest=/work/to/deps,mode=max,ignore-error=true"), "{script}");
+}
+
+#[test]
+fn the_classic_builder_pulls_in_chain_order() {
+    let mut options = options(feature_branch());
+    options.builder = Builder::Classic;
+    options.chain = vec![Level::Branch, Level::DefaultBranch];
+    let script = plan("FROM alpine AS deps\n", &options).to_string();
+    let feature = crate::refs::sanitize_tag("feature/login");
+    assert!(script.contains(&format!(
+        "docker pull 127.0.0.1:5000/app:cache-deps-{feature} ||\n  docker pull 127.0.0.1:5000/app:cache-deps-main || true"
+    )), "{script}");
+    assert!(script.contains("docker build \\\n  --target deps"), "{script}");
+    assert!(script.contains("--build-arg BUILDKIT_INLINE_CACHE=1"), "{script}");
+    options.backend = Backend::parse("registry", None).unwrap();
+    let dockerfile = parse_dockerfile_text("FROM alpine AS deps\n", &BTreeMap::new()).unwrap();
+    let error = Plan::from_dockerfile(&options, Path::new("Dockerfile"), &dockerfile).unwrap_err();
+    assert!(error.to_string().contains("needs BuildKit"), "{error}");
+}
+
+#[test]
+fn read_only_writes_nothing() {
+    let mut options = options(main_branch());
+    options.access = Access::ReadOnly;
+    let plan = plan(RUST_SERVICE, &options);
+    assert!(plan.stages.iter().all(|s| s.cache_to.is_empty()));
+    assert!(plan.to_string().contains("# writes: nothing"));
+}
+
+#[test]
+fn an_unnamed_intermediate_stage_is_folded_with_a_note() {
+    let plan = plan("FROM alpine\nRUN make\nFROM alpine AS final\nCOPY --from=0 /x /x\n", &options(main_branch()));
+    assert_eq!(plan.stages.len(), 1);
+    assert_eq!(plan.folded_stages[0].name, "0");
+    assert!(plan.to_string().contains("# note: stage 0 has no name, so it cannot be built alone"));
+}
+
+#[test]
+fn an_unnamed_target_is_built_without_target() {
+    let plan = plan("FROM alpine AS deps\nFROM deps\n", &options(main_branch()));
+    assert_eq!(plan.stages[1].name, "1");
+    assert_eq!(plan.stages[1].target, None);
+    assert!(!plan.build_command(&plan.stages[1], &[], "plain").contains(&"--target".to_string()));
+}
+
+#[test]
+fn from_with_an_arg_and_a_build_arg() {
+    let mut options = options(main_branch());
+    options.docker_args = vec!["--build-arg".into(), "RUST_IMAGE=local/rust".into()];
+    let plan = Plan::from_dockerfile(
+        &options,
+        Path::new("Dockerfile"),
+        &parse_dockerfile_text(RUST_SERVICE, &docker_build_args(&options.docker_args).unwrap()).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(plan.stages.len(), 3);
+    let dockerfile = parse_dockerfile_text(RUST_SERVICE, &docker_build_args(&options.docker_args).unwrap()).unwrap();
+    assert_eq!(dockerfile.stages[0].base, "local/rust");
+}
+
+#[test]
+fn secrets_never_appear_in_the_script_or_the_json() {
+    let mut options = options(main_branch());
+    options.docker_args = vec![
+        "--build-arg".into(),
+        "NPM_TOKEN=s3cr3t-value".into(),
+        "--build-arg=DB_PASSWORD=hunter2-value".into(),
+        "--secret".into(),
+        "id=cacert,src=/etc/ssl/certs/ca-certificates.crt".into(),
+        "--build-arg".into(),
+        "VERSION=1.2".into(),
+    ];
+    options.build_args = BTreeMap::from([("API_KEY".to_string(), "key-value-123".to_string())]);
+    let plan = plan("FROM alpine AS a\n", &options);
+    for text in [plan.to_string(), plan.to_json()] {
+        for secret in ["s3cr3t-value", "hunter2-value", "key-value-123"] {
+            assert!(!text.contains(secret), "{secret} leaked:\n{text}");
+        }
+        assert!(text.contains("NPM_TOKEN=***"), "{text}");
+        assert!(text.contains("VERSION=1.2"), "{text}");
+        assert!(text.contains("id=cacert,src=/etc/ssl/certs/ca-certificates.crt"), "{text}");
+    }
+    // The command that runs keeps the real values.
+    let command = plan.build_command(&plan.stages[0], &[], "rawjson");
+    assert!(command.contains(&"NPM_TOKEN=s3cr3t-value".to_string()));
+}
+
+#[test]
+fn options_cachefrom_sets_are_refused_after_the_double_dash() {
+    let mut options = options(main_branch());
+    for flag in ["--target=x", "-t", "--cache-from", "--progress=plain", "-f"] {
+        options.docker_args = vec![flag.to_string(), "v".into()];
+        let dockerfile = parse_dockerfile_text("FROM alpine AS a\n", &BTreeMap::new()).unwrap();
+        let error = Plan::from_dockerfile(&options, Path::new("Dockerfile"), &dockerfile).unwrap_err().to_string();
+        assert!(error.contains("conflicts with what cachefrom sets itself"), "{flag}: {error}");
+    }
+}
+
+#[test]
+fn the_plan_round_trips_through_json_and_is_deterministic() {
+    let mut options = options(feature_branch());
+    options.backend = Backend::parse("local,dir=/cache", None).unwrap();
+    let first = plan(RUST_SERVICE, &options);
+    let second = plan(RUST_SERVICE, &options);
+    assert_eq!(first.to_string(), second.to_string());
+    assert_eq!(first.to_json(), second.to_json());
+    let back: Plan = serde_json::from_str(&first.to_json()).unwrap();
+    assert_eq!(back, first);
+}
+
+#[test]
+fn a_detached_head_with_a_ci_branch_variable() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        let status = std::process::Command::new("git")
+            .args(args)
+            .current_dir(dir.path())
+            .env("GIT_AUTHOR_NAME", "t")
+            .env("GIT_AUTHOR_EMAIL", "t@example.invalid")
+            .env("GIT_COMMITTER_NAME", "t")
+            .env("GIT_COMMITTER_EMAIL", "t@example.invalid")
+            .status()
+            .unwrap();
+        assert!(status.success());
+    };
+    run(&["init", "-q", "-b", "main"]);
+    std::fs::write(dir.path().join("Dockerfile"), "FROM alpine AS app\n").unwrap();
+    run(&["add", "."]);
+    run(&["commit", "-q", "-m", "one"]);
+    run(&["checkout", "-q", "--detach"]);
+    let env = crate::ci::Environment::from_pairs([("GITLAB_CI", "true"), ("CI_COMMIT_REF_NAME", "topic")]);
+    let git = GitFacts::discover(dir.path(), &Default::default(), &env);
+    let options = PlanOptions::new(dir.path(), Repository::parse("127.0.0.1:5000/app").unwrap(), git);
+    let plan = Plan::new(&options).unwrap();
+    assert_eq!(plan.stages[0].cache_from[0].tag, "cache-app-topic");
+    assert!(plan.to_string().contains("# branch topic (from CI_COMMIT_REF_NAME); default branch main"));
+}
