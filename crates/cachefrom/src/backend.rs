@@ -302,6 +302,6 @@ mod tests {
             let json = serde_json::to_string(&backend).unwrap();
             assert_eq!(serde_json::from_str::<Backend>(&json).unwrap(), backend, "{json}");
         }
-        assert!(serde_json::from_str::<Backend>(r#"{"type":"inline","junk":1}"#).is_err());
+        assert!(serde_json::from_str::<Backend>(r#"{"type":"local","dir":"/c","junk":1}"#).is_err());
     }
 }

@@ -5,3 +5,6 @@ pub mod ci;
 pub mod git;
 pub mod backend;
 pub mod plan;
+pub mod docker;
+pub mod registry;
+pub mod report;

@@ -1,0 +1,520 @@
+//! What a run did: BuildKit's own per-step cache record, and the report as a table, JSON and
+//! markdown.
+//!
+//! Steps are read from `--progress=rawjson`: a stream of JSON objects, each vertex update with
+//! `digest`, `name`, `started`, `completed`, and `"cached": true` on a hit. A hit whose layers
+//! are downloaded from a remote cache says `cached` only on its first update and never prints
+//! `CACHED` in plain output, so a step counts as cached if any update for its digest says so.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use serde::{Deserialize, Serialize};
+
+use crate::plan::Level;
+
+/// One build step as BuildKit reported it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Step {
+    /// BuildKit's name for it, e.g. `[deps 3/6] COPY Cargo.toml Cargo.lock ./`.
+    pub name: String,
+    /// The stage it belongs to (the word after `[`).
+    pub stage: String,
+    /// True when BuildKit took it from the cache.
+    pub cached: bool,
+    /// Seconds from start to completion, when both were reported.
+    pub seconds: Option<f64>,
+    /// BuildKit's error for it, if it failed.
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Default, Clone)]
+struct Vertex {
+    name: String,
+    cached: bool,
+    started: Option<String>,
+    completed: Option<String>,
+    error: Option<String>,
+    order: usize,
+}
+
+/// Collects BuildKit's `rawjson` progress, line by line, and hands back what is not JSON.
+#[derive(Debug, Default)]
+pub struct ProgressRecord {
+    pending: String,
+    depth: i64,
+    in_string: bool,
+    escaped: bool,
+    vertices: BTreeMap<String, Vertex>,
+    /// Log lines of each vertex, as printed by the step (decoded).
+    logs: Vec<(String, String)>,
+}
+
+/// An event worth showing the user, decoded from the stream.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ProgressEvent {
+    /// A vertex finished: its name, whether it was cached, seconds, error.
+    Finished {
+        /// BuildKit's name of the vertex.
+        name: String,
+        /// Cache hit.
+        cached: bool,
+        /// Duration, when known.
+        seconds: Option<f64>,
+        /// Error, if it failed.
+        error: Option<String>,
+    },
+    /// A vertex started.
+    Started {
+        /// BuildKit's name of the vertex.
+        name: String,
+    },
+    /// A line the step printed.
+    Log {
+        /// BuildKit's name of the vertex.
+        vertex: String,
+        /// The line.
+        line: String,
+    },
+    /// A line that is not part of the JSON stream (docker's own errors and warnings).
+    Text(String),
+}
+
+impl ProgressRecord {
+    /// Feeds one line of docker's output; returns what happened, in order.
+    pub fn feed_line(&mut self, line: &str) -> Vec<ProgressEvent> {
+        if self.depth == 0 && !line.trim_start().starts_with('{') {
+            if line.trim().is_empty() {
+                return Vec::new();
+            }
+            return vec![ProgressEvent::Text(line.to_string())];
+        }
+        for c in line.chars() {
+            if self.in_string {
+                match (self.escaped, c) {
+                    (true, _) => self.escaped = false,
+                    (false, '\\') => self.escaped = true,
+                    (false, '"') => self.in_string = false,
+                    _ => {}
+                }
+            } else {
+                match c {
+                    '"' => self.in_string = true,
+                    '{' => self.depth += 1,
+                    '}' => self.depth -= 1,
+                    _ => {}
+                }
+            }
+        }
+        self.pending.push_str(line);
+        self.pending.push('\n');
+        if self.depth > 0 {
+            return Vec::new();
+        }
+        self.depth = 0;
+        let text = std::mem::take(&mut self.pending);
+        match serde_json::from_str::<serde_json::Value>(&text) {
+            Ok(value) => self.absorb(&value),
+            Err(_) => vec![ProgressEvent::Text(text.trim_end().to_string())],
+        }
+    }
+
+    fn absorb(&mut self, value: &serde_json::Value) -> Vec<ProgressEvent> {
+        let mut events = Vec::new();
+        for update in value.get("vertexes").and_then(|v| v.as_array()).into_iter().flatten() {
+            let Some(digest) = update.get("digest").and_then(|d| d.as_str()) else { continue };
+            let order = self.vertices.len();
+            let vertex = self.vertices.entry(digest.to_string()).or_insert_with(|| Vertex { order, ..Vertex::default() });
+            let was_started = vertex.started.is_some();
+            let was_completed = vertex.completed.is_some();
+            if let Some(name) = update.get("name").and_then(|n| n.as_str()) {
+                vertex.name = name.to_string();
+            }
+            if update.get("cached").and_then(|c| c.as_bool()) == Some(true) {
+                vertex.cached = true;
+            }
+            if let Some(started) = update.get("started").and_then(|s| s.as_str()) {
+                vertex.started.get_or_insert_with(|| started.to_string());
+            }
+            if let Some(completed) = update.get("completed").and_then(|s| s.as_str()) {
+                vertex.completed = Some(completed.to_string());
+            }
+            if let Some(error) = update.get("error").and_then(|e| e.as_str()) {
+                vertex.error = Some(error.to_string());
+            }
+            if !was_started && vertex.started.is_some() && vertex.completed.is_none() {
+                events.push(ProgressEvent::Started { name: vertex.name.clone() });
+            }
+            if (!was_completed && vertex.completed.is_some()) || (vertex.error.is_some() && !was_completed) {
+                events.push(ProgressEvent::Finished {
+                    name: vertex.name.clone(),
+                    cached: vertex.cached,
+                    seconds: seconds_between(vertex.started.as_deref(), vertex.completed.as_deref()),
+                    error: vertex.error.clone(),
+                });
+            }
+        }
+        for log in value.get("logs").and_then(|v| v.as_array()).into_iter().flatten() {
+            let digest = log.get("vertex").and_then(|v| v.as_str()).unwrap_or_default();
+            let name = self.vertices.get(digest).map(|v| v.name.clone()).unwrap_or_default();
+            let data = log.get("data").and_then(|d| d.as_str()).unwrap_or_default();
+            let bytes = base64_decode(data);
+            for line in String::from_utf8_lossy(&bytes).lines() {
+                self.logs.push((name.clone(), line.to_string()));
+                events.push(ProgressEvent::Log { vertex: name.clone(), line: line.to_string() });
+            }
+        }
+        events
+    }
+
+    /// The build steps of the Dockerfile (not `[internal]`, exporting or `FROM` resolution), in
+    /// the order BuildKit first reported them.
+    pub fn steps(&self) -> Vec<Step> {
+        let mut vertices: Vec<&Vertex> = self.vertices.values().collect();
+        vertices.sort_by_key(|vertex| vertex.order);
+        vertices
+            .into_iter()
+            .filter_map(|vertex| {
+                let (stage, instruction) = parse_step_name(&vertex.name)?;
+                if instruction.starts_with("FROM ") {
+                    return None;
+                }
+                Some(Step {
+                    name: vertex.name.clone(),
+                    stage,
+                    cached: vertex.cached,
+                    seconds: seconds_between(vertex.started.as_deref(), vertex.completed.as_deref()),
+                    error: vertex.error.clone(),
+                })
+            })
+            .collect()
+    }
+
+    /// Errors BuildKit reported on vertices that are not steps (e.g. a failed cache export).
+    pub fn other_errors(&self) -> Vec<(String, String)> {
+        self.vertices
+            .values()
+            .filter(|vertex| parse_step_name(&vertex.name).is_none())
+            .filter_map(|vertex| Some((vertex.name.clone(), vertex.error.clone()?)))
+            .collect()
+    }
+
+    /// True when BuildKit reported at least one vertex.
+    pub fn saw_anything(&self) -> bool {
+        !self.vertices.is_empty()
+    }
+}
+
+/// `[deps 3/6] COPY a b` → `("deps", "COPY a b")`.
+fn parse_step_name(name: &str) -> Option<(String, String)> {
+    let rest = name.strip_prefix('[')?;
+    let (inside, instruction) = rest.split_once("] ")?;
+    let (stage, position) = inside.rsplit_once(' ')?;
+    let (done, total) = position.split_once('/')?;
+    if stage == "internal" || done.parse::<u32>().is_err() || total.parse::<u32>().is_err() {
+        return None;
+    }
+    Some((stage.to_string(), instruction.to_string()))
+}
+
+fn seconds_between(started: Option<&str>, completed: Option<&str>) -> Option<f64> {
+    Some(parse_rfc3339_seconds(completed?)? - parse_rfc3339_seconds(started?)?)
+}
+
+/// Seconds since the epoch of an RFC 3339 UTC time such as `2026-11-22T22:37:22.362111793Z`.
+fn parse_rfc3339_seconds(text: &str) -> Option<f64> {
+    let text = text.strip_suffix('Z')?;
+    let (date, time) = text.split_once('T')?;
+    let mut date_parts = date.split('-').map(|p| p.parse::<i64>().ok());
+    let (year, month, day) = (date_parts.next()??, date_parts.next()??, date_parts.next()??);
+    let mut time_parts = time.split(':');
+    let hour: i64 = time_parts.next()?.parse().ok()?;
+    let minute: i64 = time_parts.next()?.parse().ok()?;
+    let second: f64 = time_parts.next()?.parse().ok()?;
+    // Days from civil (Howard Hinnant's algorithm).
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some((days * 86_400 + hour * 3600 + minute * 60) as f64 + second)
+}
+
+fn base64_decode(data: &str) -> Vec<u8> {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.decode(data).unwrap_or_default()
+}
+
+/// What happened to one stage.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StageReport {
+    /// The stage's name.
+    pub name: String,
+    /// The cache source the stage's own steps were read from, or `None`.
+    pub cache_source: Option<String>,
+    /// The level of the chain that source belongs to.
+    pub cache_level: Option<Level>,
+    /// Every source passed to `--cache-from`, in priority order.
+    pub cache_from: Vec<String>,
+    /// Steps of this stage BuildKit took from the cache.
+    pub steps_cached: usize,
+    /// Steps of this stage (not counting `FROM`).
+    pub steps_total: usize,
+    /// Wall-clock seconds of the stage's build.
+    pub seconds: f64,
+    /// Where the stage's cache was written.
+    pub pushed: Vec<String>,
+    /// `built`, `failed`, or `not built`.
+    pub status: String,
+    /// Each step as BuildKit reported it.
+    pub steps: Vec<Step>,
+    /// Cache problems that did not stop the build, one line each.
+    pub warnings: Vec<String>,
+}
+
+/// What happened in one run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunReport {
+    /// Each stage, in build order.
+    pub stages: Vec<StageReport>,
+    /// Wall-clock seconds of the whole run.
+    pub seconds: f64,
+    /// The backend used.
+    pub backend: String,
+    /// Set when the backend asked for could not be served and `inline` was used instead.
+    pub backend_fallback: Option<String>,
+    /// The level of the chain the stages were served from, when they all came from one.
+    pub level: Option<Level>,
+    /// Seconds spent checking which caches exist.
+    pub check_seconds: f64,
+    /// True when every stage built.
+    pub success: bool,
+    /// The build's error, when it failed.
+    pub error: Option<String>,
+    /// Run-wide warnings (registry unreachable, …).
+    pub warnings: Vec<String>,
+}
+
+impl RunReport {
+    /// All cached steps over all steps, across stages.
+    pub fn totals(&self) -> (usize, usize) {
+        self.stages.iter().fold((0, 0), |(c, t), s| (c + s.steps_cached, t + s.steps_total))
+    }
+
+    /// The report as an aligned text table.
+    pub fn table(&self) -> String {
+        let mut rows = vec![["stage".to_string(), "cached".into(), "seconds".into(), "source".into(), "pushed".into()]];
+        for stage in &self.stages {
+            rows.push([
+                stage.name.clone(),
+                format!("{}/{}", stage.steps_cached, stage.steps_total),
+                format!("{:.1}", stage.seconds),
+                stage.cache_source.clone().unwrap_or_else(|| "none".into()),
+                if stage.pushed.is_empty() { "-".into() } else { stage.pushed.join(", ") },
+            ]);
+        }
+        let widths: Vec<usize> = (0..5).map(|i| rows.iter().map(|row| row[i].chars().count()).max().unwrap_or(0)).collect();
+        let mut out = String::new();
+        for row in &rows {
+            let line: Vec<String> = row.iter().zip(&widths).map(|(cell, width)| format!("{cell:<width$}")).collect();
+            let _ = writeln!(out, "{}", line.join("  ").trim_end());
+        }
+        let (cached, total) = self.totals();
+        let _ = writeln!(
+            out,
+            "{} steps cached of {}, {:.1}s in all ({} backend{}){}",
+            cached,
+            total,
+            self.seconds,
+            self.backend,
+            self.backend_fallback.as_ref().map(|why| format!(", {why}")).unwrap_or_default(),
+            if self.success { String::new() } else { ": FAILED".to_string() }
+        );
+        for warning in self.warnings.iter().chain(self.stages.iter().flat_map(|s| s.warnings.iter())) {
+            let _ = writeln!(out, "warning: {warning}");
+        }
+        out
+    }
+
+    /// The report as a markdown table (for `$GITHUB_STEP_SUMMARY`).
+    pub fn markdown(&self) -> String {
+        let mut out = String::from("### cachefrom\n\n| stage | cached steps | seconds | cache source | pushed |\n|---|---|---|---|---|\n");
+        for stage in &self.stages {
+            let _ = writeln!(
+                out,
+                "| {} | {}/{} | {:.1} | {} | {} |",
+                stage.name,
+                stage.steps_cached,
+                stage.steps_total,
+                stage.seconds,
+                stage.cache_source.as_deref().map(|s| format!("`{s}`")).unwrap_or_else(|| "none".into()),
+                stage.pushed.iter().map(|p| format!("`{p}`")).collect::<Vec<_>>().join("<br>")
+            );
+        }
+        let (cached, total) = self.totals();
+        let _ = writeln!(out, "\n{cached} of {total} steps cached, {:.1}s, {} backend.", self.seconds, self.backend);
+        for warning in self.warnings.iter().chain(self.stages.iter().flat_map(|s| s.warnings.iter())) {
+            let _ = writeln!(out, "\n> warning: {warning}");
+        }
+        out
+    }
+
+    /// The report as pretty JSON.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).expect("a report is plain data")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Rawjson as BuildKit 0.13 prints it: pretty-printed objects; the downloaded hit
+    /// (`RUN cargo build`) says `cached` only on its first update.
+    const STREAM: &str = r#"{
+  "vertexes": [
+    {
+      "digest": "sha256:from",
+      "name": "[deps 1/3] FROM 127.0.0.1:5000/base/rust:trixie@sha256:1",
+      "started": "2026-11-22T22:37:22.000000000Z"
+    }
+  ]
+}
+WARNING: a line docker printed that is not JSON
+{
+  "vertexes": [
+    {
+      "digest": "sha256:copy",
+      "name": "[deps 2/3] COPY Cargo.toml ./ {\"braces\": \"in a name\"}",
+      "started": "2026-11-22T22:37:22.000000000Z",
+      "completed": "2026-11-22T22:37:22.500000000Z",
+      "cached": true
+    },
+    {
+      "digest": "sha256:build",
+      "name": "[deps 3/3] RUN cargo build",
+      "cached": true
+    }
+  ]
+}
+{
+  "vertexes": [
+    {
+      "digest": "sha256:build",
+      "name": "[deps 3/3] RUN cargo build",
+      "started": "2026-11-22T22:37:23.000000000Z",
+      "completed": "2026-11-22T22:37:25.250000000Z"
+    },
+    {
+      "digest": "sha256:internal",
+      "name": "[internal] load build context",
+      "started": "2026-11-22T22:37:22.000000000Z",
+      "completed": "2026-11-22T22:37:22.100000000Z"
+    },
+    {
+      "digest": "sha256:app",
+      "name": "[app 1/1] RUN make",
+      "started": "2026-11-22T22:37:26.000000000Z"
+    }
+  ]
+}
+{
+  "logs": [
+    {
+      "vertex": "sha256:app",
+      "stream": 1,
+      "data": "Y29tcGlsaW5nCmRvbmUK"
+    }
+  ]
+}
+{
+  "vertexes": [
+    {
+      "digest": "sha256:app",
+      "name": "[app 1/1] RUN make",
+      "started": "2026-11-22T22:37:26.000000000Z",
+      "completed": "2026-11-22T22:37:27.000000000Z",
+      "error": "process \"/bin/sh -c make\" did not complete successfully: exit code: 2"
+    }
+  ]
+}
+"#;
+
+    fn record() -> (ProgressRecord, Vec<ProgressEvent>) {
+        let mut record = ProgressRecord::default();
+        let events = STREAM.lines().flat_map(|line| record.feed_line(line)).collect();
+        (record, events)
+    }
+
+    #[test]
+    fn a_hit_marked_only_on_its_first_update_counts_as_cached() {
+        let (record, _) = record();
+        let steps = record.steps();
+        let summary: Vec<(&str, bool)> = steps.iter().map(|s| (s.name.as_str(), s.cached)).collect();
+        assert_eq!(
+            summary,
+            [
+                ("[deps 2/3] COPY Cargo.toml ./ {\"braces\": \"in a name\"}", true),
+                ("[deps 3/3] RUN cargo build", true),
+                ("[app 1/1] RUN make", false)
+            ]
+        );
+        assert_eq!(steps[1].seconds, Some(2.25));
+        assert!(steps[2].error.as_deref().unwrap().contains("exit code: 2"));
+    }
+
+    #[test]
+    fn text_lines_logs_and_completions_come_out_as_events() {
+        let (_, events) = record();
+        assert!(events.contains(&ProgressEvent::Text("WARNING: a line docker printed that is not JSON".into())));
+        assert!(events.contains(&ProgressEvent::Log { vertex: "[app 1/1] RUN make".into(), line: "compiling".into() }));
+        assert!(events.iter().any(|e| matches!(e, ProgressEvent::Finished { name, cached: true, .. } if name == "[deps 3/3] RUN cargo build")));
+    }
+
+    #[test]
+    fn timestamps_parse() {
+        let a = parse_rfc3339_seconds("2026-11-22T22:37:22.5Z").unwrap();
+        let b = parse_rfc3339_seconds("2026-11-23T00:00:00Z").unwrap();
+        assert!((b - a - 4957.5).abs() < 1e-6);
+        assert_eq!(parse_rfc3339_seconds("1970-01-01T00:00:01Z"), Some(1.0));
+    }
+
+    #[test]
+    fn the_report_renders_as_table_markdown_and_json() {
+        let report = RunReport {
+            stages: vec![StageReport {
+                name: "deps".into(),
+                cache_source: Some("127.0.0.1:5000/app:cache-deps-main".into()),
+                cache_level: Some(Level::Branch),
+                cache_from: vec!["127.0.0.1:5000/app:cache-deps-main".into()],
+                steps_cached: 5,
+                steps_total: 5,
+                seconds: 1.25,
+                pushed: vec!["127.0.0.1:5000/app:cache-deps-main".into()],
+                status: "built".into(),
+                steps: vec![],
+                warnings: vec![],
+            }],
+            seconds: 2.0,
+            backend: "registry".into(),
+            backend_fallback: None,
+            level: Some(Level::Branch),
+            check_seconds: 0.01,
+            success: true,
+            error: None,
+            warnings: vec!["registry slow".into()],
+        };
+        let table = report.table();
+        assert!(table.starts_with("stage  cached  seconds  source"), "{table}");
+        assert!(table.contains("deps   5/5     1.2      127.0.0.1:5000/app:cache-deps-main"), "{table}");
+        assert!(table.contains("5 steps cached of 5, 2.0s in all (registry backend)\nwarning: registry slow"), "{table}");
+        assert!(report.markdown().contains("| deps | 5/5 | 1.2 | `127.0.0.1:5000/app:cache-deps-main` |"));
+        let json: serde_json::Value = serde_json::from_str(&report.to_json()).unwrap();
+        for field in ["name", "cache_source", "steps_cached", "steps_total", "seconds", "pushed"] {
+            assert!(json["stages"][0].get(field).is_some(), "{field}");
+        }
+        assert_eq!(json["seconds"], 2.0);
+    }
+}
