@@ -1,1 +1,288 @@
-fn main() {}
+//! `cachefrom`: Docker layer caching for CI runners that start empty. See `cachefrom --help`.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::Result;
+use cachefrom::backend::Backend;
+use cachefrom::ci::Environment;
+use cachefrom::dockerfile::read_dockerfile;
+use cachefrom::engine::BackendFallback;
+use cachefrom::exec::{execute_plan, plan_for_engine, BuildFailed, BuildOptions, Context, OutputStyle};
+use cachefrom::git::{GitFacts, GitOverrides};
+use cachefrom::plan::{Access, CacheErrors, Level, Plan, PlanOptions};
+use cachefrom::refs::Repository;
+use clap::{Args, Parser, Subcommand};
+
+/// Exit code of a build that failed.
+const EXIT_BUILD_FAILED: u8 = 1;
+/// Exit code of a usage error: a bad option, a missing Dockerfile, an unknown target.
+const EXIT_USAGE: u8 = 2;
+/// Exit code when the environment is not ready: docker missing, the daemon not answering.
+const EXIT_ENVIRONMENT: u8 = 3;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "cachefrom",
+    version,
+    about = "Docker layer caching for CI runners that start empty",
+    long_about = "Docker layer caching for CI runners that start empty.\n\n\
+cachefrom builds every stage of a multi-stage Dockerfile with its own cache, read from the most specific \
+place that has one (this branch, its merge-base with the default branch, the default branch, the previous \
+commit, an unprefixed tag), and writes the caches back even when a later stage fails.\n\n\
+Every option can also be set with an environment variable CACHEFROM_<OPTION> (shown in each option's help).",
+    after_help = "Examples:\n  \
+cachefrom build --image registry.example.com/team/app .\n  \
+cachefrom build --image 127.0.0.1:5000/app --backend inline --tag 127.0.0.1:5000/app:v1 --push example-project -- --network=host\n  \
+cachefrom plan --image registry.example.com/team/app .        # the shell script it would run\n  \
+cachefrom stages -f Dockerfile --json\n\n\
+Exit codes: 0 success, 1 the build failed, 2 usage error (bad option, missing Dockerfile, unknown target),\n\
+3 the environment is not ready (docker missing, daemon not answering)."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Build with caches: check which caches exist, build each stage, write the caches back.
+    Build(BuildArgs),
+    /// Print the plan as the shell script it amounts to (a dry run; nothing runs).
+    Plan(PlanArgs),
+    /// List the Dockerfile's stages and the build order for a target.
+    Stages(StagesArgs),
+}
+
+#[derive(Args, Debug)]
+struct DockerfileArgs {
+    /// The Dockerfile [default: CONTEXT/Dockerfile].
+    #[arg(short = 'f', long = "file", env = "CACHEFROM_FILE", value_name = "PATH")]
+    file: Option<PathBuf>,
+    /// The stage to build [default: the last stage].
+    #[arg(long, env = "CACHEFROM_TARGET", value_name = "STAGE")]
+    target: Option<String>,
+    /// A build argument, passed to docker and used to expand ARGs in FROM lines. Repeatable.
+    #[arg(long = "build-arg", value_name = "NAME=VALUE", value_parser = parse_build_arg)]
+    build_args: Vec<(String, String)>,
+}
+
+#[derive(Args, Debug)]
+struct StagesArgs {
+    #[command(flatten)]
+    dockerfile: DockerfileArgs,
+    /// Print JSON: {"stages":[{"index","name","base","depends_on"}],"build_order":[...]}.
+    #[arg(long)]
+    json: bool,
+    /// The build context, used to find the Dockerfile when -f is not given.
+    #[arg(default_value = ".", value_name = "CONTEXT")]
+    context: PathBuf,
+}
+
+#[derive(Args, Debug)]
+struct PlanArgs {
+    /// Where the images and caches live: REGISTRY/NAME, without a tag.
+    #[arg(long, env = "CACHEFROM_IMAGE", value_name = "REPOSITORY")]
+    image: String,
+    #[command(flatten)]
+    dockerfile: DockerfileArgs,
+    /// How the cache travels: inline, registry, local, tarball, s3 or gha, with BuildKit-style
+    /// options: local,dir=/cache  s3,bucket=B,region=R  registry,compression=zstd.
+    #[arg(long, env = "CACHEFROM_BACKEND", default_value = "registry", value_name = "TYPE[,KEY=VALUE...]")]
+    backend: String,
+    /// The shared directory of the local and tarball backends (instead of dir= in --backend).
+    #[arg(long, env = "CACHEFROM_CACHE_DIR", value_name = "DIR")]
+    cache_dir: Option<PathBuf>,
+    /// The branch being built [default: from the CI's variables, else git].
+    #[arg(long, env = "CACHEFROM_BRANCH")]
+    branch: Option<String>,
+    /// The default branch [default: CI_DEFAULT_BRANCH, origin/HEAD, main or master].
+    #[arg(long, env = "CACHEFROM_DEFAULT_BRANCH", value_name = "BRANCH")]
+    default_branch: Option<String>,
+    /// The commit being built [default: git's HEAD].
+    #[arg(long, env = "CACHEFROM_COMMIT", value_name = "SHA")]
+    commit: Option<String>,
+    /// The cache sources to try, most specific first: branch, merge-base, default-branch, parent,
+    /// unprefixed, commit.
+    #[arg(long, env = "CACHEFROM_CHAIN", default_value = "branch,merge-base,default-branch,parent,unprefixed")]
+    chain: String,
+    /// Read caches but write none (e.g. pull requests from forks).
+    #[arg(long, env = "CACHEFROM_READ_ONLY")]
+    read_only: bool,
+    /// A tag for the final image. Repeatable; with --push, pushed after a successful build.
+    #[arg(short = 't', long = "tag", env = "CACHEFROM_TAG", value_delimiter = ',', value_name = "IMAGE")]
+    tags: Vec<String>,
+    /// Push the --tag images after a successful build.
+    #[arg(long, env = "CACHEFROM_PUSH")]
+    push: bool,
+    /// Make cache failures fatal (registry down, a failed cache export or push); by default the
+    /// build goes on without that cache and says so.
+    #[arg(long, env = "CACHEFROM_STRICT_CACHE")]
+    strict_cache: bool,
+    /// A scratch directory (tarball backend) [default: TMPDIR/cachefrom/NAME].
+    #[arg(long, env = "CACHEFROM_WORK_DIR", value_name = "DIR")]
+    work_dir: Option<PathBuf>,
+    /// Print the plan as JSON.
+    #[arg(long)]
+    json: bool,
+    /// The build context.
+    #[arg(default_value = ".", value_name = "CONTEXT")]
+    context: PathBuf,
+    /// Options passed to `docker build` untouched (after --), e.g. -- --network=host --secret id=x,src=f
+    #[arg(last = true, value_name = "DOCKER BUILD OPTIONS")]
+    docker_args: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+struct BuildArgs {
+    #[command(flatten)]
+    plan: PlanArgs,
+    /// Write the run's report as JSON to FILE.
+    #[arg(long, env = "CACHEFROM_REPORT", value_name = "FILE")]
+    report: Option<PathBuf>,
+    /// Print the plan and stop (same as `cachefrom plan`).
+    #[arg(long, env = "CACHEFROM_DRY_RUN")]
+    dry_run: bool,
+    /// When the engine cannot serve the backend (no buildx, or the docker driver without the
+    /// containerd image store), use inline instead of stopping; the report says so.
+    #[arg(long, env = "CACHEFROM_FALLBACK_TO_INLINE")]
+    fallback_to_inline: bool,
+    /// Show only warnings, errors and the report.
+    #[arg(short, long, env = "CACHEFROM_QUIET")]
+    quiet: bool,
+}
+
+fn parse_build_arg(text: &str) -> std::result::Result<(String, String), String> {
+    text.split_once('=')
+        .map(|(name, value)| (name.to_string(), value.to_string()))
+        .ok_or_else(|| format!("`{text}` is not NAME=VALUE"))
+}
+
+/// A failure with its exit code.
+struct Failure {
+    code: u8,
+    error: anyhow::Error,
+}
+
+fn usage(error: anyhow::Error) -> Failure {
+    Failure { code: EXIT_USAGE, error }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Stages(args) => stages(&args).map_err(usage),
+        Command::Plan(args) => plan_options(&args).and_then(|options| print_plan(&options, args.json)).map_err(usage),
+        Command::Build(args) => build(&args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure { code, error }) => {
+            let message = match error.downcast_ref::<BuildFailed>() {
+                Some(failed) => failed.message.clone(),
+                None => format!("{error:#}"),
+            };
+            eprintln!("cachefrom: error: {message}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+fn stages(args: &StagesArgs) -> Result<()> {
+    let path = args.dockerfile.file.clone().unwrap_or_else(|| args.context.join("Dockerfile"));
+    let build_args: BTreeMap<String, String> = args.dockerfile.build_args.iter().cloned().collect();
+    let dockerfile = read_dockerfile(&path, &build_args)?;
+    let order = dockerfile.build_order(args.dockerfile.target.as_deref())?;
+    let order: Vec<String> = order.iter().map(|stage| stage.key()).collect();
+    if args.json {
+        let stages: Vec<serde_json::Value> = dockerfile
+            .stages
+            .iter()
+            .map(|stage| {
+                serde_json::json!({
+                    "index": stage.index,
+                    "name": stage.name,
+                    "base": stage.base,
+                    "depends_on": stage.depends_on,
+                    "external_images": stage.external_images,
+                })
+            })
+            .collect();
+        let json = serde_json::json!({ "stages": stages, "build_order": order });
+        println!("{}", serde_json::to_string_pretty(&json)?);
+    } else {
+        for stage in &dockerfile.stages {
+            let needed = if order.contains(&stage.key()) { "" } else { "  (not needed for the target)" };
+            let depends = if stage.depends_on.is_empty() { String::new() } else { format!("  <- {}", stage.depends_on.join(", ")) };
+            println!("{:>3}  {:<20} FROM {}{depends}{needed}", stage.index, stage.name.as_deref().unwrap_or("-"), stage.base);
+        }
+        println!("build order: {}", order.join(" -> "));
+    }
+    Ok(())
+}
+
+fn plan_options(args: &PlanArgs) -> Result<PlanOptions> {
+    let repository = Repository::parse(&args.image)?;
+    let backend = Backend::parse(&args.backend, args.cache_dir.as_deref())?;
+    let chain = Level::parse_chain(&args.chain)?;
+    let overrides = GitOverrides {
+        branch: args.branch.clone(),
+        default_branch: args.default_branch.clone(),
+        commit: args.commit.clone(),
+    };
+    if !args.context.is_dir() {
+        anyhow::bail!("the build context {} is not a directory", args.context.display());
+    }
+    let git = GitFacts::discover(&args.context, &overrides, &Environment::from_process());
+    let mut options = PlanOptions::new(&args.context, repository, git);
+    options.dockerfile = args.dockerfile.file.clone();
+    options.target = args.dockerfile.target.clone();
+    options.backend = backend;
+    options.chain = chain;
+    options.access = if args.read_only { Access::ReadOnly } else { Access::ReadWrite };
+    options.cache_errors = if args.strict_cache { CacheErrors::Fail } else { CacheErrors::Warn };
+    options.tags = args.tags.clone();
+    options.push_tags = args.push;
+    options.build_args = args.dockerfile.build_args.iter().cloned().collect();
+    options.docker_args = args.docker_args.clone();
+    if let Some(work_dir) = &args.work_dir {
+        options.work_dir = work_dir.clone();
+    }
+    Ok(options)
+}
+
+fn print_plan(options: &PlanOptions, json: bool) -> Result<()> {
+    let plan = Plan::new(options)?;
+    if json {
+        println!("{}", plan.to_json());
+    } else {
+        print!("{plan}");
+    }
+    Ok(())
+}
+
+fn build(args: &BuildArgs) -> std::result::Result<(), Failure> {
+    let started = Instant::now();
+    let options = plan_options(&args.plan).map_err(usage)?;
+    if args.dry_run {
+        return print_plan(&options, args.plan.json).map_err(usage);
+    }
+    // Check the Dockerfile and the target before asking Docker anything.
+    Plan::new(&options).map_err(usage)?;
+    let mut ctx = Context::from_environment();
+    if args.quiet {
+        ctx.style = OutputStyle::Quiet;
+    }
+    let mut build_options = BuildOptions::new(options);
+    build_options.fallback = if args.fallback_to_inline { BackendFallback::ToInline } else { BackendFallback::Refuse };
+    build_options.report_file = args.report.clone();
+    let (plan, fallback) =
+        plan_for_engine(&ctx, &build_options).map_err(|error| Failure { code: EXIT_ENVIRONMENT, error })?;
+    let result = execute_plan(&ctx, &plan, fallback, build_options.report_file.as_deref(), started);
+    match result {
+        Ok(_) => Ok(()),
+        Err(error) => Err(Failure { code: EXIT_BUILD_FAILED, error }),
+    }
+}

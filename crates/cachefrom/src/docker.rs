@@ -61,7 +61,7 @@ impl Default for Docker {
 
 impl Docker {
     fn expression(&self, args: &[String]) -> duct::Expression {
-        let mut expression = duct::cmd(&self.program, args).unchecked();
+        let mut expression = duct::cmd(self.program.as_os_str(), args).unchecked();
         for (name, value) in &self.env {
             expression = expression.env(name, value);
         }
@@ -81,32 +81,11 @@ impl Docker {
 
     /// Runs `docker ARGS`, capturing its output; fails only if it cannot start or times out.
     pub fn run(&self, purpose: &str, args: &[String], timeout: Duration) -> Result<Output> {
-        let handle = self
-            .expression(args)
-            .stdin_null()
-            .stdout_capture()
-            .stderr_capture()
-            .start()
-            .map_err(|error| self.spawn_error(error, purpose))?;
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(output) = handle.try_wait().with_context(|| format!("{purpose}: waiting for docker"))? {
-                return Ok(Output {
-                    stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-                    stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-                    success: output.status.success(),
-                    code: output.status.code(),
-                });
-            }
-            if Instant::now() >= deadline {
-                for pid in handle.pids() {
-                    kill_tree(pid);
-                }
-                let _ = handle.kill();
-                bail!("{purpose}: `{}` did not finish within {}s and was stopped", render_command(args), timeout.as_secs());
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        run_with_timeout(self.expression(args), purpose, &render_command(args), timeout)
+            .map_err(|error| match error.downcast::<std::io::Error>() {
+                Ok(io) => self.spawn_error(io, purpose),
+                Err(other) => other,
+            })
     }
 
     /// Like [`Docker::run`], but a non-zero exit is an error quoting the command and its stderr.
@@ -165,6 +144,45 @@ impl Docker {
         }
         let output = reader.try_wait().with_context(|| format!("{purpose}: waiting for docker"))?;
         Ok(output.and_then(|output| output.status.code()))
+    }
+}
+
+/// Runs any program with a timeout (used for `tar`), capturing its output.
+pub fn run_program(program: &str, args: &[String], purpose: &str, timeout: Duration) -> Result<Output> {
+    let shown = std::iter::once(program.to_string()).chain(args.iter().cloned()).collect::<Vec<_>>().join(" ");
+    let output = run_with_timeout(duct::cmd(program, args).unchecked(), purpose, &shown, timeout)
+        .map_err(|error| match error.downcast::<std::io::Error>() {
+            Ok(io) => anyhow::anyhow!("{purpose}: cannot start `{program}`: {io}"),
+            Err(other) => other,
+        })?;
+    if !output.success {
+        bail!("{purpose}: `{shown}` failed: {}", last_lines(&output.stderr, 6));
+    }
+    Ok(output)
+}
+
+/// Starts `expression`, waits up to `timeout`, and kills it (with its children) past that.
+/// A start failure comes back as an `std::io::Error` inside the `anyhow::Error`.
+fn run_with_timeout(expression: duct::Expression, purpose: &str, shown: &str, timeout: Duration) -> Result<Output> {
+    let handle = expression.stdin_null().stdout_capture().stderr_capture().start().map_err(anyhow::Error::new)?;
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(output) = handle.try_wait().with_context(|| format!("{purpose}: waiting for `{shown}`"))? {
+            return Ok(Output {
+                stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+                stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+                success: output.status.success(),
+                code: output.status.code(),
+            });
+        }
+        if Instant::now() >= deadline {
+            for pid in handle.pids() {
+                kill_tree(pid);
+            }
+            let _ = handle.kill();
+            bail!("{purpose}: `{shown}` did not finish within {}s and was stopped", timeout.as_secs());
+        }
+        std::thread::sleep(Duration::from_millis(5));
     }
 }
 

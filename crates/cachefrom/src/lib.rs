@@ -8,3 +8,5 @@ pub mod plan;
 pub mod docker;
 pub mod registry;
 pub mod report;
+pub mod engine;
+pub mod exec;

@@ -275,7 +275,7 @@ const OWN_DOCKER_OPTIONS: [(&str, &str); 9] = [
     ("--progress", "nothing: cachefrom reads BuildKit's progress itself"),
     ("-t", "--tag IMAGE"),
     ("--tag", "--tag IMAGE"),
-    ("--push", "--push-tags"),
+    ("--push", "--push (it pushes the --tag images)"),
 ];
 
 impl Plan {
@@ -469,6 +469,14 @@ impl Plan {
         }
         for tag in &stage.image_tags {
             args.extend(["-t".into(), tag.clone()]);
+        }
+        // A stage that only feeds later ones needs no image: with its cache exported by BuildKit,
+        // `cacheonly` skips downloading its layers when every step is a hit.
+        let user_output = self.docker_args.iter().any(|arg| {
+            arg == "-o" || arg.starts_with("--output") || arg == "--load" || arg.starts_with("--load=")
+        });
+        if self.builder == Builder::Buildx && !stage.is_target && self.backend.needs_cache_export() && !user_output {
+            args.extend(["--output".into(), "type=cacheonly".into()]);
         }
         args.extend(self.docker_args.iter().cloned());
         args.push(self.context.display().to_string());
@@ -764,7 +772,10 @@ fn render_command_multiline(args: &[String]) -> String {
     let mut lines = vec![format!("docker {}", redacted.iter().take_while(|arg| !arg.starts_with('-')).cloned().collect::<Vec<_>>().join(" "))];
     let mut rest = redacted.iter().skip_while(|arg| !arg.starts_with('-')).peekable();
     while let Some(arg) = rest.next() {
-        let takes_value = matches!(arg.as_str(), "--target" | "-f" | "--build-arg" | "--cache-from" | "--cache-to" | "-t" | "--secret" | "--network" | "--platform");
+        let takes_value = matches!(
+            arg.as_str(),
+            "--target" | "-f" | "--build-arg" | "--cache-from" | "--cache-to" | "-t" | "--secret" | "--network" | "--platform" | "--output"
+        );
         match rest.peek() {
             Some(value) if takes_value => {
                 lines.push(format!("{} {}", shell_quote(arg), shell_quote(value)));

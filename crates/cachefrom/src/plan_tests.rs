@@ -172,6 +172,7 @@ docker buildx build \
   --cache-to type=registry,ref=127.0.0.1:5000/app:cache-deps-main,mode=max,image-manifest=true,oci-mediatypes=true,ignore-error=true \
   --cache-to type=registry,ref=127.0.0.1:5000/app:cache-deps-{SHA_HEAD},mode=max,image-manifest=true,oci-mediatypes=true,ignore-error=true \
   --cache-to type=registry,ref=127.0.0.1:5000/app:cache-deps,mode=max,image-manifest=true,oci-mediatypes=true,ignore-error=true \
+  --output type=cacheonly \
   --network=host \
   app
 built_deps=1

@@ -297,6 +297,15 @@ pub struct RunReport {
     pub warnings: Vec<String>,
 }
 
+/// The tag of an image reference, or the file name of a path: what tells locations apart in a table.
+fn short_location(location: &str) -> String {
+    let last = location.rsplit('/').next().unwrap_or(location);
+    match last.rsplit_once(':') {
+        Some((_, tag)) if !location.starts_with('/') => tag.to_string(),
+        _ => last.to_string(),
+    }
+}
+
 impl RunReport {
     /// All cached steps over all steps, across stages.
     pub fn totals(&self) -> (usize, usize) {
@@ -311,8 +320,8 @@ impl RunReport {
                 stage.name.clone(),
                 format!("{}/{}", stage.steps_cached, stage.steps_total),
                 format!("{:.1}", stage.seconds),
-                stage.cache_source.clone().unwrap_or_else(|| "none".into()),
-                if stage.pushed.is_empty() { "-".into() } else { stage.pushed.join(", ") },
+                stage.cache_source.as_deref().map(short_location).unwrap_or_else(|| "none".into()),
+                if stage.pushed.is_empty() { "-".into() } else { stage.pushed.iter().map(|p| short_location(p)).collect::<Vec<_>>().join(" ") },
             ]);
         }
         let widths: Vec<usize> = (0..5).map(|i| rows.iter().map(|row| row[i].chars().count()).max().unwrap_or(0)).collect();
@@ -508,7 +517,7 @@ WARNING: a line docker printed that is not JSON
         };
         let table = report.table();
         assert!(table.starts_with("stage  cached  seconds  source"), "{table}");
-        assert!(table.contains("deps   5/5     1.2      127.0.0.1:5000/app:cache-deps-main"), "{table}");
+        assert!(table.contains("deps   5/5     1.2      cache-deps-main  cache-deps-main"), "{table}");
         assert!(table.contains("5 steps cached of 5, 2.0s in all (registry backend)\nwarning: registry slow"), "{table}");
         assert!(report.markdown().contains("| deps | 5/5 | 1.2 | `127.0.0.1:5000/app:cache-deps-main` |"));
         let json: serde_json::Value = serde_json::from_str(&report.to_json()).unwrap();

@@ -1,0 +1,789 @@
+//! Executing a plan: [`pull_cached`], [`build_stage`], [`push_cached`], the [`PushGuard`] that
+//! writes caches trap-style, and [`build_with_cache`], which composes them.
+
+use std::collections::BTreeMap;
+use std::io::{IsTerminal, Write as _};
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{bail, Context as _, Result};
+
+use crate::backend::{Backend, CacheLocation};
+use crate::ci::{step_summary_path, CiSystem, Environment};
+use crate::docker::{last_lines, run_program, Docker};
+use crate::engine::{BackendFallback, Engine};
+use crate::plan::{render_command, Builder, CacheErrors, CacheRef, Level, Plan, PlanOptions, StagePlan};
+use crate::registry::{Existence, RegistryClient};
+use crate::report::{ProgressEvent, ProgressRecord, RunReport, StageReport};
+
+/// How progress is shown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputStyle {
+    /// A compact live line per stage (a terminal).
+    Terminal,
+    /// Plain lines, each stage in a `::group::` section, the report in `$GITHUB_STEP_SUMMARY`.
+    GithubActions,
+    /// Plain lines, like `docker build --progress=plain` (any other CI, or a pipe).
+    Plain,
+    /// Nothing but warnings and errors.
+    Quiet,
+}
+
+impl OutputStyle {
+    /// GitHub Actions when it runs us, a live line on a terminal, else plain.
+    pub fn detect(env: &Environment) -> OutputStyle {
+        if CiSystem::detect(env) == Some(CiSystem::GithubActions) {
+            OutputStyle::GithubActions
+        } else if std::io::stderr().is_terminal() && CiSystem::detect(env).is_none() {
+            OutputStyle::Terminal
+        } else {
+            OutputStyle::Plain
+        }
+    }
+}
+
+/// What every call needs: how to run docker, how to ask the registry, where output goes.
+#[derive(Debug, Clone)]
+pub struct Context {
+    /// The docker client.
+    pub docker: Docker,
+    /// The registry client for existence checks.
+    pub registry: RegistryClient,
+    /// How progress is shown.
+    pub style: OutputStyle,
+    /// The environment (CI detection, step summary).
+    pub env: Environment,
+}
+
+impl Context {
+    /// A context from the process environment: `docker` on PATH, the user's docker logins.
+    pub fn from_environment() -> Context {
+        let env = Environment::from_process();
+        Context { docker: Docker::default(), registry: RegistryClient::default(), style: OutputStyle::detect(&env), env }
+    }
+
+    fn say(&self, line: &str) {
+        if self.style != OutputStyle::Quiet {
+            eprintln!("{line}");
+        }
+    }
+
+    fn warn(&self, line: &str) {
+        eprintln!("cachefrom: warning: {line}");
+    }
+}
+
+/// One stage's cache source, chosen by [`pull_cached`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Choice {
+    /// The chosen candidate, if any exists.
+    pub chosen: Option<CacheRef>,
+    /// Every candidate with what the check found.
+    pub checked: Vec<(CacheRef, Existence)>,
+}
+
+/// Which cache each stage reads, after checking what exists.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Resolution {
+    /// Per stage.
+    pub stages: BTreeMap<String, Choice>,
+    /// The level every stage was served from, when one level served them all.
+    pub level: Option<Level>,
+    /// Cache problems found while checking, one line each.
+    pub warnings: Vec<String>,
+    /// Seconds the checks took.
+    pub seconds: f64,
+    /// True when candidates could not be checked (s3, gha): all are passed, in order.
+    pub unchecked: bool,
+}
+
+impl Resolution {
+    /// The `--cache-from` sources of `stage`: its own chosen cache, then those of the stages it
+    /// reads from. Where nothing could be checked, every candidate in chain order.
+    pub fn sources(&self, plan: &Plan, stage: &StagePlan) -> Vec<(String, CacheRef)> {
+        if self.unchecked {
+            return plan.all_candidate_sources(stage);
+        }
+        std::iter::once(&stage.name)
+            .chain(stage.depends_on.iter())
+            .filter_map(|name| {
+                let chosen = self.stages.get(name)?.chosen.clone()?;
+                Some((name.clone(), chosen))
+            })
+            .collect()
+    }
+}
+
+/// Finds the best cache source for each stage: checks which candidates exist (registry manifest
+/// `HEAD`s in parallel, no layer download; files and directories for local and tarball), takes
+/// every stage from the most specific level that serves them all, else each stage from its own
+/// first hit. The classic builder then pulls the chosen images; tarball unpacks the chosen files.
+pub fn pull_cached(ctx: &Context, plan: &Plan) -> Result<Resolution> {
+    let started = Instant::now();
+    let mut warnings = Vec::new();
+    if !plan.backend.can_check_existence() {
+        let stages = plan
+            .stages
+            .iter()
+            .map(|stage| (stage.name.clone(), Choice { chosen: None, checked: Vec::new() }))
+            .collect();
+        return Ok(Resolution { stages, level: None, warnings, seconds: 0.0, unchecked: true });
+    }
+
+    let candidates: Vec<(String, CacheRef)> = plan
+        .stages
+        .iter()
+        .flat_map(|stage| stage.cache_from.iter().map(move |candidate| (stage.name.clone(), candidate.clone())))
+        .collect();
+    let image_checks: Vec<(crate::refs::Repository, String)> = candidates
+        .iter()
+        .filter(|(_, candidate)| matches!(candidate.location, CacheLocation::Image(_)))
+        .map(|(_, candidate)| (plan.repository.clone(), candidate.tag.clone()))
+        .collect();
+    let mut image_answers = ctx.registry.check_all(&image_checks).into_iter();
+    let answers: Vec<Existence> = candidates
+        .iter()
+        .map(|(_, candidate)| match &candidate.location {
+            CacheLocation::Image(_) => image_answers.next().expect("one answer a check"),
+            CacheLocation::Directory(dir) => exists_if(dir.join("index.json").is_file()),
+            CacheLocation::TarFile(file) => exists_if(file.is_file()),
+            CacheLocation::Named(_) => Existence::Unknown("cannot be checked".to_string()),
+        })
+        .collect();
+
+    let mut unknown_reasons: Vec<String> = answers
+        .iter()
+        .filter_map(|answer| match answer {
+            Existence::Unknown(why) => Some(why.clone()),
+            _ => None,
+        })
+        .collect();
+    unknown_reasons.sort();
+    unknown_reasons.dedup();
+    for why in unknown_reasons {
+        let line = format!("cannot check caches in {}: {why}; building without them", plan.repository);
+        if plan.cache_errors == CacheErrors::Fail {
+            bail!("{line} (cache errors are fatal: --strict-cache)");
+        }
+        warnings.push(line);
+    }
+
+    let mut stages: BTreeMap<String, Choice> = plan
+        .stages
+        .iter()
+        .map(|stage| (stage.name.clone(), Choice { chosen: None, checked: Vec::new() }))
+        .collect();
+    for ((stage, candidate), answer) in candidates.into_iter().zip(answers) {
+        stages.get_mut(&stage).expect("every stage has a choice").checked.push((candidate, answer));
+    }
+    let exists_at = |choice: &Choice, level: Level| {
+        choice.checked.iter().find(|(candidate, answer)| candidate.level == level && *answer == Existence::Exists).map(|(c, _)| c.clone())
+    };
+    let level = plan.chain.iter().copied().find(|level| stages.values().all(|choice| exists_at(choice, *level).is_some()));
+    for choice in stages.values_mut() {
+        choice.chosen = match level {
+            Some(level) => exists_at(choice, level),
+            None => plan.chain.iter().find_map(|level| exists_at(choice, *level)),
+        };
+    }
+
+    for stage in &plan.stages {
+        let Some(chosen) = stages[&stage.name].chosen.clone() else { continue };
+        match (&plan.backend, &chosen.location) {
+            (_, CacheLocation::Image(image)) if plan.builder == Builder::Classic => {
+                let args = vec!["pull".to_string(), "--quiet".to_string(), image.clone()];
+                let purpose = format!("pulling cache image {image}");
+                if let Err(error) = ctx.docker.run_checked(&purpose, &args, ctx.docker.timeouts.transfer) {
+                    fail_or_warn(plan, &mut warnings, format!("{error:#}"))?;
+                    stages.get_mut(&stage.name).expect("stage").chosen = None;
+                }
+            }
+            (Backend::Tarball { .. }, CacheLocation::TarFile(file)) => {
+                if let Err(error) = unpack(plan, &stage.name, file, ctx.docker.timeouts.transfer) {
+                    fail_or_warn(plan, &mut warnings, format!("{error:#}"))?;
+                    stages.get_mut(&stage.name).expect("stage").chosen = None;
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(Resolution { stages, level, warnings, seconds: started.elapsed().as_secs_f64(), unchecked: false })
+}
+
+fn exists_if(exists: bool) -> Existence {
+    if exists { Existence::Exists } else { Existence::Missing }
+}
+
+fn fail_or_warn(plan: &Plan, warnings: &mut Vec<String>, line: String) -> Result<()> {
+    if plan.cache_errors == CacheErrors::Fail {
+        bail!("{line} (cache errors are fatal: --strict-cache)");
+    }
+    warnings.push(format!("{line}; going on without it"));
+    Ok(())
+}
+
+fn unpack(plan: &Plan, stage: &str, file: &Path, timeout: std::time::Duration) -> Result<()> {
+    let dir = plan.unpacked_dir(stage);
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).with_context(|| format!("clearing {}", dir.display()))?;
+    }
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let args = vec!["-xf".to_string(), file.display().to_string(), "-C".to_string(), dir.display().to_string()];
+    run_program("tar", &args, &format!("unpacking cache {}", file.display()), timeout)?;
+    Ok(())
+}
+
+/// A stage build that failed; carries the stage's report. Find it with
+/// `error.downcast_ref::<StageFailed>()`.
+#[derive(Debug)]
+pub struct StageFailed {
+    /// What BuildKit reported for the stage.
+    pub report: StageReport,
+    /// Why it failed.
+    pub message: String,
+}
+
+impl std::fmt::Display for StageFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for StageFailed {}
+
+/// Builds one stage with `--target`, its cache sources from `resolution`, the backend's cache
+/// export, the user's options and the stage's tags. Progress streams to the user as it comes and
+/// is kept for the report. A failed build is an error carrying a [`StageFailed`].
+pub fn build_stage(ctx: &Context, plan: &Plan, stage_name: &str, resolution: &Resolution) -> Result<StageReport> {
+    let stage = plan.stage(stage_name).with_context(|| format!("the plan has no stage `{stage_name}`"))?;
+    if matches!(plan.backend, Backend::Tarball { .. }) {
+        let staging = plan.staging_dir(&stage.name);
+        if staging.exists() {
+            std::fs::remove_dir_all(&staging).with_context(|| format!("clearing {}", staging.display()))?;
+        }
+    }
+    let sources = resolution.sources(plan, stage);
+    let progress = if plan.builder == Builder::Buildx { "rawjson" } else { "plain" };
+    let args = plan.build_command(stage, &sources, progress);
+    let position = plan.stages.iter().position(|s| s.name == stage.name).unwrap_or(0) + 1;
+    let title = format!("stage {} ({position}/{})", stage.name, plan.stages.len());
+    match ctx.style {
+        OutputStyle::GithubActions => println!("::group::{title}"),
+        OutputStyle::Plain => ctx.say(&format!("==> {title}")),
+        _ => {}
+    }
+    ctx.say(&format!("    {}", render_command(&args)));
+    let started = Instant::now();
+    let mut record = ProgressRecord::default();
+    let mut renderer = Renderer::new(ctx.style, &stage.name);
+    let mut text_lines: Vec<String> = Vec::new();
+    let mut env_docker = ctx.docker.clone();
+    if plan.builder == Builder::Classic {
+        env_docker.env.push(("DOCKER_BUILDKIT".into(), "0".into()));
+    }
+    let exit = env_docker.stream(&format!("building {title}"), &args, ctx.docker.timeouts.build, |line| {
+        for event in record.feed_line(line) {
+            if let ProgressEvent::Text(text) = &event {
+                text_lines.push(text.clone());
+            }
+            renderer.show(&event, started.elapsed().as_secs_f64());
+        }
+    });
+    renderer.finish(started.elapsed().as_secs_f64());
+    if ctx.style == OutputStyle::GithubActions {
+        println!("::endgroup::");
+    }
+    let seconds = started.elapsed().as_secs_f64();
+
+    let own_stages: Vec<String> = std::iter::once(stage.target.clone().unwrap_or_else(|| format!("stage-{}", stage.index)))
+        .chain(plan.folded_stages.iter().map(|folded| format!("stage-{}", folded.name)))
+        .collect();
+    let steps: Vec<_> = record.steps().into_iter().filter(|step| own_stages.contains(&step.stage)).collect();
+    let steps_cached = steps.iter().filter(|step| step.cached).count();
+    let own_source = sources.iter().find(|(name, _)| *name == stage.name).map(|(_, source)| source.clone());
+    let mut report = StageReport {
+        name: stage.name.clone(),
+        cache_source: if steps_cached > 0 { own_source.as_ref().map(|s| s.location.to_string()) } else { None },
+        cache_level: if steps_cached > 0 { own_source.as_ref().map(|s| s.level) } else { None },
+        cache_from: sources.iter().map(|(_, source)| source.location.to_string()).collect(),
+        steps_cached,
+        steps_total: steps.len(),
+        seconds,
+        pushed: Vec::new(),
+        status: "built".to_string(),
+        steps,
+        warnings: Vec::new(),
+    };
+
+    let exit = match exit {
+        Ok(code) => code,
+        Err(error) => {
+            report.status = "failed".to_string();
+            let message = format!("{error:#}");
+            return Err(anyhow::Error::new(StageFailed { report, message }));
+        }
+    };
+    if exit != Some(0) {
+        report.status = "failed".to_string();
+        let failed_step = report.steps.iter().find_map(|step| step.error.as_ref().map(|e| format!("{}: {e}", step.name)));
+        let detail = failed_step.unwrap_or_else(|| last_lines(&text_lines.join("\n"), 4));
+        let message = format!(
+            "building stage {} failed (docker exit code {}): {detail}",
+            stage.name,
+            exit.map(|c| c.to_string()).unwrap_or_else(|| "none: killed".to_string())
+        );
+        return Err(anyhow::Error::new(StageFailed { report, message }));
+    }
+
+    let export_errors: Vec<String> = record
+        .other_errors()
+        .into_iter()
+        .filter(|(name, _)| name.contains("cache"))
+        .map(|(name, error)| format!("{name}: {error}"))
+        .collect();
+    let text_errors: Vec<String> = text_lines
+        .iter()
+        .filter(|line| line.contains("ERROR") || line.to_lowercase().contains("error:"))
+        .map(|line| line.trim().to_string())
+        .collect();
+    for problem in export_errors.iter().chain(text_errors.iter()) {
+        report.warnings.push(format!("stage {}: {problem}", stage.name));
+    }
+    if plan.cache_errors == CacheErrors::Fail && !export_errors.is_empty() {
+        bail!("stage {}: cache export failed (cache errors are fatal: --strict-cache): {}", stage.name, export_errors.join("; "));
+    }
+    if export_errors.is_empty() && !matches!(plan.backend, Backend::Inline | Backend::Tarball { .. }) {
+        report.pushed = stage.cache_to.iter().map(|write| write.location.to_string()).collect();
+    }
+    Ok(report)
+}
+
+/// What [`push_cached`] wrote, and what it could not.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PushOutcome {
+    /// Locations written.
+    pub pushed: Vec<String>,
+    /// One line for each write that failed.
+    pub warnings: Vec<String>,
+}
+
+/// Writes the cache of a built stage where the plan allows: `docker push` of each cache tag
+/// (inline), or one tar file per tag (tarball). Registry, local, s3 and gha caches are written by
+/// BuildKit during the build, so there is nothing left to do for them.
+pub fn push_cached(ctx: &Context, plan: &Plan, stage_name: &str) -> Result<PushOutcome> {
+    let stage = plan.stage(stage_name).with_context(|| format!("the plan has no stage `{stage_name}`"))?;
+    let mut outcome = PushOutcome::default();
+    for write in &stage.cache_to {
+        let result = match (&plan.backend, &write.location) {
+            (Backend::Inline, CacheLocation::Image(image)) => {
+                let args = vec!["push".to_string(), "--quiet".to_string(), image.clone()];
+                ctx.docker.run_checked(&format!("pushing cache image {image}"), &args, ctx.docker.timeouts.transfer).map(|_| ())
+            }
+            (Backend::Tarball { .. }, CacheLocation::TarFile(file)) => pack(plan, &stage.name, file, ctx.docker.timeouts.transfer),
+            _ => continue,
+        };
+        match result {
+            Ok(()) => outcome.pushed.push(write.location.to_string()),
+            Err(error) if plan.cache_errors == CacheErrors::Warn => outcome.warnings.push(format!("{error:#}")),
+            Err(error) => return Err(error.context("writing the cache failed (cache errors are fatal: --strict-cache)")),
+        }
+    }
+    Ok(outcome)
+}
+
+/// Packs the staged cache of `stage` into `file`, through a `.partial` file renamed at the end,
+/// so a reader never sees half a tar.
+fn pack(plan: &Plan, stage: &str, file: &Path, timeout: std::time::Duration) -> Result<()> {
+    let staging = plan.staging_dir(stage);
+    if !staging.join("index.json").is_file() {
+        bail!("no cache was exported for stage {stage} at {}", staging.display());
+    }
+    let parent = file.parent().context("a tar file has a directory")?;
+    std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    let partial = file.with_extension("tar.partial");
+    let args = vec!["-cf".to_string(), partial.display().to_string(), "-C".to_string(), staging.display().to_string(), ".".to_string()];
+    run_program("tar", &args, &format!("packing the cache of stage {stage}"), timeout)?;
+    std::fs::rename(&partial, file).with_context(|| format!("moving {} to {}", partial.display(), file.display()))?;
+    Ok(())
+}
+
+/// Writes each built stage's cache when it goes out of scope, like `trap push_cached EXIT`: after
+/// a later stage fails, an early `?` return, or a panic. Call [`PushGuard::finish`] to get the
+/// result; `Drop` is the fallback and reports failures on stderr.
+#[must_use = "a PushGuard pushes when dropped; call finish() to see the result"]
+pub struct PushGuard<'a> {
+    ctx: &'a Context,
+    plan: &'a Plan,
+    built: Vec<String>,
+    finished: bool,
+}
+
+impl<'a> PushGuard<'a> {
+    /// A guard for `plan`; nothing is pushed until a stage is marked built.
+    pub fn new(ctx: &'a Context, plan: &'a Plan) -> PushGuard<'a> {
+        PushGuard { ctx, plan, built: Vec::new(), finished: false }
+    }
+
+    /// Marks `stage` built: its cache will be written.
+    pub fn stage_built(&mut self, stage: &str) {
+        if !self.built.iter().any(|built| built == stage) {
+            self.built.push(stage.to_string());
+        }
+    }
+
+    /// The stages marked built so far.
+    pub fn built(&self) -> &[String] {
+        &self.built
+    }
+
+    /// Writes the caches of the built stages now and returns what happened, stage by stage.
+    pub fn finish(mut self) -> Result<Vec<(String, PushOutcome)>> {
+        self.finished = true;
+        self.push_all()
+    }
+
+    fn push_all(&self) -> Result<Vec<(String, PushOutcome)>> {
+        let mut outcomes = Vec::new();
+        for stage in &self.built {
+            let outcome = push_cached(self.ctx, self.plan, stage).with_context(|| format!("writing the cache of stage {stage}"))?;
+            outcomes.push((stage.clone(), outcome));
+        }
+        Ok(outcomes)
+    }
+}
+
+impl Drop for PushGuard<'_> {
+    fn drop(&mut self) {
+        if self.finished || self.built.is_empty() {
+            return;
+        }
+        let why = if std::thread::panicking() { "after a panic" } else { "on the way out" };
+        self.ctx.say(&format!("cachefrom: writing the caches of {} {why}", self.built.join(", ")));
+        match self.push_all() {
+            Ok(outcomes) => {
+                for (stage, outcome) in outcomes {
+                    for warning in outcome.warnings {
+                        self.ctx.warn(&format!("stage {stage}: {warning}"));
+                    }
+                }
+            }
+            Err(error) => self.ctx.warn(&format!("{error:#}")),
+        }
+    }
+}
+
+/// Options of [`build_with_cache`] beyond the plan's.
+#[derive(Debug, Clone)]
+pub struct BuildOptions {
+    /// What the plan is computed from.
+    pub plan: PlanOptions,
+    /// What to do when the engine cannot serve the backend.
+    pub fallback: BackendFallback,
+    /// The buildx builder to ask about (`--builder` among docker's options), if any.
+    pub builder_name: Option<String>,
+    /// Write the report as JSON here.
+    pub report_file: Option<std::path::PathBuf>,
+}
+
+impl BuildOptions {
+    /// Build options with the defaults: refuse a backend the engine cannot serve, no report file.
+    pub fn new(plan: PlanOptions) -> BuildOptions {
+        let builder_name = builder_from_docker_args(&plan.docker_args);
+        BuildOptions { plan, fallback: BackendFallback::Refuse, builder_name, report_file: None }
+    }
+}
+
+fn builder_from_docker_args(args: &[String]) -> Option<String> {
+    let mut iter = args.iter();
+    while let Some(arg) = iter.next() {
+        if arg == "--builder" {
+            return iter.next().cloned();
+        }
+        if let Some(name) = arg.strip_prefix("--builder=") {
+            return Some(name.to_string());
+        }
+    }
+    None
+}
+
+/// A run whose build failed; carries the report. Find it with `error.downcast_ref::<BuildFailed>()`.
+#[derive(Debug)]
+pub struct BuildFailed {
+    /// The run's report, with the failed stage.
+    pub report: RunReport,
+    /// The build's error, with push failures beside it.
+    pub message: String,
+}
+
+impl std::fmt::Display for BuildFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for BuildFailed {}
+
+/// Probes the engine and computes the plan for it (the backend checked, the builder chosen).
+pub fn plan_for_engine(ctx: &Context, options: &BuildOptions) -> Result<(Plan, Option<String>)> {
+    let engine = Engine::probe(&ctx.docker, options.builder_name.as_deref())?;
+    let (backend, fallback_reason) = engine.check_backend(&options.plan.backend, options.fallback)?;
+    let mut plan_options = options.plan.clone();
+    plan_options.backend = backend;
+    plan_options.builder = engine.builder();
+    let plan = Plan::new(&plan_options)?;
+    Ok((plan, fallback_reason))
+}
+
+/// The whole sequence for a Dockerfile and a target: probe the engine, plan, [`pull_cached`],
+/// [`build_stage`] for each stage in order under a [`PushGuard`], push the final tags, and report
+/// (a table on stderr, `--report` JSON, the GitHub step summary).
+///
+/// A failed stage still has the caches of the stages before it written; the error is the build's,
+/// with any push failure beside it, and carries the report ([`BuildFailed`]).
+pub fn build_with_cache(ctx: &Context, options: &BuildOptions) -> Result<RunReport> {
+    let started = Instant::now();
+    let (plan, backend_fallback) = plan_for_engine(ctx, options)?;
+    execute_plan(ctx, &plan, backend_fallback, options.report_file.as_deref(), started)
+}
+
+/// Runs an already computed plan. See [`build_with_cache`].
+pub fn execute_plan(
+    ctx: &Context,
+    plan: &Plan,
+    backend_fallback: Option<String>,
+    report_file: Option<&Path>,
+    started: Instant,
+) -> Result<RunReport> {
+    for note in &plan.notes {
+        ctx.say(&format!("cachefrom: {note}"));
+    }
+    if let Some(why) = &backend_fallback {
+        ctx.warn(why);
+    }
+    let resolution = pull_cached(ctx, plan)?;
+    for warning in &resolution.warnings {
+        ctx.warn(warning);
+    }
+    for stage in &plan.stages {
+        let choice = &resolution.stages[&stage.name];
+        match &choice.chosen {
+            Some(chosen) => ctx.say(&format!("cachefrom: {} reads {} ({})", stage.name, chosen.location, chosen.level)),
+            None if resolution.unchecked => ctx.say(&format!("cachefrom: {} reads every candidate; BuildKit takes what exists", stage.name)),
+            None => ctx.say(&format!("cachefrom: {} has no cache yet", stage.name)),
+        }
+    }
+
+    let mut stage_reports: Vec<StageReport> = Vec::new();
+    let mut build_error: Option<anyhow::Error> = None;
+    let mut guard = PushGuard::new(ctx, plan);
+    for stage in &plan.stages {
+        match build_stage(ctx, plan, &stage.name, &resolution) {
+            Ok(report) => {
+                guard.stage_built(&stage.name);
+                stage_reports.push(report);
+            }
+            Err(error) => {
+                if let Some(failed) = error.downcast_ref::<StageFailed>() {
+                    stage_reports.push(failed.report.clone());
+                }
+                build_error = Some(error);
+                break;
+            }
+        }
+    }
+    let push_result = guard.finish();
+    let mut run_warnings = resolution.warnings.clone();
+    let mut push_error: Option<String> = None;
+    match push_result {
+        Ok(outcomes) => {
+            for (stage, outcome) in outcomes {
+                if let Some(report) = stage_reports.iter_mut().find(|report| report.name == stage) {
+                    report.pushed.extend(outcome.pushed);
+                    report.warnings.extend(outcome.warnings.into_iter().map(|w| format!("cache write failed: {w}")));
+                }
+            }
+        }
+        Err(error) => push_error = Some(format!("{error:#}")),
+    }
+    for stage in plan.stages.iter().skip(stage_reports.len()) {
+        stage_reports.push(StageReport {
+            name: stage.name.clone(),
+            cache_source: None,
+            cache_level: None,
+            cache_from: Vec::new(),
+            steps_cached: 0,
+            steps_total: 0,
+            seconds: 0.0,
+            pushed: Vec::new(),
+            status: "not built".to_string(),
+            steps: Vec::new(),
+            warnings: Vec::new(),
+        });
+    }
+
+    if build_error.is_none() && push_error.is_none() && plan.push_tags {
+        for tag in &plan.tags {
+            let args = vec!["push".to_string(), "--quiet".to_string(), tag.clone()];
+            if let Err(error) = ctx.docker.run_checked(&format!("pushing the image {tag}"), &args, ctx.docker.timeouts.transfer) {
+                build_error = Some(error);
+                break;
+            }
+        }
+    }
+
+    let message = match (&build_error, &push_error) {
+        (Some(build), Some(push)) => Some(format!("{build:#}\nand writing the caches of the stages built before it failed too: {push}")),
+        (Some(build), None) => Some(format!("{build:#}")),
+        (None, Some(push)) => Some(push.clone()),
+        (None, None) => None,
+    };
+    if message.is_some() && build_error.is_none() {
+        run_warnings.push("the build succeeded but writing its cache failed".to_string());
+    }
+    let report = RunReport {
+        stages: stage_reports,
+        seconds: started.elapsed().as_secs_f64(),
+        backend: plan.backend.name().to_string(),
+        backend_fallback,
+        level: resolution.level,
+        check_seconds: resolution.seconds,
+        success: message.is_none(),
+        error: message.clone(),
+        warnings: run_warnings,
+    };
+    publish_report(ctx, &report, report_file)?;
+    match message {
+        None => Ok(report),
+        Some(message) => Err(anyhow::Error::new(BuildFailed { report, message })),
+    }
+}
+
+/// Prints the report's table on stderr, writes its JSON to `report_file`, and appends its markdown
+/// to GitHub's step summary when there is one.
+pub fn publish_report(ctx: &Context, report: &RunReport, report_file: Option<&Path>) -> Result<()> {
+    if ctx.style != OutputStyle::Quiet {
+        eprint!("\n{}", report.table());
+    }
+    if let Some(file) = report_file {
+        if let Some(parent) = file.parent().filter(|parent| !parent.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+        }
+        std::fs::write(file, report.to_json()).with_context(|| format!("writing the report to {}", file.display()))?;
+    }
+    if let Some(summary) = step_summary_path(&ctx.env) {
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&summary)
+            .with_context(|| format!("opening the step summary {}", summary.display()))?;
+        file.write_all(report.markdown().as_bytes()).with_context(|| format!("writing the step summary {}", summary.display()))?;
+    }
+    Ok(())
+}
+
+/// Shows progress events in the chosen style.
+struct Renderer {
+    style: OutputStyle,
+    stage: String,
+    numbers: BTreeMap<String, usize>,
+    named: std::collections::BTreeSet<String>,
+    steps_done: usize,
+    steps_cached: usize,
+    current: String,
+    live: bool,
+}
+
+impl Renderer {
+    fn new(style: OutputStyle, stage: &str) -> Renderer {
+        Renderer { style, stage: stage.to_string(), numbers: BTreeMap::new(), named: Default::default(), steps_done: 0, steps_cached: 0, current: String::new(), live: false }
+    }
+
+    fn number(&mut self, name: &str) -> usize {
+        let next = self.numbers.len() + 1;
+        *self.numbers.entry(name.to_string()).or_insert(next)
+    }
+
+    fn show(&mut self, event: &ProgressEvent, elapsed: f64) {
+        match self.style {
+            OutputStyle::Quiet => {
+                if let ProgressEvent::Text(text) = event {
+                    eprintln!("{text}");
+                }
+            }
+            OutputStyle::Plain | OutputStyle::GithubActions => self.show_plain(event),
+            OutputStyle::Terminal => self.show_live(event, elapsed),
+        }
+    }
+
+    fn show_plain(&mut self, event: &ProgressEvent) {
+        match event {
+            ProgressEvent::Started { name } => {
+                let n = self.number(name);
+                if self.named.insert(name.clone()) {
+                    eprintln!("#{n} {name}");
+                }
+            }
+            ProgressEvent::Log { vertex, line } => {
+                let n = self.number(vertex);
+                eprintln!("#{n} {line}");
+            }
+            ProgressEvent::Finished { name, cached, seconds, error } => {
+                let n = self.number(name);
+                if self.named.insert(name.clone()) {
+                    eprintln!("#{n} {name}");
+                }
+                match (error, cached) {
+                    (Some(error), _) => eprintln!("#{n} ERROR: {error}"),
+                    (None, true) => eprintln!("#{n} CACHED"),
+                    (None, false) => eprintln!("#{n} DONE {:.1}s", seconds.unwrap_or(0.0)),
+                }
+            }
+            ProgressEvent::Text(text) => eprintln!("{text}"),
+        }
+    }
+
+    fn show_live(&mut self, event: &ProgressEvent, elapsed: f64) {
+        match event {
+            ProgressEvent::Finished { name, cached, error, .. } => {
+                if name.starts_with('[') && !name.starts_with("[internal]") {
+                    self.steps_done += 1;
+                    if *cached {
+                        self.steps_cached += 1;
+                    }
+                }
+                if let Some(error) = error {
+                    self.clear();
+                    eprintln!("ERROR {name}: {error}");
+                }
+            }
+            ProgressEvent::Started { name } => self.current = name.clone(),
+            ProgressEvent::Text(text) => {
+                self.clear();
+                eprintln!("{text}");
+            }
+            ProgressEvent::Log { .. } => {}
+        }
+        let mut current: String = self.current.chars().take(60).collect();
+        if self.current.chars().count() > 60 {
+            current.push('…');
+        }
+        eprint!(
+            "\r\x1b[2K[{}] {} steps done, {} cached, {:.1}s  {}",
+            self.stage, self.steps_done, self.steps_cached, elapsed, current
+        );
+        self.live = true;
+    }
+
+    fn clear(&mut self) {
+        if self.live {
+            eprint!("\r\x1b[2K");
+        }
+    }
+
+    fn finish(&mut self, elapsed: f64) {
+        if self.style == OutputStyle::Terminal {
+            self.clear();
+            eprintln!("[{}] {} steps done, {} cached, {:.1}s", self.stage, self.steps_done, self.steps_cached, elapsed);
+        }
+    }
+}
