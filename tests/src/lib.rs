@@ -1,1 +1,104 @@
+//! Facts about the local stack (`cargo xtask stack up`) and example-project, shared by the
+//! end-to-end tests and the xtask, plus the small helpers the tests use.
 
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context as _, Result};
+
+/// Where the local registry listens.
+pub const REGISTRY: &str = "127.0.0.1:5000";
+/// The Rust toolchain base image the stack builds (Debian trixie's rustc and cargo).
+pub const RUST_BASE_IMAGE: &str = "127.0.0.1:5000/base/rust:trixie";
+/// The runtime base image the stack builds (Debian bookworm minbase).
+pub const RUNTIME_BASE_IMAGE: &str = "127.0.0.1:5000/base/runtime:bookworm";
+/// The host's CA bundle, passed to builds as the `cacert` secret (HTTPS goes through a proxy here).
+pub const HOST_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+/// The repository root.
+pub fn repository_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ sits in the repository").to_path_buf()
+}
+
+/// example-project's directory.
+pub fn example_project() -> PathBuf {
+    repository_root().join("example-project")
+}
+
+/// The build args that point example-project at the stack's base images.
+pub fn example_build_args() -> Vec<(String, String)> {
+    vec![
+        ("RUST_IMAGE".to_string(), RUST_BASE_IMAGE.to_string()),
+        ("RUNTIME_IMAGE".to_string(), RUNTIME_BASE_IMAGE.to_string()),
+    ]
+}
+
+/// The docker options example-project's builds use: always `--network=host` (the network mode is
+/// part of BuildKit's cache key) and the host's CA bundle as a secret for cargo.
+pub fn example_docker_args() -> Vec<String> {
+    let mut args = vec!["--network=host".to_string()];
+    if Path::new(HOST_CA_BUNDLE).is_file() {
+        args.extend(["--secret".to_string(), format!("id=cacert,src={HOST_CA_BUNDLE}")]);
+    }
+    args
+}
+
+/// True when the registry answers at `address` (`GET /v2/`).
+pub fn registry_answers(address: &str) -> bool {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_secs(2)))
+        .http_status_as_error(false)
+        .build()
+        .into();
+    agent.get(&format!("http://{address}/v2/")).call().map(|response| response.status().as_u16() == 200).unwrap_or(false)
+}
+
+/// The tags of `repository` in the registry at `address` (empty when it has none).
+pub fn registry_tags(address: &str, repository: &str) -> Result<Vec<String>> {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_secs(5)))
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let mut response = agent
+        .get(&format!("http://{address}/v2/{repository}/tags/list"))
+        .call()
+        .with_context(|| format!("asking the registry at {address} for the tags of {repository}"))?;
+    if response.status().as_u16() == 404 {
+        return Ok(Vec::new());
+    }
+    let text = response.body_mut().read_to_string()?;
+    let value: serde_json::Value = serde_json::from_str(&text)?;
+    let mut tags: Vec<String> = value["tags"]
+        .as_array()
+        .map(|tags| tags.iter().filter_map(|tag| tag.as_str().map(str::to_string)).collect())
+        .unwrap_or_default();
+    tags.sort();
+    Ok(tags)
+}
+
+/// Fails with a clear message when the stack is not up. Outside CI a caller may skip instead;
+/// in CI (`CI=true`) a missing stack is always a failure.
+pub fn require_stack() -> Result<()> {
+    if !registry_answers(REGISTRY) {
+        bail!("the local registry does not answer at {REGISTRY}: run `cargo xtask stack up` first");
+    }
+    let docker = duct::cmd!("docker", "version", "--format", "{{.Server.Version}}")
+        .stdout_capture()
+        .stderr_capture()
+        .unchecked()
+        .run()
+        .context("running docker")?;
+    if !docker.status.success() {
+        bail!(
+            "the Docker daemon does not answer: run `cargo xtask stack up` first ({})",
+            String::from_utf8_lossy(&docker.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// True when running in CI (`CI` set to anything but `false` or empty).
+pub fn in_ci() -> bool {
+    std::env::var("CI").map(|value| !value.is_empty() && value != "false").unwrap_or(false)
+}

@@ -6,14 +6,12 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::Result;
-use cachefrom::backend::Backend;
 use cachefrom::ci::Environment;
 use cachefrom::dockerfile::read_dockerfile;
 use cachefrom::engine::BackendFallback;
 use cachefrom::exec::{execute_plan, plan_for_engine, BuildFailed, BuildOptions, Context, OutputStyle};
-use cachefrom::git::{GitFacts, GitOverrides};
-use cachefrom::plan::{Access, CacheErrors, Level, Plan, PlanOptions};
-use cachefrom::refs::Repository;
+use cachefrom::plan::{Plan, PlanOptions};
+use cachefrom::settings::Settings;
 use clap::{Args, Parser, Subcommand};
 
 /// Exit code of a build that failed.
@@ -90,7 +88,7 @@ struct PlanArgs {
     dockerfile: DockerfileArgs,
     /// How the cache travels: inline, registry, local, tarball, s3 or gha, with BuildKit-style
     /// options: local,dir=/cache  s3,bucket=B,region=R  registry,compression=zstd.
-    #[arg(long, env = "CACHEFROM_BACKEND", default_value = "registry", value_name = "TYPE[,KEY=VALUE...]")]
+    #[arg(long, env = "CACHEFROM_BACKEND", default_value = cachefrom::settings::DEFAULT_BACKEND, value_name = "TYPE[,KEY=VALUE...]")]
     backend: String,
     /// The shared directory of the local and tarball backends (instead of dir= in --backend).
     #[arg(long, env = "CACHEFROM_CACHE_DIR", value_name = "DIR")]
@@ -106,7 +104,7 @@ struct PlanArgs {
     commit: Option<String>,
     /// The cache sources to try, most specific first: branch, merge-base, default-branch, parent,
     /// unprefixed, commit.
-    #[arg(long, env = "CACHEFROM_CHAIN", default_value = "branch,merge-base,default-branch,parent,unprefixed")]
+    #[arg(long, env = "CACHEFROM_CHAIN", default_value = cachefrom::settings::DEFAULT_CHAIN)]
     chain: String,
     /// Read caches but write none (e.g. pull requests from forks).
     #[arg(long, env = "CACHEFROM_READ_ONLY")]
@@ -224,33 +222,26 @@ fn stages(args: &StagesArgs) -> Result<()> {
 }
 
 fn plan_options(args: &PlanArgs) -> Result<PlanOptions> {
-    let repository = Repository::parse(&args.image)?;
-    let backend = Backend::parse(&args.backend, args.cache_dir.as_deref())?;
-    let chain = Level::parse_chain(&args.chain)?;
-    let overrides = GitOverrides {
+    let settings = Settings {
+        image: args.image.clone(),
+        context: args.context.clone(),
+        file: args.dockerfile.file.clone(),
+        target: args.dockerfile.target.clone(),
+        backend: args.backend.clone(),
+        cache_dir: args.cache_dir.clone(),
         branch: args.branch.clone(),
         default_branch: args.default_branch.clone(),
         commit: args.commit.clone(),
+        chain: args.chain.clone(),
+        read_only: args.read_only,
+        tags: args.tags.clone(),
+        push: args.push,
+        strict_cache: args.strict_cache,
+        build_args: args.dockerfile.build_args.clone(),
+        docker_args: args.docker_args.clone(),
+        work_dir: args.work_dir.clone(),
     };
-    if !args.context.is_dir() {
-        anyhow::bail!("the build context {} is not a directory", args.context.display());
-    }
-    let git = GitFacts::discover(&args.context, &overrides, &Environment::from_process());
-    let mut options = PlanOptions::new(&args.context, repository, git);
-    options.dockerfile = args.dockerfile.file.clone();
-    options.target = args.dockerfile.target.clone();
-    options.backend = backend;
-    options.chain = chain;
-    options.access = if args.read_only { Access::ReadOnly } else { Access::ReadWrite };
-    options.cache_errors = if args.strict_cache { CacheErrors::Fail } else { CacheErrors::Warn };
-    options.tags = args.tags.clone();
-    options.push_tags = args.push;
-    options.build_args = args.dockerfile.build_args.iter().cloned().collect();
-    options.docker_args = args.docker_args.clone();
-    if let Some(work_dir) = &args.work_dir {
-        options.work_dir = work_dir.clone();
-    }
-    Ok(options)
+    settings.plan_options(&Environment::from_process())
 }
 
 fn print_plan(options: &PlanOptions, json: bool) -> Result<()> {

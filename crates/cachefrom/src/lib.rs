@@ -10,3 +10,4 @@ pub mod registry;
 pub mod report;
 pub mod engine;
 pub mod exec;
+pub mod settings;

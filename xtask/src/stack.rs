@@ -1,0 +1,442 @@
+//! `cargo xtask stack up|down|status`: a real Docker engine and registry on this machine.
+//!
+//! - Docker Engine 26 with containerd 1.7 and docker-buildx 0.13, from Debian trixie's packages,
+//!   fetched with a private apt configuration (the system's sources are never changed);
+//!   Debian 12's runc; package scripts may not start services (`policy-rc.d`).
+//! - dockerd with the containerd image store, its own data-root and exec-root under the state
+//!   directory, and no bridge, iptables, ip-forward or masquerade.
+//! - Debian 12's distribution registry 2.8 with our own config: 127.0.0.1:5000, deletes enabled.
+//! - Base images made without Docker Hub: debootstrap, `docker import`, pushed to the registry.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use cachefrom_tests::{registry_answers, REGISTRY, RUNTIME_BASE_IMAGE, RUST_BASE_IMAGE};
+use xshell::{cmd, Shell};
+
+const DOCKER_HOST: &str = "unix:///var/run/docker.sock";
+const PATH_IN_IMAGES: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+const SERVER_VERSION_FORMAT: &str = "{{.Server.Version}}";
+const DEBIAN_MIRROR: &str = "http://deb.debian.org/debian";
+/// Packages from Debian 12 itself.
+const BOOKWORM_PACKAGES: [&str; 6] = ["runc", "iptables", "tini", "debootstrap", "docker-registry", "ca-certificates"];
+/// Packages from Debian 13, installed on Debian 12 with a private apt configuration.
+const TRIXIE_PACKAGES: [&str; 3] = ["docker.io", "containerd", "docker-buildx"];
+
+/// Where the stack keeps its state.
+pub struct Stack {
+    dir: PathBuf,
+}
+
+impl Stack {
+    /// The state directory: `CACHEFROM_STACK_DIR`, else `/var/lib/cachefrom-stack`.
+    pub fn new() -> Stack {
+        let dir = std::env::var_os("CACHEFROM_STACK_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("/var/lib/cachefrom-stack"));
+        Stack { dir }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    /// Installs what is missing, starts the registry and the engine, makes the base images.
+    pub fn up(&self, sh: &Shell) -> Result<()> {
+        let started = Instant::now();
+        check_root()?;
+        fs::create_dir_all(&self.dir).with_context(|| format!("creating the state directory {}", self.dir.display()))?;
+        self.install(sh)?;
+        self.start_registry()?;
+        self.start_dockerd(sh)?;
+        self.base_images(sh)?;
+        eprintln!("stack up in {:.0}s (state in {})", started.elapsed().as_secs_f64(), self.dir.display());
+        println!("registry: {REGISTRY}");
+        println!("build args: --build-arg RUST_IMAGE={RUST_BASE_IMAGE} --build-arg RUNTIME_IMAGE={RUNTIME_BASE_IMAGE}");
+        Ok(())
+    }
+
+    fn install(&self, sh: &Shell) -> Result<()> {
+        let have = |program: &str| which(program).is_some();
+        let buildx = Path::new("/usr/libexec/docker/cli-plugins/docker-buildx").is_file();
+        let engine_ok = have("dockerd") && have("containerd") && buildx && dockerd_is_recent(sh);
+        let bookworm_missing: Vec<&str> = BOOKWORM_PACKAGES.iter().copied().filter(|p| !package_installed(sh, p)).collect();
+        if engine_ok && bookworm_missing.is_empty() {
+            return Ok(());
+        }
+        if which("apt-get").is_none() || which("dpkg").is_none() {
+            bail!("apt-get and dpkg are needed to install the Docker engine (this expects Debian 12); install dockerd 26+, containerd, docker-buildx, runc, debootstrap and docker-registry by hand");
+        }
+        let _policy = PolicyRcGuard::install()?;
+        if !bookworm_missing.is_empty() {
+            eprintln!("stack: installing {} from Debian 12", bookworm_missing.join(" "));
+            cmd!(sh, "timeout 300 apt-get update -q").quiet().run().context("apt-get update failed (is a Debian mirror reachable?)")?;
+            cmd!(sh, "timeout 600 apt-get install -y -q --no-install-recommends {bookworm_missing...}")
+                .env("DEBIAN_FRONTEND", "noninteractive")
+                .quiet()
+                .run()
+                .context("installing Debian 12 packages failed")?;
+        }
+        if !engine_ok {
+            eprintln!("stack: installing {} from Debian 13 (private apt configuration)", TRIXIE_PACKAGES.join(" "));
+            let apt_dir = self.path("apt");
+            for sub in ["lists/partial", "cache/archives/partial", "debs"] {
+                fs::create_dir_all(apt_dir.join(sub))?;
+            }
+            fs::write(
+                apt_dir.join("sources.list"),
+                format!("deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] {DEBIAN_MIRROR} trixie main\n"),
+            )?;
+            let d = apt_dir.display();
+            fs::write(
+                apt_dir.join("apt.conf"),
+                format!(
+                    "Dir::Etc::SourceList \"{d}/sources.list\";\nDir::Etc::SourceParts \"/nonexistent\";\nDir::State::Lists \"{d}/lists\";\nDir::Cache \"{d}/cache\";\nAPT::Sandbox::User \"root\";\n"
+                ),
+            )?;
+            let apt_config = apt_dir.join("apt.conf");
+            cmd!(sh, "timeout 300 apt-get update -q").env("APT_CONFIG", &apt_config).quiet().run().context("apt-get update for trixie failed")?;
+            let debs = apt_dir.join("debs");
+            sh.change_dir(&debs);
+            let packages = TRIXIE_PACKAGES;
+            let downloaded = cmd!(sh, "timeout 600 apt-get download -q {packages...}").env("APT_CONFIG", &apt_config).quiet().run();
+            sh.change_dir(crate::repository_root());
+            downloaded.context("downloading the trixie packages failed")?;
+            let files: Vec<PathBuf> = fs::read_dir(&debs)?
+                .flatten()
+                .map(|entry| entry.path())
+                .filter(|path| path.extension().is_some_and(|ext| ext == "deb"))
+                .collect();
+            cmd!(sh, "timeout 300 dpkg -i {files...}")
+                .env("DEBIAN_FRONTEND", "noninteractive")
+                .quiet()
+                .run()
+                .context("installing the trixie packages with dpkg failed")?;
+        }
+        Ok(())
+    }
+
+    fn start_registry(&self) -> Result<()> {
+        if registry_answers(REGISTRY) {
+            eprintln!("stack: a registry already answers at {REGISTRY}; reusing it");
+            return Ok(());
+        }
+        if std::net::TcpStream::connect_timeout(&REGISTRY.parse()?, Duration::from_millis(500)).is_ok() {
+            bail!("{REGISTRY} is taken by a program that is not a Docker registry; stop it (ss -ltnp 'sport = :5000' shows which)");
+        }
+        let storage = self.path("registry");
+        fs::create_dir_all(&storage)?;
+        let config = self.path("registry.yml");
+        fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {REGISTRY}\n",
+                storage.display()
+            ),
+        )?;
+        let log = self.path("registry.log");
+        let pid = spawn_daemon("docker-registry", &["serve".as_ref(), config.as_os_str()], &log)?;
+        fs::write(self.path("registry.pid"), pid.to_string())?;
+        wait_for(Duration::from_secs(30), || registry_answers(REGISTRY)).with_context(|| {
+            format!("the registry (pid {pid}) did not answer at {REGISTRY} within 30s; see its log {}", log.display())
+        })?;
+        eprintln!("stack: registry up at {REGISTRY} (pid {pid})");
+        Ok(())
+    }
+
+    fn start_dockerd(&self, sh: &Shell) -> Result<()> {
+        if docker_answers(sh) {
+            eprintln!("stack: a Docker daemon already answers at {DOCKER_HOST}; reusing it");
+            return Ok(());
+        }
+        let config = self.path("daemon.json");
+        let data_root = self.path("docker-data");
+        let exec_root = self.path("docker-exec");
+        let daemon_json = serde_json::json!({
+            "data-root": data_root,
+            "exec-root": exec_root,
+            "pidfile": self.path("dockerd.pid.daemon"),
+            "hosts": [DOCKER_HOST],
+            "bridge": "none",
+            "iptables": false,
+            "ip6tables": false,
+            "ip-forward": false,
+            "ip-masq": false,
+            "features": { "containerd-snapshotter": true },
+            "insecure-registries": [REGISTRY],
+        });
+        fs::write(&config, serde_json::to_string_pretty(&daemon_json)?)?;
+        let log = self.path("dockerd.log");
+        let pid = spawn_daemon("dockerd", &["--config-file".as_ref(), config.as_os_str()], &log)?;
+        fs::write(self.path("dockerd.pid"), pid.to_string())?;
+        wait_for(Duration::from_secs(60), || docker_answers(sh)).with_context(|| {
+            format!("dockerd (pid {pid}) did not answer at {DOCKER_HOST} within 60s; see its log {}", log.display())
+        })?;
+        eprintln!("stack: dockerd up at {DOCKER_HOST} (pid {pid})");
+        Ok(())
+    }
+
+    fn base_images(&self, sh: &Shell) -> Result<()> {
+        let client = cachefrom::registry::RegistryClient::new(Duration::from_secs(5), None);
+        let missing: Vec<(&str, &str, &str)> = [
+            (RUST_BASE_IMAGE, "trixie", "rustc,cargo,gcc,libc6-dev,ca-certificates"),
+            (RUNTIME_BASE_IMAGE, "bookworm", ""),
+        ]
+        .into_iter()
+        .filter(|(image, _, _)| {
+            let (repository, tag) = image.rsplit_once(':').expect("base images have tags");
+            let repository = cachefrom::refs::Repository::parse(repository).expect("valid repository");
+            client.exists(&repository, tag) != cachefrom::registry::Existence::Exists
+        })
+        .collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        // debootstrap both at once: they mostly wait on the mirror.
+        let results: Vec<Result<PathBuf>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = missing
+                .iter()
+                .map(|(image, suite, include)| scope.spawn(move || self.rootfs(image, suite, include)))
+                .collect();
+            handles.into_iter().map(|handle| handle.join().unwrap_or_else(|_| bail!("debootstrap thread panicked"))).collect()
+        });
+        for ((image, _, _), rootfs) in missing.iter().zip(results) {
+            let rootfs = rootfs?;
+            let started = Instant::now();
+            let rootfs_arg = rootfs.display().to_string();
+            let script = format!("tar -C '{rootfs_arg}' -c . | docker import --change 'ENV {PATH_IN_IMAGES}' - '{image}' >/dev/null");
+            cmd!(sh, "timeout 900 sh -c {script}").quiet().run().with_context(|| format!("importing {image}"))?;
+            cmd!(sh, "timeout 900 docker push -q {image}").quiet().ignore_stdout().run().with_context(|| format!("pushing {image}"))?;
+            eprintln!("stack: {image} imported and pushed in {:.0}s", started.elapsed().as_secs_f64());
+        }
+        Ok(())
+    }
+
+    /// A minbase root file system of `suite` with `include`, made once and kept.
+    fn rootfs(&self, image: &str, suite: &str, include: &str) -> Result<PathBuf> {
+        let name = if include.is_empty() { suite.to_string() } else { format!("{suite}-rust") };
+        let dir = self.path("rootfs").join(&name);
+        let done = self.path("rootfs").join(format!("{name}.complete"));
+        if done.is_file() {
+            return Ok(dir);
+        }
+        if dir.exists() {
+            fs::remove_dir_all(&dir).with_context(|| format!("removing the unfinished {}", dir.display()))?;
+        }
+        fs::create_dir_all(dir.parent().expect("has a parent"))?;
+        let started = Instant::now();
+        eprintln!("stack: debootstrap {suite} for {image} (about a minute)");
+        let mut args = vec!["600".to_string(), "debootstrap".into(), "--variant=minbase".into()];
+        if !include.is_empty() {
+            args.push(format!("--include={include}"));
+        }
+        args.extend([suite.to_string(), dir.display().to_string(), DEBIAN_MIRROR.to_string()]);
+        let log = self.path(&format!("debootstrap-{name}.log"));
+        let status = Command::new("timeout")
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(fs::File::create(&log)?)
+            .stderr(fs::File::create(&log)?.try_clone()?)
+            .status()
+            .context("running debootstrap")?;
+        if !status.success() {
+            bail!("debootstrap {suite} failed; see {}", log.display());
+        }
+        for junk in ["var/cache/apt/archives", "var/lib/apt/lists"] {
+            let junk = dir.join(junk);
+            for entry in fs::read_dir(&junk).into_iter().flatten().flatten() {
+                if entry.path().is_file() {
+                    let _ = fs::remove_file(entry.path());
+                }
+            }
+        }
+        fs::write(&done, "")?;
+        eprintln!("stack: debootstrap {suite} done in {:.0}s", started.elapsed().as_secs_f64());
+        Ok(dir)
+    }
+
+    /// Stops the daemons `up` started (by their recorded PIDs) and unmounts what they left.
+    pub fn down(&self) -> Result<()> {
+        for name in ["dockerd", "registry"] {
+            let pid_file = self.path(&format!("{name}.pid"));
+            let Ok(text) = fs::read_to_string(&pid_file) else { continue };
+            let pid: i32 = text.trim().parse().with_context(|| format!("{} holds no pid", pid_file.display()))?;
+            if process_alive(pid) && process_is(pid, if name == "registry" { "docker-registry" } else { "dockerd" }) {
+                eprintln!("stack: stopping {name} (pid {pid})");
+                signal(pid, libc::SIGTERM);
+                if wait_for(Duration::from_secs(30), || !process_alive(pid)).is_err() {
+                    eprintln!("stack: {name} (pid {pid}) did not stop within 30s; killing it");
+                    signal(pid, 9);
+                    let _ = wait_for(Duration::from_secs(10), || !process_alive(pid));
+                }
+            }
+            let _ = fs::remove_file(&pid_file);
+        }
+        // dockerd unmounts its overlays on a clean stop; take away anything it left.
+        let mounts = fs::read_to_string("/proc/mounts").unwrap_or_default();
+        let prefix = self.dir.display().to_string();
+        let mut left: Vec<&str> = mounts.lines().filter_map(|line| line.split_whitespace().nth(1)).filter(|m| m.starts_with(&prefix)).collect();
+        left.sort_by_key(|mount| std::cmp::Reverse(mount.len()));
+        for mount in left {
+            let _ = Command::new("umount").arg("-l").arg(mount).status();
+        }
+        eprintln!("stack: down");
+        Ok(())
+    }
+
+    /// Says what runs and where.
+    pub fn status(&self, sh: &Shell) -> Result<()> {
+        let pid = |name: &str| fs::read_to_string(self.path(&format!("{name}.pid"))).ok().map(|p| p.trim().to_string());
+        let registry = registry_answers(REGISTRY);
+        println!(
+            "registry  {REGISTRY}: {}{}",
+            if registry { "answers" } else { "not answering" },
+            pid("registry").map(|p| format!(" (pid {p})")).unwrap_or_default()
+        );
+        let docker = docker_answers(sh);
+        let version = if docker {
+            {
+                let format = SERVER_VERSION_FORMAT;
+                cmd!(sh, "timeout 20 docker version --format {format}").quiet().read().unwrap_or_default()
+            }
+        } else {
+            String::new()
+        };
+        println!(
+            "dockerd   {DOCKER_HOST}: {}{}",
+            if docker { format!("answers, version {version}") } else { "not answering".to_string() },
+            pid("dockerd").map(|p| format!(" (pid {p})")).unwrap_or_default()
+        );
+        if registry {
+            for image in [RUST_BASE_IMAGE, RUNTIME_BASE_IMAGE] {
+                let (repository, tag) = image.rsplit_once(':').expect("tagged");
+                let path = repository.trim_start_matches(&format!("{REGISTRY}/"));
+                let present = cachefrom_tests::registry_tags(REGISTRY, path).map(|tags| tags.iter().any(|t| t == tag)).unwrap_or(false);
+                println!("image     {image}: {}", if present { "in the registry" } else { "missing (stack up makes it)" });
+            }
+        }
+        println!("state     {}", self.dir.display());
+        Ok(())
+    }
+}
+
+fn check_root() -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("stack up installs packages and starts dockerd, so it needs root: run it as root (sudo -E cargo xtask stack up)");
+    }
+    Ok(())
+}
+
+fn which(program: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|path| {
+        std::env::split_paths(&path).map(|dir| dir.join(program)).find(|candidate| candidate.is_file())
+    })
+}
+
+fn package_installed(sh: &Shell, package: &str) -> bool {
+    let format = "${Status}";
+    cmd!(sh, "dpkg-query -W -f={format} {package}")
+        .quiet()
+        .ignore_stderr()
+        .read()
+        .map(|status| status.contains("install ok installed"))
+        .unwrap_or(false)
+}
+
+fn dockerd_is_recent(sh: &Shell) -> bool {
+    let version = cmd!(sh, "timeout 20 dockerd --version").quiet().ignore_stderr().read().unwrap_or_default();
+    // "Docker version 26.1.5+dfsg1, build …"
+    version
+        .split_whitespace()
+        .nth(2)
+        .and_then(|v| v.split('.').next())
+        .and_then(|major| major.parse::<u32>().ok())
+        .is_some_and(|major| major >= 26)
+}
+
+fn docker_answers(sh: &Shell) -> bool {
+    let format = SERVER_VERSION_FORMAT;
+    cmd!(sh, "timeout 10 docker version --format {format}")
+        .env("DOCKER_HOST", DOCKER_HOST)
+        .quiet()
+        .ignore_stderr()
+        .read()
+        .map(|version| !version.trim().is_empty())
+        .unwrap_or(false)
+}
+
+/// Starts `program` in its own process group (Ctrl-C on the xtask leaves it running), output to `log`.
+fn spawn_daemon(program: &str, args: &[&std::ffi::OsStr], log: &Path) -> Result<u32> {
+    use std::os::unix::process::CommandExt;
+    let out = fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+    let child = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(out.try_clone()?)
+        .stderr(out)
+        .process_group(0)
+        .spawn()
+        .with_context(|| format!("starting {program}"))?;
+    Ok(child.id())
+}
+
+fn wait_for(limit: Duration, mut ready: impl FnMut() -> bool) -> Result<()> {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if ready() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    bail!("timed out after {}s", limit.as_secs())
+}
+
+fn process_alive(pid: i32) -> bool {
+    // A zombie still has /proc/PID; count it as gone.
+    match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat.rsplit_once(')').map(|(_, rest)| rest.trim_start().starts_with('Z')).unwrap_or(false),
+        Err(_) => false,
+    }
+}
+
+fn process_is(pid: i32, name: &str) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/comm")).map(|comm| comm.trim() == name).unwrap_or(false)
+}
+
+
+fn signal(pid: i32, signal: i32) {
+    // SAFETY: kill(2) on a pid this stack recorded and checked by name.
+    unsafe {
+        libc::kill(pid, signal);
+    }
+}
+
+/// Keeps package scripts from starting services while it lives (`/usr/sbin/policy-rc.d` exit 101).
+struct PolicyRcGuard {
+    created: bool,
+}
+
+impl PolicyRcGuard {
+    fn install() -> Result<PolicyRcGuard> {
+        let path = Path::new("/usr/sbin/policy-rc.d");
+        if path.exists() {
+            return Ok(PolicyRcGuard { created: false });
+        }
+        fs::write(path, "#!/bin/sh\n# cachefrom stack: package scripts may not start services\nexit 101\n")?;
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(path, fs::Permissions::from_mode(0o755))?;
+        Ok(PolicyRcGuard { created: true })
+    }
+}
+
+impl Drop for PolicyRcGuard {
+    fn drop(&mut self) {
+        if self.created {
+            let _ = fs::remove_file("/usr/sbin/policy-rc.d");
+        }
+    }
+}
