@@ -102,3 +102,87 @@ pub fn require_stack() -> Result<()> {
 pub fn in_ci() -> bool {
     std::env::var("CI").map(|value| !value.is_empty() && value != "false").unwrap_or(false)
 }
+
+/// Serialises the end-to-end tests: they share one daemon, and a fresh runner removes its images.
+pub fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// True when the stack is up. Outside CI a missing stack skips (with a line saying so);
+/// in CI it panics: end-to-end tests never pass by skipping there.
+pub fn stack_ready(test: &str) -> bool {
+    match require_stack() {
+        Ok(()) => true,
+        Err(error) if in_ci() => panic!("{test}: {error:#}"),
+        Err(error) => {
+            eprintln!("{test}: skipped outside CI: {error:#}");
+            false
+        }
+    }
+}
+
+/// A repository name no other run uses: `127.0.0.1:5000/e2e-<pid>-<n>/<name>`.
+pub fn unique_repository(name: &str) -> String {
+    static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    format!("{REGISTRY}/e2e-{stamp}-{}-{n}/{name}", std::process::id())
+}
+
+/// Removes every local image and the build cache, as a fresh CI runner has none.
+pub fn fresh_runner() -> Result<()> {
+    for args in [["image", "prune", "-af"], ["buildx", "prune", "-af"]] {
+        let output = duct::cmd("timeout", std::iter::once("300").chain(std::iter::once("docker")).chain(args))
+            .stdout_capture()
+            .stderr_capture()
+            .unchecked()
+            .run()?;
+        if !output.status.success() {
+            bail!("docker {}: {}", args.join(" "), String::from_utf8_lossy(&output.stderr));
+        }
+    }
+    Ok(())
+}
+
+/// Runs git in `dir` with a fixed identity; returns its trimmed stdout.
+pub fn git(dir: &Path, args: &[&str]) -> Result<String> {
+    let output = duct::cmd("git", args)
+        .dir(dir)
+        .env("GIT_AUTHOR_NAME", "e2e")
+        .env("GIT_AUTHOR_EMAIL", "e2e@example.invalid")
+        .env("GIT_COMMITTER_NAME", "e2e")
+        .env("GIT_COMMITTER_EMAIL", "e2e@example.invalid")
+        .stdout_capture()
+        .stderr_capture()
+        .unchecked()
+        .run()?;
+    if !output.status.success() {
+        bail!("git {args:?}: {}", String::from_utf8_lossy(&output.stderr));
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).trim().to_string())
+}
+
+/// A copy of example-project in its own git repository, with `c0` committed on `main`.
+pub fn example_repository_copy() -> Result<tempfile::TempDir> {
+    let dir = tempfile::tempdir()?;
+    let source = example_project();
+    for file in ["Cargo.toml", "Cargo.lock", "Dockerfile", ".dockerignore", "src/main.rs", "src/lib.rs"] {
+        let target = dir.path().join(file);
+        std::fs::create_dir_all(target.parent().expect("has a parent"))?;
+        std::fs::copy(source.join(file), &target).with_context(|| format!("copying {file}"))?;
+    }
+    git(dir.path(), &["init", "-q", "-b", "main"])?;
+    git(dir.path(), &["add", "."])?;
+    git(dir.path(), &["commit", "-q", "-m", "c0"])?;
+    Ok(dir)
+}
+
+/// Appends a line to a source file: a change that invalidates the builder stage, not the deps.
+pub fn change_source(dir: &Path, marker: &str) -> Result<()> {
+    let path = dir.join("src/lib.rs");
+    let mut text = std::fs::read_to_string(&path)?;
+    text.push_str(&format!("\n/// {marker}\npub const CHANGE_{}: u32 = 1;\n", marker.replace(|c: char| !c.is_ascii_alphanumeric(), "_").to_uppercase()));
+    std::fs::write(path, text)?;
+    Ok(())
+}

@@ -179,8 +179,8 @@ impl Backend {
         }
     }
 
-    /// The `--cache-to` value writing `location`, or `None` for backends whose writes happen after
-    /// the build (inline pushes the image; tarball packs `staging`). `ignore_error` keeps a failed
+    /// The `--cache-to` value writing `location`, or `None` for inline (its image is pushed after
+    /// the build). Local and tarball export to `staging`, copied or packed after the build. `ignore_error` keeps a failed
     /// export from failing a build that succeeded.
     pub fn cache_to_arg(&self, location: &CacheLocation, staging: &Path, ignore_error: bool) -> Option<String> {
         let ignore = if ignore_error { ",ignore-error=true" } else { "" };
@@ -193,10 +193,12 @@ impl Backend {
                 format!("type=registry,ref={image},mode=max,{}", join_options(&options, &["ref", "mode"]).trim_end_matches(','))
                     + ignore
             }
-            (Backend::Local { .. }, CacheLocation::Directory(dir)) => {
-                format!("type=local,dest={},mode=max{ignore}", dir.display())
+            // BuildKit exports once, to a staging directory; the push step copies it to each
+            // destination. Several local exports in one build race on the same layers
+            // ("ref layer-sha256:… locked") and leave incomplete caches.
+            (Backend::Local { .. } | Backend::Tarball { .. }, _) => {
+                format!("type=local,dest={},mode=max{ignore}", staging.display())
             }
-            (Backend::Tarball { .. }, _) => format!("type=local,dest={},mode=max{ignore}", staging.display()),
             (Backend::S3 { options }, CacheLocation::Named(name)) => {
                 format!("type=s3,{}name={name},mode=max{ignore}", join_options(options, &["mode", "ignore-error"]))
             }
@@ -272,10 +274,7 @@ mod tests {
         let location = local.location(&repo(), "cache-deps-main");
         assert_eq!(location, CacheLocation::Directory("/c/127.0.0.1-5000-app/cache-deps-main".into()));
         assert_eq!(local.cache_from_arg(&location, staging), "type=local,src=/c/127.0.0.1-5000-app/cache-deps-main");
-        assert_eq!(
-            local.cache_to_arg(&location, staging, false).unwrap(),
-            "type=local,dest=/c/127.0.0.1-5000-app/cache-deps-main,mode=max"
-        );
+        assert_eq!(local.cache_to_arg(&location, staging, false).unwrap(), "type=local,dest=/work/stage,mode=max");
 
         let tarball = Backend::parse("tarball,dir=/t", None).unwrap();
         let location = tarball.location(&repo(), "cache-deps-main");

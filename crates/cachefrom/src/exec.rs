@@ -256,7 +256,7 @@ impl std::error::Error for StageFailed {}
 /// is kept for the report. A failed build is an error carrying a [`StageFailed`].
 pub fn build_stage(ctx: &Context, plan: &Plan, stage_name: &str, resolution: &Resolution) -> Result<StageReport> {
     let stage = plan.stage(stage_name).with_context(|| format!("the plan has no stage `{stage_name}`"))?;
-    if matches!(plan.backend, Backend::Tarball { .. }) {
+    if matches!(plan.backend, Backend::Tarball { .. } | Backend::Local { .. }) {
         let staging = plan.staging_dir(&stage.name);
         if staging.exists() {
             std::fs::remove_dir_all(&staging).with_context(|| format!("clearing {}", staging.display()))?;
@@ -352,7 +352,7 @@ pub fn build_stage(ctx: &Context, plan: &Plan, stage_name: &str, resolution: &Re
     if plan.cache_errors == CacheErrors::Fail && !export_errors.is_empty() {
         bail!("stage {}: cache export failed (cache errors are fatal: --strict-cache): {}", stage.name, export_errors.join("; "));
     }
-    if export_errors.is_empty() && !matches!(plan.backend, Backend::Inline | Backend::Tarball { .. }) {
+    if export_errors.is_empty() && !matches!(plan.backend, Backend::Inline | Backend::Tarball { .. } | Backend::Local { .. }) {
         report.pushed = stage.cache_to.iter().map(|write| write.location.to_string()).collect();
     }
     Ok(report)
@@ -368,8 +368,8 @@ pub struct PushOutcome {
 }
 
 /// Writes the cache of a built stage where the plan allows: `docker push` of each cache tag
-/// (inline), or one tar file per tag (tarball). Registry, local, s3 and gha caches are written by
-/// BuildKit during the build, so there is nothing left to do for them.
+/// (inline), a copy of the exported cache per tag (local), or one tar file per tag (tarball).
+/// Registry, s3 and gha caches are written by BuildKit during the build: nothing is left to do.
 pub fn push_cached(ctx: &Context, plan: &Plan, stage_name: &str) -> Result<PushOutcome> {
     let stage = plan.stage(stage_name).with_context(|| format!("the plan has no stage `{stage_name}`"))?;
     let mut outcome = PushOutcome::default();
@@ -380,6 +380,7 @@ pub fn push_cached(ctx: &Context, plan: &Plan, stage_name: &str) -> Result<PushO
                 ctx.docker.run_checked(&format!("pushing cache image {image}"), &args, ctx.docker.timeouts.transfer).map(|_| ())
             }
             (Backend::Tarball { .. }, CacheLocation::TarFile(file)) => pack(plan, &stage.name, file, ctx.docker.timeouts.transfer),
+            (Backend::Local { .. }, CacheLocation::Directory(dir)) => copy_dir(plan, &stage.name, dir, ctx.docker.timeouts.transfer),
             _ => continue,
         };
         match result {
@@ -404,6 +405,28 @@ fn pack(plan: &Plan, stage: &str, file: &Path, timeout: std::time::Duration) -> 
     let args = vec!["-cf".to_string(), partial.display().to_string(), "-C".to_string(), staging.display().to_string(), ".".to_string()];
     run_program("tar", &args, &format!("packing the cache of stage {stage}"), timeout)?;
     std::fs::rename(&partial, file).with_context(|| format!("moving {} to {}", partial.display(), file.display()))?;
+    Ok(())
+}
+
+/// Copies the staged cache of `stage` to `dir`, through `DIR.partial` renamed at the end.
+fn copy_dir(plan: &Plan, stage: &str, dir: &Path, timeout: std::time::Duration) -> Result<()> {
+    let staging = plan.staging_dir(stage);
+    if !staging.join("index.json").is_file() {
+        bail!("no cache was exported for stage {stage} at {}", staging.display());
+    }
+    let mut partial = dir.as_os_str().to_owned();
+    partial.push(".partial");
+    let partial = std::path::PathBuf::from(partial);
+    if partial.exists() {
+        std::fs::remove_dir_all(&partial).with_context(|| format!("clearing {}", partial.display()))?;
+    }
+    std::fs::create_dir_all(&partial).with_context(|| format!("creating {}", partial.display()))?;
+    let args = vec!["-a".to_string(), format!("{}/.", staging.display()), partial.display().to_string()];
+    run_program("cp", &args, &format!("copying the cache of stage {stage}"), timeout)?;
+    if dir.exists() {
+        std::fs::remove_dir_all(dir).with_context(|| format!("replacing {}", dir.display()))?;
+    }
+    std::fs::rename(&partial, dir).with_context(|| format!("moving {} to {}", partial.display(), dir.display()))?;
     Ok(())
 }
 

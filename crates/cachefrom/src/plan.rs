@@ -423,7 +423,7 @@ impl Plan {
         self.work_dir.join("from").join(stage)
     }
 
-    /// Where the tarball backend has BuildKit export `stage`'s cache, to pack it afterwards.
+    /// Where the local and tarball backends have BuildKit export `stage`'s cache, to copy or pack it afterwards.
     pub fn staging_dir(&self, stage: &str) -> PathBuf {
         self.work_dir.join("to").join(stage)
     }
@@ -754,6 +754,13 @@ impl Plan {
             .iter()
             .filter_map(|write| match (&self.backend, &write.location) {
                 (Backend::Inline, CacheLocation::Image(image)) => Some(format!("docker push {}", shell_quote(image))),
+                (Backend::Local { .. }, CacheLocation::Directory(dir)) => {
+                    let dir = shell_quote(&dir.display().to_string());
+                    Some(format!(
+                        "rm -rf {dir}.partial && mkdir -p {dir}.partial && cp -a {}/. {dir}.partial && rm -rf {dir} && mv {dir}.partial {dir}",
+                        shell_quote(&self.staging_dir(&stage.name).display().to_string())
+                    ))
+                }
                 (Backend::Tarball { .. }, CacheLocation::TarFile(file)) => {
                     let file = shell_quote(&file.display().to_string());
                     Some(format!(

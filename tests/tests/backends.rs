@@ -1,0 +1,148 @@
+//! End-to-end, on the real engine and registry, for each backend: a seeding build on the default
+//! branch, then, each time as a fresh runner (no local images, no build cache):
+//! no change, a source-only change, a new branch served from the default branch's cache, and a
+//! branch served from its merge-base commit's cache. Cache hits are read from BuildKit's own
+//! per-step record.
+
+use std::path::Path;
+
+use cachefrom::ci::Environment;
+use cachefrom::exec::{build_with_cache, BuildOptions, Context, OutputStyle};
+use cachefrom::plan::Level;
+use cachefrom::report::RunReport;
+use cachefrom::settings::Settings;
+use cachefrom_tests::*;
+
+fn context() -> Context {
+    let mut ctx = Context::from_environment();
+    ctx.style = OutputStyle::Plain;
+    ctx
+}
+
+fn build(dir: &Path, image: &str, backend: &str, branch: &str) -> RunReport {
+    let mut settings = Settings::new(image, dir);
+    settings.backend = backend.to_string();
+    settings.branch = Some(branch.to_string());
+    settings.default_branch = Some("main".to_string());
+    settings.build_args = example_build_args();
+    settings.docker_args = example_docker_args();
+    settings.work_dir = Some(dir.join(".cachefrom-work"));
+    let options = BuildOptions::new(settings.plan_options(&Environment::default()).expect("plan options"));
+    match build_with_cache(&context(), &options) {
+        Ok(report) => report,
+        Err(error) => panic!("build on {branch} with {backend} failed: {error:#}"),
+    }
+}
+
+fn stage<'a>(report: &'a RunReport, name: &str) -> &'a cachefrom::report::StageReport {
+    report.stages.iter().find(|stage| stage.name == name).unwrap_or_else(|| panic!("no stage {name} in {report:#?}"))
+}
+
+fn assert_all_cached(report: &RunReport, what: &str) {
+    for stage in &report.stages {
+        assert!(stage.steps_total > 0, "{what}: stage {} reported no steps", stage.name);
+        assert_eq!(stage.steps_cached, stage.steps_total, "{what}: stage {} not fully cached: {:#?}", stage.name, stage.steps);
+    }
+}
+
+fn assert_deps_cached(report: &RunReport, what: &str) {
+    let deps = stage(report, "deps");
+    assert_eq!(deps.steps_total, 5, "{what}: {:#?}", deps.steps);
+    assert_eq!(deps.steps_cached, 5, "{what}: the dependency steps missed the cache: {:#?}", deps.steps);
+}
+
+fn scenario(backend_name: &str, backend: &str) {
+    let _serial = serial();
+    if !stack_ready(backend_name) {
+        return;
+    }
+    let repo = example_repository_copy().unwrap();
+    let dir = repo.path();
+    let image = unique_repository(&format!("example-{backend_name}"));
+    let c0 = git(dir, &["rev-parse", "HEAD"]).unwrap();
+    // c1 on main: a change outside the build context's COPYs; c0 is never built.
+    std::fs::write(dir.join("NOTES.md"), "notes\n").unwrap();
+    git(dir, &["add", "."]).unwrap();
+    git(dir, &["commit", "-q", "-m", "c1"]).unwrap();
+    let c1 = git(dir, &["rev-parse", "HEAD"]).unwrap();
+
+    // Seeding build on the default branch (local build cache may help; the point is the export).
+    let seed = build(dir, &image, backend, "main");
+    assert!(seed.success);
+    for stage in &seed.stages {
+        assert!(!stage.pushed.is_empty(), "{backend_name}: seeding wrote no cache for {}", stage.name);
+    }
+
+    // 1. No change, fresh runner: every step cached, from the branch's own cache.
+    fresh_runner().unwrap();
+    let same = build(dir, &image, backend, "main");
+    assert_all_cached(&same, &format!("{backend_name}, no change"));
+    assert_eq!(same.level, Some(Level::Branch), "{backend_name}: {same:#?}");
+    assert!(stage(&same, "deps").cache_source.as_deref().unwrap().contains("cache-deps-main"));
+
+    // 2. Source-only change, fresh runner: the dependency steps still come from the cache.
+    change_source(dir, "source only").unwrap();
+    fresh_runner().unwrap();
+    let source_change = build(dir, &image, backend, "main");
+    assert_deps_cached(&source_change, &format!("{backend_name}, source change"));
+    assert!(stage(&source_change, "builder").steps_cached < stage(&source_change, "builder").steps_total);
+    git(dir, &["checkout", "-q", "--", "."]).unwrap();
+
+    // 3. A new branch whose merge-base (c0) has no cache: served from the default branch.
+    git(dir, &["checkout", "-q", "-b", "feature/from-c0", &c0]).unwrap();
+    change_source(dir, "feature from c0").unwrap();
+    git(dir, &["commit", "-q", "-am", "c2"]).unwrap();
+    fresh_runner().unwrap();
+    let new_branch = build(dir, &image, backend, "feature/from-c0");
+    assert_eq!(new_branch.level, Some(Level::DefaultBranch), "{backend_name}: {new_branch:#?}");
+    assert_deps_cached(&new_branch, &format!("{backend_name}, new branch"));
+    assert!(stage(&new_branch, "deps").cache_source.as_deref().unwrap().contains("cache-deps-main"));
+
+    // 4. A branch from c1, whose merge-base commit was built on main: served from that commit.
+    git(dir, &["checkout", "-q", "-b", "feature/from-c1", &c1]).unwrap();
+    change_source(dir, "feature from c1").unwrap();
+    git(dir, &["commit", "-q", "-am", "c3"]).unwrap();
+    fresh_runner().unwrap();
+    let merge_base = build(dir, &image, backend, "feature/from-c1");
+    assert_eq!(merge_base.level, Some(Level::MergeBase), "{backend_name}: {merge_base:#?}");
+    assert_deps_cached(&merge_base, &format!("{backend_name}, merge-base"));
+    assert!(stage(&merge_base, "deps").cache_source.as_deref().unwrap().contains(&format!("cache-deps-{c1}")));
+
+    // A branch writes its own tags, never the default branch's.
+    let deps_writes = &stage(&merge_base, "deps").pushed;
+    assert!(deps_writes.iter().any(|w| w.contains("cache-deps-feature-from-c1-")), "{deps_writes:?}");
+    assert!(!deps_writes.iter().any(|w| w.ends_with("cache-deps-main") || w.ends_with("cache-deps-main.tar")), "{deps_writes:?}");
+}
+
+#[test]
+fn inline_backend() {
+    scenario("inline", "inline");
+}
+
+#[test]
+fn registry_backend() {
+    scenario("registry", "registry");
+}
+
+#[test]
+fn local_backend() {
+    let cache = tempfile::tempdir().unwrap();
+    scenario("local", &format!("local,dir={}", cache.path().display()));
+}
+
+#[test]
+fn tarball_backend() {
+    let cache = tempfile::tempdir().unwrap();
+    scenario("tarball", &format!("tarball,dir={}", cache.path().display()));
+    let tars: Vec<_> = walk(cache.path()).into_iter().filter(|p| p.extension().is_some_and(|e| e == "tar")).collect();
+    assert!(tars.len() >= 6, "expected a tar file per stage and tag: {tars:?}");
+}
+
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() { found.extend(walk(&path)) } else { found.push(path) }
+    }
+    found
+}
