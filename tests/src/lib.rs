@@ -186,3 +186,82 @@ pub fn change_source(dir: &Path, marker: &str) -> Result<()> {
     std::fs::write(path, text)?;
     Ok(())
 }
+
+/// The `cachefrom` binary of this workspace, built once per test process.
+pub fn cachefrom_binary() -> PathBuf {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
+            let status = std::process::Command::new(cargo)
+                .args(["build", "--quiet", "-p", "cachefrom-cli"])
+                .current_dir(repository_root())
+                .status()
+                .expect("cargo runs");
+            assert!(status.success(), "building the cachefrom binary failed");
+            let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| repository_root().join("target"));
+            target.join("debug").join("cachefrom")
+        })
+        .clone()
+}
+
+/// A throwaway registry on another loopback port, stopped (by its PID) when dropped.
+pub struct TempRegistry {
+    /// `127.0.0.1:PORT`.
+    pub address: String,
+    child: std::process::Child,
+    _storage: tempfile::TempDir,
+}
+
+impl TempRegistry {
+    /// Starts Debian's `docker-registry` on `127.0.0.1:port`.
+    pub fn start(port: u16) -> Result<TempRegistry> {
+        use std::os::unix::process::CommandExt;
+        let address = format!("127.0.0.1:{port}");
+        if registry_answers(&address) {
+            bail!("something already answers at {address}");
+        }
+        let storage = tempfile::tempdir()?;
+        let config = storage.path().join("config.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {address}\n",
+                storage.path().join("data").display()
+            ),
+        )?;
+        let child = std::process::Command::new("docker-registry")
+            .arg("serve")
+            .arg(&config)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .process_group(0)
+            .spawn()
+            .context("starting docker-registry")?;
+        let registry = TempRegistry { address, child, _storage: storage };
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while !registry_answers(&registry.address) {
+            if std::time::Instant::now() > deadline {
+                bail!("the temporary registry did not answer at {}", registry.address);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(registry)
+    }
+
+    /// Stops it now.
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for TempRegistry {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+#[doc = include_str!("../../docs/xtask.md")]
+pub mod xtask_guide {}

@@ -421,8 +421,15 @@ fn copy_dir(plan: &Plan, stage: &str, dir: &Path, timeout: std::time::Duration) 
         std::fs::remove_dir_all(&partial).with_context(|| format!("clearing {}", partial.display()))?;
     }
     std::fs::create_dir_all(&partial).with_context(|| format!("creating {}", partial.display()))?;
-    let args = vec!["-a".to_string(), format!("{}/.", staging.display()), partial.display().to_string()];
-    run_program("cp", &args, &format!("copying the cache of stage {stage}"), timeout)?;
+    // Blobs are content-addressed and never change: hard links (same file system) cost nothing.
+    let purpose = format!("copying the cache of stage {stage}");
+    let linked = vec!["-al".to_string(), format!("{}/.", staging.display()), partial.display().to_string()];
+    if run_program("cp", &linked, &purpose, timeout).is_err() {
+        std::fs::remove_dir_all(&partial).with_context(|| format!("clearing {}", partial.display()))?;
+        std::fs::create_dir_all(&partial).with_context(|| format!("creating {}", partial.display()))?;
+        let copied = vec!["-a".to_string(), format!("{}/.", staging.display()), partial.display().to_string()];
+        run_program("cp", &copied, &purpose, timeout)?;
+    }
     if dir.exists() {
         std::fs::remove_dir_all(dir).with_context(|| format!("replacing {}", dir.display()))?;
     }
