@@ -1,11 +1,234 @@
-//! `cargo xtask bench`: benchmarks, written to BENCHMARKS.md.
+//! `cargo xtask bench`: measured on this machine, in one run, against the recipes users run
+//! today; written to BENCHMARKS.md.
+//!
+//! - Rebuild times of example-project on a fresh runner (no images, no build cache): the seed
+//!   recipe (pull, `--cache-from` with inline cache, push; builder and final image, as in seed 004)
+//!   against `cachefrom build` (registry backend), for no change, a source change, a new branch.
+//! - Checking which cache refs exist: 4 candidates for each of 3 stages, against
+//!   `docker buildx imagetools inspect` and `docker pull` of the same refs.
+//! - Planning a 20-stage Dockerfile.
 
-use anyhow::Result;
-use xshell::Shell;
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _, Result};
+use cachefrom::ci::Environment;
+use cachefrom::exec::{build_with_cache, BuildOptions, Context, OutputStyle};
+use cachefrom::plan::{Plan, PlanOptions};
+use cachefrom::refs::Repository;
+use cachefrom::registry::{Existence, RegistryClient};
+use cachefrom::settings::Settings;
+use cachefrom_tests::{change_source, example_build_args, example_docker_args, example_repository_copy, fresh_runner, git, unique_repository};
+use xshell::{cmd, Shell};
 
 #[derive(clap::Args, Debug)]
-pub struct BenchArgs {}
+pub struct BenchArgs {
+    /// Only the quick benchmarks (planning, existence checks): no builds.
+    #[arg(long)]
+    quick: bool,
+}
 
-pub fn run(_sh: &Shell, _args: &BenchArgs) -> Result<()> {
-    anyhow::bail!("not written yet")
+pub fn run(sh: &Shell, args: &BenchArgs) -> Result<()> {
+    crate::stack::Stack::new().up(sh)?;
+    let mut out = String::from("# Benchmarks\n\n");
+    let _ = writeln!(out, "Written by `cargo xtask bench` on {} ({} cores). Every figure of one table comes from the same run.\n", hostname(), std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+    out.push_str(&planning()?);
+    out.push_str(&existence_checks(sh)?);
+    if !args.quick {
+        out.push_str(&rebuilds(sh)?);
+    }
+    let path = crate::repository_root().join("BENCHMARKS.md");
+    std::fs::write(&path, &out).with_context(|| format!("writing {}", path.display()))?;
+    print!("{out}");
+    Ok(())
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "this machine".into())
+}
+
+fn median(mut samples: Vec<Duration>) -> Duration {
+    samples.sort();
+    samples[samples.len() / 2]
+}
+
+fn ms(duration: Duration) -> String {
+    format!("{:.2} ms", duration.as_secs_f64() * 1000.0)
+}
+
+fn planning() -> Result<String> {
+    let dir = tempfile::tempdir()?;
+    let mut dockerfile = String::from("ARG BASE=debian:bookworm\n");
+    for i in 0..20 {
+        let from = if i == 0 { "${BASE}".to_string() } else { format!("s{}", i - 1) };
+        let _ = write!(dockerfile, "FROM {from} AS s{i}\nRUN echo {i} > /s{i}\n");
+        if i >= 2 {
+            let _ = writeln!(dockerfile, "COPY --from=s{} /s{} /copied{i}", i - 2, i - 2);
+        }
+    }
+    std::fs::write(dir.path().join("Dockerfile"), &dockerfile)?;
+    git(dir.path(), &["init", "-q", "-b", "main"])?;
+    git(dir.path(), &["add", "."])?;
+    git(dir.path(), &["commit", "-q", "-m", "one"])?;
+    let env = Environment::default();
+    let mut samples = Vec::new();
+    let mut stages = 0;
+    for _ in 0..50 {
+        let started = Instant::now();
+        let options = Settings::new("127.0.0.1:5000/bench", dir.path()).plan_options(&env)?;
+        let plan = Plan::new(&options)?;
+        let _script = plan.to_string();
+        samples.push(started.elapsed());
+        stages = plan.stages.len();
+    }
+    let mut out = String::from("## Planning\n\n");
+    let _ = writeln!(
+        out,
+        "A 20-stage Dockerfile ({stages} stages built), from reading git and the file to the rendered script, median of 50: **{}** (goal: under 50 ms).\n",
+        ms(median(samples))
+    );
+    Ok(out)
+}
+
+fn existence_checks(sh: &Shell) -> Result<String> {
+    // Three stages, four candidates each; half of them exist.
+    let repository_text = unique_repository("exists");
+    let repository = Repository::parse(&repository_text)?;
+    let base = cachefrom_tests::RUNTIME_BASE_IMAGE;
+    let mut refs = Vec::new();
+    for stage in ["deps", "builder", "runtime"] {
+        for (level, exists) in [("feature-x", false), ("0123456789abcdef0123456789abcdef01234567", true), ("main", true), ("", false)] {
+            let tag = if level.is_empty() { format!("cache-{stage}") } else { format!("cache-{stage}-{level}") };
+            if exists {
+                let target = repository.with_tag(&tag);
+                cmd!(sh, "timeout 120 docker tag {base} {target}").quiet().run()?;
+                cmd!(sh, "timeout 300 docker push -q {target}").quiet().ignore_stdout().run()?;
+            }
+            refs.push((repository.clone(), tag, exists));
+        }
+    }
+    let client = RegistryClient::default();
+    let checks: Vec<(Repository, String)> = refs.iter().map(|(r, t, _)| (r.clone(), t.clone())).collect();
+    let answers = client.check_all(&checks);
+    for ((_, tag, exists), answer) in refs.iter().zip(&answers) {
+        let expected = if *exists { Existence::Exists } else { Existence::Missing };
+        if *answer != expected {
+            bail!("existence check of {tag} answered {answer:?}, expected {expected:?}");
+        }
+    }
+    let mut http = Vec::new();
+    for _ in 0..20 {
+        let started = Instant::now();
+        let _ = client.check_all(&checks);
+        http.push(started.elapsed());
+    }
+    let http = median(http);
+
+    let started = Instant::now();
+    for (repository, tag, _) in &refs {
+        let reference = repository.with_tag(tag);
+        let _ = cmd!(sh, "timeout 60 docker buildx imagetools inspect {reference}").quiet().ignore_stdout().ignore_stderr().run();
+    }
+    let imagetools = started.elapsed();
+
+    fresh_runner()?;
+    let started = Instant::now();
+    for (repository, tag, _) in &refs {
+        let reference = repository.with_tag(tag);
+        let _ = cmd!(sh, "timeout 300 docker pull -q {reference}").quiet().ignore_stdout().ignore_stderr().run();
+    }
+    let pull = started.elapsed();
+
+    let mut out = String::from("## Which caches exist?\n\n");
+    let _ = writeln!(out, "4 candidate refs for each of 3 stages (6 exist, 6 do not), local registry.\n");
+    let _ = writeln!(out, "| method | time for all 12 | downloads layers | ratio |\n|---|---|---|---|");
+    let _ = writeln!(out, "| cachefrom: manifest `HEAD`, in parallel (median of 20) | {} | no | 1x |", ms(http));
+    let _ = writeln!(out, "| `docker buildx imagetools inspect`, one after another | {} | no | {:.0}x |", ms(imagetools), imagetools.as_secs_f64() / http.as_secs_f64());
+    let _ = writeln!(out, "| `docker pull`, one after another (the seed recipe's way) | {} | yes | {:.0}x |\n", ms(pull), pull.as_secs_f64() / http.as_secs_f64());
+    Ok(out)
+}
+
+/// The seed recipe (seeds 001 and 004): pull the branch's images, falling back to main's; build
+/// the `builder` target and the final image with inline cache and `--cache-from`; push both.
+fn seed_recipe(dir: &Path, image: &str, branch: &str) -> String {
+    let mut options: Vec<String> = example_build_args().iter().map(|(k, v)| format!("--build-arg {k}={v}")).collect();
+    options.extend(example_docker_args());
+    let options = options.join(" ");
+    let branch = cachefrom::refs::sanitize_tag(branch);
+    format!(
+        r#"set -e
+cd '{dir}'
+IMG='{image}'
+docker pull -q "$IMG:{branch}-builder" || docker pull -q "$IMG:main-builder" || true
+docker pull -q "$IMG:{branch}" || docker pull -q "$IMG:main" || true
+docker build -q --build-arg BUILDKIT_INLINE_CACHE=1 {options} --cache-from "$IMG:{branch}-builder" --cache-from "$IMG:main-builder" --target builder -t "$IMG:{branch}-builder" .
+docker build -q --build-arg BUILDKIT_INLINE_CACHE=1 {options} --cache-from "$IMG:{branch}-builder" --cache-from "$IMG:{branch}" --cache-from "$IMG:main" -t "$IMG:{branch}" .
+docker push -q "$IMG:{branch}-builder"
+docker push -q "$IMG:{branch}"
+"#,
+        dir = dir.display()
+    )
+}
+
+fn time_recipe(sh: &Shell, script: &str) -> Result<Duration> {
+    let started = Instant::now();
+    cmd!(sh, "timeout 1800 bash -c {script}").quiet().ignore_stdout().ignore_stderr().run().context("the seed recipe failed")?;
+    Ok(started.elapsed())
+}
+
+fn time_cachefrom(dir: &Path, image: &str, branch: &str) -> Result<Duration> {
+    let mut settings = Settings::new(image, dir);
+    settings.branch = Some(branch.to_string());
+    settings.default_branch = Some("main".to_string());
+    settings.build_args = example_build_args();
+    settings.docker_args = example_docker_args();
+    let options: PlanOptions = settings.plan_options(&Environment::default())?;
+    let mut ctx = Context::from_environment();
+    ctx.style = OutputStyle::Quiet;
+    let started = Instant::now();
+    build_with_cache(&ctx, &BuildOptions::new(options))?;
+    Ok(started.elapsed())
+}
+
+fn rebuilds(sh: &Shell) -> Result<String> {
+    let repo = example_repository_copy()?;
+    let dir = repo.path();
+    let recipe_image = unique_repository("recipe");
+    let cachefrom_image = unique_repository("cachefrom");
+    let mut rows: BTreeMap<usize, (String, Duration, Duration)> = BTreeMap::new();
+
+    eprintln!("bench: cold builds");
+    fresh_runner()?;
+    let recipe_cold = time_recipe(sh, &seed_recipe(dir, &recipe_image, "main"))?;
+    fresh_runner()?;
+    let cachefrom_cold = time_cachefrom(dir, &cachefrom_image, "main")?;
+    rows.insert(0, ("cold (nothing cached; the run that seeds the caches)".into(), recipe_cold, cachefrom_cold));
+
+    let scenarios: [(&str, &str); 3] = [("no change", "main"), ("source change", "main"), ("new branch, source change", "feature/bench")];
+    for (index, (what, branch)) in scenarios.iter().enumerate() {
+        eprintln!("bench: {what}");
+        if *what == "source change" {
+            change_source(dir, "bench source change")?;
+        }
+        if branch != &"main" {
+            git(dir, &["checkout", "-q", "-b", branch])?;
+            change_source(dir, "bench branch change")?;
+        }
+        fresh_runner()?;
+        let recipe = time_recipe(sh, &seed_recipe(dir, &recipe_image, branch))?;
+        fresh_runner()?;
+        let ours = time_cachefrom(dir, &cachefrom_image, branch)?;
+        rows.insert(index + 1, (what.to_string(), recipe, ours));
+    }
+
+    let mut out = String::from("## Rebuilds of example-project on a fresh runner\n\n");
+    out.push_str("Each rebuild starts with no local image and no build cache (`docker image prune -af`, `docker buildx prune -af`), the caches in the local registry. The seed recipe: pull the branch's `builder` and final images (falling back to main's), build both with inline cache and `--cache-from`, push both (seeds 001 and 004). cachefrom: `registry` backend (BuildKit `mode=max`), every stage (deps, builder, runtime) cached on its own.\n\n");
+    out.push_str("| scenario | seed recipe | cachefrom | speed-up |\n|---|---|---|---|\n");
+    for (what, recipe, ours) in rows.values() {
+        let _ = writeln!(out, "| {what} | {:.1} s | {:.1} s | {:.1}x |", recipe.as_secs_f64(), ours.as_secs_f64(), recipe.as_secs_f64() / ours.as_secs_f64());
+    }
+    out.push('\n');
+    Ok(out)
 }
