@@ -97,6 +97,7 @@ fn existence_checks(sh: &Shell) -> Result<String> {
     let repository_text = unique_repository("exists");
     let repository = Repository::parse(&repository_text)?;
     let base = cachefrom_tests::RUNTIME_BASE_IMAGE;
+    cmd!(sh, "timeout 300 docker pull -q {base}").quiet().ignore_stdout().run()?;
     let mut refs = Vec::new();
     for stage in ["deps", "builder", "runtime"] {
         for (level, exists) in [("feature-x", false), ("0123456789abcdef0123456789abcdef01234567", true), ("main", true), ("", false)] {

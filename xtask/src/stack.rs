@@ -73,10 +73,11 @@ impl Stack {
         let _policy = PolicyRcGuard::install()?;
         if !bookworm_missing.is_empty() {
             eprintln!("stack: installing {} from Debian 12", bookworm_missing.join(" "));
-            cmd!(sh, "timeout 300 apt-get update -q").quiet().run().context("apt-get update failed (is a Debian mirror reachable?)")?;
+            cmd!(sh, "timeout 300 apt-get update -q").quiet().ignore_stdout().run().context("apt-get update failed (is a Debian mirror reachable?)")?;
             cmd!(sh, "timeout 600 apt-get install -y -q --no-install-recommends {bookworm_missing...}")
                 .env("DEBIAN_FRONTEND", "noninteractive")
                 .quiet()
+                .ignore_stdout()
                 .run()
                 .context("installing Debian 12 packages failed")?;
         }
@@ -98,11 +99,11 @@ impl Stack {
                 ),
             )?;
             let apt_config = apt_dir.join("apt.conf");
-            cmd!(sh, "timeout 300 apt-get update -q").env("APT_CONFIG", &apt_config).quiet().run().context("apt-get update for trixie failed")?;
+            cmd!(sh, "timeout 300 apt-get update -q").env("APT_CONFIG", &apt_config).quiet().ignore_stdout().run().context("apt-get update for trixie failed")?;
             let debs = apt_dir.join("debs");
             sh.change_dir(&debs);
             let packages = TRIXIE_PACKAGES;
-            let downloaded = cmd!(sh, "timeout 600 apt-get download -q {packages...}").env("APT_CONFIG", &apt_config).quiet().run();
+            let downloaded = cmd!(sh, "timeout 600 apt-get download -q {packages...}").env("APT_CONFIG", &apt_config).quiet().ignore_stdout().run();
             sh.change_dir(crate::repository_root());
             downloaded.context("downloading the trixie packages failed")?;
             let files: Vec<PathBuf> = fs::read_dir(&debs)?
@@ -113,6 +114,7 @@ impl Stack {
             cmd!(sh, "timeout 300 dpkg -i {files...}")
                 .env("DEBIAN_FRONTEND", "noninteractive")
                 .quiet()
+                .ignore_stdout()
                 .run()
                 .context("installing the trixie packages with dpkg failed")?;
         }

@@ -122,7 +122,7 @@ struct PlanArgs {
     /// A scratch directory (tarball backend) [default: TMPDIR/cachefrom/NAME].
     #[arg(long, env = "CACHEFROM_WORK_DIR", value_name = "DIR")]
     work_dir: Option<PathBuf>,
-    /// Print the plan as JSON.
+    /// Print the plan as JSON (with `plan`, or `build --dry-run`).
     #[arg(long)]
     json: bool,
     /// The build context.

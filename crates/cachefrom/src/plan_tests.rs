@@ -361,3 +361,41 @@ fn a_detached_head_with_a_ci_branch_variable() {
     assert_eq!(plan.stages[0].cache_from[0].tag, "cache-app-topic");
     assert!(plan.to_string().contains("# branch topic (from CI_COMMIT_REF_NAME); default branch main"));
 }
+
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn dockerfile(stages: usize) -> String {
+        let mut text = String::from("ARG BASE=debian\n");
+        for i in 0..stages {
+            let from = if i == 0 { "${BASE}".to_string() } else { format!("s{}", i - 1) };
+            text.push_str(&format!("FROM {from} AS s{i}\nRUN echo {i}\n"));
+        }
+        text
+    }
+
+    proptest! {
+        #[test]
+        fn the_same_inputs_give_the_same_plan_byte_for_byte(
+            branch in any::<String>(),
+            stages in 1usize..8,
+            backend in prop::sample::select(vec!["inline", "registry", "local,dir=/c", "tarball,dir=/t", "s3,bucket=b,region=r", "gha"]),
+        ) {
+            let git = GitFacts { branch: Some(branch.clone()), ..feature_branch() };
+            let mut options = options(git);
+            options.backend = Backend::parse(backend, None).unwrap();
+            let text = dockerfile(stages);
+            let first = plan(&text, &options);
+            let second = plan(&text, &options);
+            prop_assert_eq!(first.to_string(), second.to_string());
+            prop_assert_eq!(first.to_json(), second.to_json());
+            prop_assert_eq!(first.stages.len(), stages);
+            for stage in &first.stages {
+                for cache in stage.cache_from.iter().chain(&stage.cache_to) {
+                    prop_assert!(crate::refs::is_valid_tag(&cache.tag), "{}", cache.tag);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,58 @@
+//! The report's cached counts come from BuildKit's own per-step record (rawjson), which marks hits
+//! that plain progress does not print as `CACHED` (a hit whose layers are downloaded from a
+//! remote cache shows only download lines and `DONE`).
+
+use cachefrom::ci::Environment;
+use cachefrom::exec::{build_with_cache, pull_cached, BuildOptions, Context, OutputStyle};
+use cachefrom::plan::Plan;
+use cachefrom::settings::Settings;
+use cachefrom_tests::*;
+
+#[test]
+fn cached_counts_match_buildkits_record_not_the_cached_lines() {
+    let _serial = serial();
+    if !stack_ready("cached_counts_match_buildkits_record_not_the_cached_lines") {
+        return;
+    }
+    let repo = example_repository_copy().unwrap();
+    let mut settings = Settings::new(unique_repository("counts"), repo.path());
+    settings.branch = Some("main".to_string());
+    settings.default_branch = Some("main".to_string());
+    settings.build_args = example_build_args();
+    settings.docker_args = example_docker_args();
+    let options = settings.plan_options(&Environment::default()).unwrap();
+    let mut ctx = Context::from_environment();
+    ctx.style = OutputStyle::Plain;
+    build_with_cache(&ctx, &BuildOptions::new(options.clone())).unwrap();
+
+    fresh_runner().unwrap();
+    let report = build_with_cache(&ctx, &BuildOptions::new(options.clone())).unwrap();
+    let (cached, total) = report.totals();
+    assert_eq!(cached, total, "{report:#?}");
+
+    // The same builds, same sources, with plain progress: count the CACHED lines.
+    fresh_runner().unwrap();
+    let plan = Plan::new(&options).unwrap();
+    let resolution = pull_cached(&ctx, &plan).unwrap();
+    let mut plain_cached = 0;
+    for stage in &plan.stages {
+        let args = plan.build_command(stage, &resolution.sources(&plan, stage), "plain");
+        let output = duct::cmd("docker", &args).stderr_to_stdout().stdout_capture().unchecked().run().unwrap();
+        let text = String::from_utf8_lossy(&output.stdout);
+        assert!(output.status.success(), "{text}");
+        let own = stage.target.clone().unwrap();
+        // `#N [stage i/n] …` then `#N CACHED`: count the stage's own steps printed as CACHED.
+        let mut names = std::collections::BTreeMap::new();
+        for line in text.lines() {
+            if let Some((number, rest)) = line.split_once(' ') {
+                if rest.starts_with(&format!("[{own} ")) && !rest.contains("] FROM ") {
+                    names.insert(number.to_string(), rest.to_string());
+                } else if rest == "CACHED" && names.contains_key(number) {
+                    plain_cached += 1;
+                }
+            }
+        }
+    }
+    eprintln!("BuildKit's record: {cached} of {total} steps cached; plain output printed CACHED for {plain_cached}");
+    assert!(plain_cached <= cached);
+}
