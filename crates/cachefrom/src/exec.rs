@@ -272,10 +272,15 @@ pub fn build_stage(ctx: &Context, plan: &Plan, stage_name: &str, resolution: &Re
         OutputStyle::Plain => ctx.say(&format!("==> {title}")),
         _ => {}
     }
-    ctx.say(&format!("    {}", render_command(&args)));
+    if ctx.style != OutputStyle::Terminal {
+        ctx.say(&format!("    {}", render_command(&args)));
+    }
+    let own_stages: Vec<String> = std::iter::once(stage.target.clone().unwrap_or_else(|| format!("stage-{}", stage.index)))
+        .chain(plan.folded_stages.iter().map(|folded| format!("stage-{}", folded.name)))
+        .collect();
     let started = Instant::now();
     let mut record = ProgressRecord::default();
-    let mut renderer = Renderer::new(ctx.style, &stage.name);
+    let mut renderer = Renderer::new(ctx.style, &stage.name, own_stages.clone());
     let mut text_lines: Vec<String> = Vec::new();
     let mut env_docker = ctx.docker.clone();
     if plan.builder == Builder::Classic {
@@ -295,9 +300,6 @@ pub fn build_stage(ctx: &Context, plan: &Plan, stage_name: &str, resolution: &Re
     }
     let seconds = started.elapsed().as_secs_f64();
 
-    let own_stages: Vec<String> = std::iter::once(stage.target.clone().unwrap_or_else(|| format!("stage-{}", stage.index)))
-        .chain(plan.folded_stages.iter().map(|folded| format!("stage-{}", folded.name)))
-        .collect();
     let steps: Vec<_> = record.steps().into_iter().filter(|step| own_stages.contains(&step.stage)).collect();
     let steps_cached = steps.iter().filter(|step| step.cached).count();
     let own_source = sources.iter().find(|(name, _)| *name == stage.name).map(|(_, source)| source.clone());
@@ -715,6 +717,7 @@ pub fn publish_report(ctx: &Context, report: &RunReport, report_file: Option<&Pa
 struct Renderer {
     style: OutputStyle,
     stage: String,
+    own_prefixes: Vec<String>,
     numbers: BTreeMap<String, usize>,
     named: std::collections::BTreeSet<String>,
     steps_done: usize,
@@ -724,8 +727,9 @@ struct Renderer {
 }
 
 impl Renderer {
-    fn new(style: OutputStyle, stage: &str) -> Renderer {
-        Renderer { style, stage: stage.to_string(), numbers: BTreeMap::new(), named: Default::default(), steps_done: 0, steps_cached: 0, current: String::new(), live: false }
+    fn new(style: OutputStyle, stage: &str, own_stages: Vec<String>) -> Renderer {
+        let own_prefixes = own_stages.iter().map(|name| format!("[{name} ")).collect();
+        Renderer { style, stage: stage.to_string(), own_prefixes, numbers: BTreeMap::new(), named: Default::default(), steps_done: 0, steps_cached: 0, current: String::new(), live: false }
     }
 
     fn number(&mut self, name: &str) -> usize {
@@ -775,7 +779,8 @@ impl Renderer {
     fn show_live(&mut self, event: &ProgressEvent, elapsed: f64) {
         match event {
             ProgressEvent::Finished { name, cached, error, .. } => {
-                if name.starts_with('[') && !name.starts_with("[internal]") {
+                let own_step = self.own_prefixes.iter().any(|prefix| name.starts_with(prefix.as_str())) && !name.contains("] FROM ");
+                if own_step {
                     self.steps_done += 1;
                     if *cached {
                         self.steps_cached += 1;

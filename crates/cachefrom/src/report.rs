@@ -306,6 +306,15 @@ fn short_location(location: &str) -> String {
     }
 }
 
+/// The cache source as a table shows it: hits with no remote source came from the local build cache.
+fn source_cell(stage: &StageReport, show: impl Fn(&str) -> String) -> String {
+    match (&stage.cache_source, stage.steps_cached) {
+        (Some(source), _) => show(source),
+        (None, 0) => "none".to_string(),
+        (None, _) => "local build cache".to_string(),
+    }
+}
+
 impl RunReport {
     /// All cached steps over all steps, across stages.
     pub fn totals(&self) -> (usize, usize) {
@@ -320,7 +329,7 @@ impl RunReport {
                 stage.name.clone(),
                 format!("{}/{}", stage.steps_cached, stage.steps_total),
                 format!("{:.1}", stage.seconds),
-                stage.cache_source.as_deref().map(short_location).unwrap_or_else(|| "none".into()),
+                source_cell(stage, short_location),
                 if stage.pushed.is_empty() { "-".into() } else { stage.pushed.iter().map(|p| short_location(p)).collect::<Vec<_>>().join(" ") },
             ]);
         }
@@ -358,7 +367,7 @@ impl RunReport {
                 stage.steps_cached,
                 stage.steps_total,
                 stage.seconds,
-                stage.cache_source.as_deref().map(|s| format!("`{s}`")).unwrap_or_else(|| "none".into()),
+                source_cell(stage, |s| format!("`{s}`")),
                 stage.pushed.iter().map(|p| format!("`{p}`")).collect::<Vec<_>>().join("<br>")
             );
         }
