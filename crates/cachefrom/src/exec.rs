@@ -176,16 +176,7 @@ pub fn pull_cached(ctx: &Context, plan: &Plan) -> Result<Resolution> {
     for ((stage, candidate), answer) in candidates.into_iter().zip(answers) {
         stages.get_mut(&stage).expect("every stage has a choice").checked.push((candidate, answer));
     }
-    let exists_at = |choice: &Choice, level: Level| {
-        choice.checked.iter().find(|(candidate, answer)| candidate.level == level && *answer == Existence::Exists).map(|(c, _)| c.clone())
-    };
-    let level = plan.chain.iter().copied().find(|level| stages.values().all(|choice| exists_at(choice, *level).is_some()));
-    for choice in stages.values_mut() {
-        choice.chosen = match level {
-            Some(level) => exists_at(choice, level),
-            None => plan.chain.iter().find_map(|level| exists_at(choice, *level)),
-        };
-    }
+    let level = choose_sources(&plan.chain, &mut stages);
 
     for stage in &plan.stages {
         let Some(chosen) = stages[&stage.name].chosen.clone() else { continue };
@@ -208,6 +199,27 @@ pub fn pull_cached(ctx: &Context, plan: &Plan) -> Result<Resolution> {
         }
     }
     Ok(Resolution { stages, level, warnings, seconds: started.elapsed().as_secs_f64(), unchecked: false })
+}
+
+/// Sets each stage's `chosen` cache from what was found: every stage from the most specific level
+/// that serves them all (as seed 004 takes builder and runtime from one level), else each stage
+/// from its own first hit in chain order. Returns the shared level, if there is one.
+pub fn choose_sources(chain: &[Level], stages: &mut BTreeMap<String, Choice>) -> Option<Level> {
+    let exists_at = |choice: &Choice, level: Level| {
+        choice
+            .checked
+            .iter()
+            .find(|(candidate, answer)| candidate.level == level && *answer == Existence::Exists)
+            .map(|(candidate, _)| candidate.clone())
+    };
+    let level = chain.iter().copied().find(|level| stages.values().all(|choice| exists_at(choice, *level).is_some()));
+    for choice in stages.values_mut() {
+        choice.chosen = match level {
+            Some(level) => exists_at(choice, level),
+            None => chain.iter().find_map(|level| exists_at(choice, *level)),
+        };
+    }
+    level
 }
 
 fn exists_if(exists: bool) -> Existence {
@@ -820,5 +832,66 @@ impl Renderer {
             self.clear();
             eprintln!("[{}] {} steps done, {} cached, {:.1}s", self.stage, self.steps_done, self.steps_cached, elapsed);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn choice(found: &[(Level, bool)]) -> Choice {
+        let checked = found
+            .iter()
+            .map(|(level, exists)| {
+                let tag = format!("cache-x-{}", level.name());
+                let candidate = CacheRef { level: *level, tag: tag.clone(), location: CacheLocation::Image(tag) };
+                (candidate, if *exists { Existence::Exists } else { Existence::Missing })
+            })
+            .collect();
+        Choice { chosen: None, checked }
+    }
+
+    const CHAIN: [Level; 3] = [Level::Branch, Level::DefaultBranch, Level::Unprefixed];
+
+    #[test]
+    fn every_stage_comes_from_the_most_specific_level_that_serves_them_all() {
+        let mut stages = BTreeMap::from([
+            // deps has a branch cache but builder does not: both take the default branch's.
+            ("deps".to_string(), choice(&[(Level::Branch, true), (Level::DefaultBranch, true), (Level::Unprefixed, true)])),
+            ("builder".to_string(), choice(&[(Level::Branch, false), (Level::DefaultBranch, true), (Level::Unprefixed, true)])),
+        ]);
+        assert_eq!(choose_sources(&CHAIN, &mut stages), Some(Level::DefaultBranch));
+        for choice in stages.values() {
+            assert_eq!(choice.chosen.as_ref().unwrap().level, Level::DefaultBranch);
+        }
+    }
+
+    #[test]
+    fn without_a_shared_level_each_stage_takes_its_first_hit() {
+        let mut stages = BTreeMap::from([
+            ("deps".to_string(), choice(&[(Level::Branch, true), (Level::DefaultBranch, false), (Level::Unprefixed, false)])),
+            ("builder".to_string(), choice(&[(Level::Branch, false), (Level::DefaultBranch, false), (Level::Unprefixed, true)])),
+            ("runtime".to_string(), choice(&[(Level::Branch, false), (Level::DefaultBranch, false), (Level::Unprefixed, false)])),
+        ]);
+        assert_eq!(choose_sources(&CHAIN, &mut stages), None);
+        assert_eq!(stages["deps"].chosen.as_ref().unwrap().level, Level::Branch);
+        assert_eq!(stages["builder"].chosen.as_ref().unwrap().level, Level::Unprefixed);
+        assert_eq!(stages["runtime"].chosen, None);
+    }
+
+    #[test]
+    fn sources_are_the_stage_then_what_it_reads_from() {
+        let dockerfile = crate::dockerfile::parse_dockerfile_text("FROM a AS deps\nFROM deps AS app\n", &Default::default()).unwrap();
+        let git = crate::git::GitFacts { branch: Some("main".into()), default_branch: "main".into(), ..Default::default() };
+        let options = PlanOptions::new(".", crate::refs::Repository::parse("127.0.0.1:5000/a").unwrap(), git);
+        let plan = Plan::from_dockerfile(&options, Path::new("Dockerfile"), &dockerfile).unwrap();
+        let mut stages = BTreeMap::from([
+            ("deps".to_string(), choice(&[(Level::Branch, true)])),
+            ("app".to_string(), choice(&[(Level::Branch, true)])),
+        ]);
+        let level = choose_sources(&[Level::Branch], &mut stages);
+        let resolution = Resolution { stages, level, warnings: vec![], seconds: 0.0, unchecked: false };
+        let sources: Vec<String> = resolution.sources(&plan, plan.stage("app").unwrap()).into_iter().map(|(name, _)| name).collect();
+        assert_eq!(sources, ["app", "deps"]);
     }
 }
