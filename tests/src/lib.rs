@@ -53,6 +53,16 @@ pub fn registry_answers(address: &str) -> bool {
     agent.get(&format!("http://{address}/v2/")).call().map(|response| response.status().as_u16() == 200).unwrap_or(false)
 }
 
+/// True when a registry answers at `address` at all (`GET /v2/` with 200, or 401 asking for a login).
+pub fn registry_listens(address: &str) -> bool {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_secs(2)))
+        .http_status_as_error(false)
+        .build()
+        .into();
+    agent.get(&format!("http://{address}/v2/")).call().map(|response| matches!(response.status().as_u16(), 200 | 401)).unwrap_or(false)
+}
+
 /// The tags of `repository` in the registry at `address` (empty when it has none).
 pub fn registry_tags(address: &str, repository: &str) -> Result<Vec<String>> {
     let agent: ureq::Agent = ureq::Agent::config_builder()
@@ -216,20 +226,28 @@ pub struct TempRegistry {
 impl TempRegistry {
     /// Starts Debian's `docker-registry` on `127.0.0.1:port`.
     pub fn start(port: u16) -> Result<TempRegistry> {
+        TempRegistry::start_with_auth(port, None)
+    }
+
+    /// Starts a registry that wants a login: `htpasswd` is the file's content (bcrypt entries).
+    pub fn start_with_auth(port: u16, htpasswd: Option<&str>) -> Result<TempRegistry> {
         use std::os::unix::process::CommandExt;
         let address = format!("127.0.0.1:{port}");
-        if registry_answers(&address) {
+        if registry_listens(&address) {
             bail!("something already answers at {address}");
         }
         let storage = tempfile::tempdir()?;
         let config = storage.path().join("config.yml");
-        std::fs::write(
-            &config,
-            format!(
-                "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {address}\n",
-                storage.path().join("data").display()
-            ),
-        )?;
+        let mut text = format!(
+            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {address}\n",
+            storage.path().join("data").display()
+        );
+        if let Some(htpasswd) = htpasswd {
+            let file = storage.path().join("htpasswd");
+            std::fs::write(&file, htpasswd)?;
+            text.push_str(&format!("auth:\n  htpasswd:\n    realm: cachefrom-tests\n    path: {}\n", file.display()));
+        }
+        std::fs::write(&config, text)?;
         let child = std::process::Command::new("docker-registry")
             .arg("serve")
             .arg(&config)
@@ -241,7 +259,7 @@ impl TempRegistry {
             .context("starting docker-registry")?;
         let registry = TempRegistry { address, child, _storage: storage };
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        while !registry_answers(&registry.address) {
+        while !registry_listens(&registry.address) {
             if std::time::Instant::now() > deadline {
                 bail!("the temporary registry did not answer at {}", registry.address);
             }

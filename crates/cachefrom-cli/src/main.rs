@@ -18,7 +18,8 @@ use clap::{Args, Parser, Subcommand};
 const EXIT_BUILD_FAILED: u8 = 1;
 /// Exit code of a usage error: a bad option, a missing Dockerfile, an unknown target.
 const EXIT_USAGE: u8 = 2;
-/// Exit code when the environment is not ready: docker missing, the daemon not answering.
+/// Exit code when the environment is not ready: docker missing, the daemon not answering, or
+/// (with --strict-cache) a cache that cannot be read.
 const EXIT_ENVIRONMENT: u8 = 3;
 
 #[derive(Parser, Debug)]
@@ -37,7 +38,7 @@ cachefrom build --image 127.0.0.1:5000/app --backend inline --tag 127.0.0.1:5000
 cachefrom plan --image registry.example.com/team/app .        # the shell script it would run\n  \
 cachefrom stages -f Dockerfile --json\n\n\
 Exit codes: 0 success, 1 the build failed, 2 usage error (bad option, missing Dockerfile, unknown target),\n\
-3 the environment is not ready (docker missing, daemon not answering)."
+3 the environment is not ready (docker missing, daemon not answering; with --strict-cache, a cache that cannot be read)."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -274,6 +275,9 @@ fn build(args: &BuildArgs) -> std::result::Result<(), Failure> {
     let result = execute_plan(&ctx, &plan, fallback, build_options.report_file.as_deref(), started);
     match result {
         Ok(_) => Ok(()),
-        Err(error) => Err(Failure { code: EXIT_BUILD_FAILED, error }),
+        // A build that ran and failed; anything else (a fatal cache error with --strict-cache)
+        // is the environment's.
+        Err(error) if error.downcast_ref::<BuildFailed>().is_some() => Err(Failure { code: EXIT_BUILD_FAILED, error }),
+        Err(error) => Err(Failure { code: EXIT_ENVIRONMENT, error }),
     }
 }

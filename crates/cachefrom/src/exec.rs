@@ -604,10 +604,8 @@ pub fn execute_plan(
     if let Some(why) = &backend_fallback {
         ctx.warn(why);
     }
+    // Its warnings go into the report, printed once at the end.
     let resolution = pull_cached(ctx, plan)?;
-    for warning in &resolution.warnings {
-        ctx.warn(warning);
-    }
     for stage in &plan.stages {
         let choice = &resolution.stages[&stage.name];
         match &choice.chosen {
@@ -705,9 +703,7 @@ pub fn execute_plan(
 /// Prints the report's table on stderr, writes its JSON to `report_file`, and appends its markdown
 /// to GitHub's step summary when there is one.
 pub fn publish_report(ctx: &Context, report: &RunReport, report_file: Option<&Path>) -> Result<()> {
-    if ctx.style != OutputStyle::Quiet {
-        eprint!("\n{}", report.table());
-    }
+    eprint!("\n{}", report.table());
     if let Some(file) = report_file {
         if let Some(parent) = file.parent().filter(|parent| !parent.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;

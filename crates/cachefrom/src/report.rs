@@ -351,7 +351,7 @@ impl RunReport {
             if self.success { String::new() } else { ": FAILED".to_string() }
         );
         for warning in self.warnings.iter().chain(self.stages.iter().flat_map(|s| s.warnings.iter())) {
-            let _ = writeln!(out, "warning: {warning}");
+            let _ = writeln!(out, "cachefrom: warning: {warning}");
         }
         out
     }
@@ -527,7 +527,7 @@ WARNING: a line docker printed that is not JSON
         let table = report.table();
         assert!(table.starts_with("stage  cached  seconds  source"), "{table}");
         assert!(table.contains("deps   5/5     1.2      cache-deps-main  cache-deps-main"), "{table}");
-        assert!(table.contains("5 steps cached of 5, 2.0s in all (registry backend)\nwarning: registry slow"), "{table}");
+        assert!(table.contains("5 steps cached of 5, 2.0s in all (registry backend)\ncachefrom: warning: registry slow"), "{table}");
         assert!(report.markdown().contains("| deps | 5/5 | 1.2 | `127.0.0.1:5000/app:cache-deps-main` |"));
         let json: serde_json::Value = serde_json::from_str(&report.to_json()).unwrap();
         for field in ["name", "cache_source", "steps_cached", "steps_total", "seconds", "pushed"] {
