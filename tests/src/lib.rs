@@ -50,7 +50,11 @@ pub fn registry_answers(address: &str) -> bool {
         .http_status_as_error(false)
         .build()
         .into();
-    agent.get(&format!("http://{address}/v2/")).call().map(|response| response.status().as_u16() == 200).unwrap_or(false)
+    agent
+        .get(&format!("http://{address}/v2/"))
+        .call()
+        .map(|response| response.status().as_u16() == 200)
+        .unwrap_or(false)
 }
 
 /// True when a registry answers at `address` at all (`GET /v2/` with 200, or 401 asking for a login).
@@ -60,7 +64,11 @@ pub fn registry_listens(address: &str) -> bool {
         .http_status_as_error(false)
         .build()
         .into();
-    agent.get(&format!("http://{address}/v2/")).call().map(|response| matches!(response.status().as_u16(), 200 | 401)).unwrap_or(false)
+    agent
+        .get(&format!("http://{address}/v2/"))
+        .call()
+        .map(|response| matches!(response.status().as_u16(), 200 | 401))
+        .unwrap_or(false)
 }
 
 /// The tags of `repository` in the registry at `address` (empty when it has none).
@@ -192,7 +200,10 @@ pub fn example_repository_copy() -> Result<tempfile::TempDir> {
 pub fn change_source(dir: &Path, marker: &str) -> Result<()> {
     let path = dir.join("src/lib.rs");
     let mut text = std::fs::read_to_string(&path)?;
-    text.push_str(&format!("\n/// {marker}\npub const CHANGE_{}: u32 = 1;\n", marker.replace(|c: char| !c.is_ascii_alphanumeric(), "_").to_uppercase()));
+    text.push_str(&format!(
+        "\n/// {marker}\npub const CHANGE_{}: u32 = 1;\n",
+        marker.replace(|c: char| !c.is_ascii_alphanumeric(), "_").to_uppercase()
+    ));
     std::fs::write(path, text)?;
     Ok(())
 }
@@ -209,7 +220,9 @@ pub fn cachefrom_binary() -> PathBuf {
                 .status()
                 .expect("cargo runs");
             assert!(status.success(), "building the cachefrom binary failed");
-            let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| repository_root().join("target"));
+            let target = std::env::var_os("CARGO_TARGET_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| repository_root().join("target"));
             target.join("debug").join("cachefrom")
         })
         .clone()

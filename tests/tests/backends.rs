@@ -41,7 +41,11 @@ fn stage<'a>(report: &'a RunReport, name: &str) -> &'a cachefrom::report::StageR
 fn assert_all_cached(report: &RunReport, what: &str) {
     for stage in &report.stages {
         assert!(stage.steps_total > 0, "{what}: stage {} reported no steps", stage.name);
-        assert_eq!(stage.steps_cached, stage.steps_total, "{what}: stage {} not fully cached: {:#?}", stage.name, stage.steps);
+        assert_eq!(
+            stage.steps_cached, stage.steps_total,
+            "{what}: stage {} not fully cached: {:#?}",
+            stage.name, stage.steps
+        );
     }
 }
 
@@ -111,7 +115,10 @@ fn scenario(backend_name: &str, backend: &str) {
     // A branch writes its own tags, never the default branch's.
     let deps_writes = &stage(&merge_base, "deps").pushed;
     assert!(deps_writes.iter().any(|w| w.contains("cache-deps-feature-from-c1-")), "{deps_writes:?}");
-    assert!(!deps_writes.iter().any(|w| w.ends_with("cache-deps-main") || w.ends_with("cache-deps-main.tar")), "{deps_writes:?}");
+    assert!(
+        !deps_writes.iter().any(|w| w.ends_with("cache-deps-main") || w.ends_with("cache-deps-main.tar")),
+        "{deps_writes:?}"
+    );
 }
 
 #[test]
@@ -142,7 +149,11 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
     let mut found = Vec::new();
     for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
         let path = entry.path();
-        if path.is_dir() { found.extend(walk(&path)) } else { found.push(path) }
+        if path.is_dir() {
+            found.extend(walk(&path))
+        } else {
+            found.push(path)
+        }
     }
     found
 }

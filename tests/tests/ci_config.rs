@@ -16,7 +16,8 @@ fn run_block(yaml: &str, name: &str) -> String {
         .take_while(|line| line.trim().is_empty() || line.len() - line.trim_start().len() > indent)
         .copied()
         .collect();
-    let body_indent = body.iter().filter(|l| !l.trim().is_empty()).map(|l| l.len() - l.trim_start().len()).min().unwrap_or(0);
+    let body_indent =
+        body.iter().filter(|l| !l.trim().is_empty()).map(|l| l.len() - l.trim_start().len()).min().unwrap_or(0);
     body.iter().map(|line| line.get(body_indent..).unwrap_or("")).collect::<Vec<_>>().join("\n")
 }
 
@@ -34,7 +35,8 @@ fn the_github_actions_step_runs_with_github_variables() {
     let sha = git(repo.path(), &["rev-parse", "HEAD"]).unwrap();
     let image = unique_repository("github");
     let summary = repo.path().join("step-summary.md");
-    let mut options: Vec<String> = example_build_args().into_iter().map(|(k, v)| format!("--build-arg {k}={v}")).collect();
+    let mut options: Vec<String> =
+        example_build_args().into_iter().map(|(k, v)| format!("--build-arg {k}={v}")).collect();
     options.extend(example_docker_args());
     let bin_dir = cachefrom_binary().parent().unwrap().to_path_buf();
     let path = format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap_or_default());

@@ -19,8 +19,22 @@ fn help_explains_every_option() {
     assert!(help.status.success());
     let text = String::from_utf8_lossy(&help.stdout);
     for option in [
-        "--image", "--file", "--target", "--backend", "--branch", "--default-branch", "--tag", "--report", "--dry-run",
-        "--chain", "--read-only", "--push", "--strict-cache", "--fallback-to-inline", "--cache-dir", "CACHEFROM_IMAGE",
+        "--image",
+        "--file",
+        "--target",
+        "--backend",
+        "--branch",
+        "--default-branch",
+        "--tag",
+        "--report",
+        "--dry-run",
+        "--chain",
+        "--read-only",
+        "--push",
+        "--strict-cache",
+        "--fallback-to-inline",
+        "--cache-dir",
+        "CACHEFROM_IMAGE",
         "DOCKER BUILD OPTIONS",
     ] {
         assert!(text.contains(option), "build --help lacks {option}:\n{text}");
@@ -36,11 +50,20 @@ fn usage_errors_exit_2_with_one_clear_line() {
     let project = project.to_str().unwrap();
     let cases: Vec<(Vec<&str>, &str)> = vec![
         (vec!["build", "--no-such-option"], "unexpected argument '--no-such-option'"),
-        (vec!["build", "--image", "127.0.0.1:5000/a", "--dry-run", "-f", "/nonexistent/Dockerfile", project], "cannot read the Dockerfile /nonexistent/Dockerfile"),
-        (vec!["build", "--image", "127.0.0.1:5000/a", "--dry-run", "--target", "nope", project], "target stage `nope` not found; the stages are: deps, builder, runtime"),
+        (
+            vec!["build", "--image", "127.0.0.1:5000/a", "--dry-run", "-f", "/nonexistent/Dockerfile", project],
+            "cannot read the Dockerfile /nonexistent/Dockerfile",
+        ),
+        (
+            vec!["build", "--image", "127.0.0.1:5000/a", "--dry-run", "--target", "nope", project],
+            "target stage `nope` not found; the stages are: deps, builder, runtime",
+        ),
         (vec!["plan", "--image", "127.0.0.1:5000/a:latest", project], "has a tag"),
         (vec!["plan", "--image", "127.0.0.1:5000/a", "--backend", "zip", project], "unknown backend `zip`"),
-        (vec!["plan", "--image", "127.0.0.1:5000/a", project, "--", "--target", "x"], "`--target` after `--` conflicts"),
+        (
+            vec!["plan", "--image", "127.0.0.1:5000/a", project, "--", "--target", "x"],
+            "`--target` after `--` conflicts",
+        ),
         (vec!["stages", "-f", "/nonexistent/Dockerfile"], "cannot read the Dockerfile"),
     ];
     for (args, expected) in cases {
@@ -63,7 +86,11 @@ fn environment_errors_exit_3_and_say_what_to_do() {
         .output()
         .unwrap();
     assert_eq!(no_docker.status.code(), Some(3), "{}", stderr(&no_docker));
-    assert!(stderr(&no_docker).contains("`/nonexistent/docker` was not found; install the Docker CLI"), "{}", stderr(&no_docker));
+    assert!(
+        stderr(&no_docker).contains("`/nonexistent/docker` was not found; install the Docker CLI"),
+        "{}",
+        stderr(&no_docker)
+    );
 
     let no_daemon = Command::new(cachefrom_binary())
         .args(["build", "--image", "127.0.0.1:5000/a", project])
@@ -82,9 +109,20 @@ fn stages_json_has_the_documented_shape() {
     assert!(output.status.success(), "{}", stderr(&output));
     let json: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(json["build_order"], serde_json::json!(["deps", "builder", "runtime"]));
-    assert_eq!(json["stages"][1], serde_json::json!({"index": 1, "name": "builder", "base": "deps", "depends_on": ["deps"], "external_images": []}));
+    assert_eq!(
+        json["stages"][1],
+        serde_json::json!({"index": 1, "name": "builder", "base": "deps", "depends_on": ["deps"], "external_images": []})
+    );
     assert_eq!(json["stages"][0]["base"], "docker.io/library/rust:1.85-slim-bookworm");
-    let with_args = cachefrom(&["stages", "--json", "--target", "builder", "--build-arg", &format!("RUST_IMAGE={RUST_BASE_IMAGE}"), example_project().to_str().unwrap()]);
+    let with_args = cachefrom(&[
+        "stages",
+        "--json",
+        "--target",
+        "builder",
+        "--build-arg",
+        &format!("RUST_IMAGE={RUST_BASE_IMAGE}"),
+        example_project().to_str().unwrap(),
+    ]);
     let json: serde_json::Value = serde_json::from_slice(&with_args.stdout).unwrap();
     assert_eq!(json["build_order"], serde_json::json!(["deps", "builder"]));
     assert_eq!(json["stages"][0]["base"], RUST_BASE_IMAGE);
@@ -93,9 +131,10 @@ fn stages_json_has_the_documented_shape() {
 #[test]
 fn xtask_docker_and_cachefrom_build_plan_the_same() {
     let project = example_project();
-    let mut args: Vec<String> = ["plan", "--json", "--image", "127.0.0.1:5000/example-app", "--branch", "main", "--default-branch", "main"]
-        .map(String::from)
-        .to_vec();
+    let mut args: Vec<String> =
+        ["plan", "--json", "--image", "127.0.0.1:5000/example-app", "--branch", "main", "--default-branch", "main"]
+            .map(String::from)
+            .to_vec();
     for (name, value) in example_build_args() {
         args.extend(["--build-arg".to_string(), format!("{name}={value}")]);
     }

@@ -17,9 +17,10 @@ fn a_registry_that_refuses_login_gives_one_line_and_the_build_goes_on() {
     let config_dir = tempfile::tempdir().unwrap(); // an empty docker config: no login saved
     let image = format!("{}/locked/app", registry.address);
     let run = |extra: &[&str]| {
-        let mut args: Vec<String> = ["build", "--image", image.as_str(), "--branch", "main", "--default-branch", "main", "--quiet"]
-            .map(String::from)
-            .to_vec();
+        let mut args: Vec<String> =
+            ["build", "--image", image.as_str(), "--branch", "main", "--default-branch", "main", "--quiet"]
+                .map(String::from)
+                .to_vec();
         args.extend(extra.iter().map(|s| s.to_string()));
         for (name, value) in example_build_args() {
             args.extend(["--build-arg".into(), format!("{name}={value}")]);
@@ -35,7 +36,11 @@ fn a_registry_that_refuses_login_gives_one_line_and_the_build_goes_on() {
     assert_eq!(output.status.code(), Some(0), "{stderr}");
     let login_lines: Vec<&str> = stderr.lines().filter(|line| line.contains("docker login 127.0.0.1:5002")).collect();
     assert_eq!(login_lines.len(), 1, "one line naming the fix:\n{stderr}");
-    assert!(login_lines[0].starts_with("cachefrom: warning: cannot check caches in 127.0.0.1:5002/locked/app"), "{}", login_lines[0]);
+    assert!(
+        login_lines[0].starts_with("cachefrom: warning: cannot check caches in 127.0.0.1:5002/locked/app"),
+        "{}",
+        login_lines[0]
+    );
 
     let strict = run(&["--strict-cache"]);
     let stderr = String::from_utf8_lossy(&strict.stderr);

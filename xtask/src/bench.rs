@@ -20,7 +20,10 @@ use cachefrom::plan::{Plan, PlanOptions};
 use cachefrom::refs::Repository;
 use cachefrom::registry::{Existence, RegistryClient};
 use cachefrom::settings::Settings;
-use cachefrom_tests::{change_source, example_build_args, example_docker_args, example_repository_copy, fresh_runner, git, unique_repository};
+use cachefrom_tests::{
+    change_source, example_build_args, example_docker_args, example_repository_copy, fresh_runner, git,
+    unique_repository,
+};
 use xshell::{cmd, Shell};
 
 #[derive(clap::Args, Debug)]
@@ -33,7 +36,12 @@ pub struct BenchArgs {
 pub fn run(sh: &Shell, args: &BenchArgs) -> Result<()> {
     crate::stack::Stack::new().up(sh)?;
     let mut out = String::from("# Benchmarks\n\n");
-    let _ = writeln!(out, "Written by `cargo xtask bench` on {} ({} cores). Every figure of one table comes from the same run.\n", hostname(), std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+    let _ = writeln!(
+        out,
+        "Written by `cargo xtask bench` on {} ({} cores). Every figure of one table comes from the same run.\n",
+        hostname(),
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    );
     out.push_str(&planning()?);
     out.push_str(&existence_checks(sh)?);
     if !args.quick {
@@ -100,7 +108,9 @@ fn existence_checks(sh: &Shell) -> Result<String> {
     cmd!(sh, "timeout 300 docker pull -q {base}").quiet().ignore_stdout().run()?;
     let mut refs = Vec::new();
     for stage in ["deps", "builder", "runtime"] {
-        for (level, exists) in [("feature-x", false), ("0123456789abcdef0123456789abcdef01234567", true), ("main", true), ("", false)] {
+        for (level, exists) in
+            [("feature-x", false), ("0123456789abcdef0123456789abcdef01234567", true), ("main", true), ("", false)]
+        {
             let tag = if level.is_empty() { format!("cache-{stage}") } else { format!("cache-{stage}-{level}") };
             if exists {
                 let target = repository.with_tag(&tag);
@@ -130,7 +140,11 @@ fn existence_checks(sh: &Shell) -> Result<String> {
     let started = Instant::now();
     for (repository, tag, _) in &refs {
         let reference = repository.with_tag(tag);
-        let _ = cmd!(sh, "timeout 60 docker buildx imagetools inspect {reference}").quiet().ignore_stdout().ignore_stderr().run();
+        let _ = cmd!(sh, "timeout 60 docker buildx imagetools inspect {reference}")
+            .quiet()
+            .ignore_stdout()
+            .ignore_stderr()
+            .run();
     }
     let imagetools = started.elapsed();
 
@@ -146,8 +160,18 @@ fn existence_checks(sh: &Shell) -> Result<String> {
     let _ = writeln!(out, "4 candidate refs for each of 3 stages (6 exist, 6 do not), local registry.\n");
     let _ = writeln!(out, "| method | time for all 12 | downloads layers | ratio |\n|---|---|---|---|");
     let _ = writeln!(out, "| cachefrom: manifest `HEAD`, in parallel (median of 20) | {} | no | 1x |", ms(http));
-    let _ = writeln!(out, "| `docker buildx imagetools inspect`, one after another | {} | no | {:.0}x |", ms(imagetools), imagetools.as_secs_f64() / http.as_secs_f64());
-    let _ = writeln!(out, "| `docker pull`, one after another (the seed recipe's way) | {} | yes | {:.0}x |\n", ms(pull), pull.as_secs_f64() / http.as_secs_f64());
+    let _ = writeln!(
+        out,
+        "| `docker buildx imagetools inspect`, one after another | {} | no | {:.0}x |",
+        ms(imagetools),
+        imagetools.as_secs_f64() / http.as_secs_f64()
+    );
+    let _ = writeln!(
+        out,
+        "| `docker pull`, one after another (the seed recipe's way) | {} | yes | {:.0}x |\n",
+        ms(pull),
+        pull.as_secs_f64() / http.as_secs_f64()
+    );
     Ok(out)
 }
 
@@ -175,7 +199,12 @@ docker push -q "$IMG:{branch}"
 
 fn time_recipe(sh: &Shell, script: &str) -> Result<Duration> {
     let started = Instant::now();
-    cmd!(sh, "timeout 1800 bash -c {script}").quiet().ignore_stdout().ignore_stderr().run().context("the seed recipe failed")?;
+    cmd!(sh, "timeout 1800 bash -c {script}")
+        .quiet()
+        .ignore_stdout()
+        .ignore_stderr()
+        .run()
+        .context("the seed recipe failed")?;
     Ok(started.elapsed())
 }
 
@@ -207,7 +236,8 @@ fn rebuilds(sh: &Shell) -> Result<String> {
     let cachefrom_cold = time_cachefrom(dir, &cachefrom_image, "main")?;
     rows.insert(0, ("cold (nothing cached; the run that seeds the caches)".into(), recipe_cold, cachefrom_cold));
 
-    let scenarios: [(&str, &str); 3] = [("no change", "main"), ("source change", "main"), ("new branch, source change", "feature/bench")];
+    let scenarios: [(&str, &str); 3] =
+        [("no change", "main"), ("source change", "main"), ("new branch, source change", "feature/bench")];
     for (index, (what, branch)) in scenarios.iter().enumerate() {
         eprintln!("bench: {what}");
         if *what == "source change" {
@@ -228,7 +258,13 @@ fn rebuilds(sh: &Shell) -> Result<String> {
     out.push_str("Each rebuild starts with no local image and no build cache (`docker image prune -af`, `docker buildx prune -af`), the caches in the local registry. The seed recipe: pull the branch's `builder` and final images (falling back to main's), build both with inline cache and `--cache-from`, push both (seeds 001 and 004). cachefrom: `registry` backend (BuildKit `mode=max`), every stage (deps, builder, runtime) cached on its own.\n\n");
     out.push_str("| scenario | seed recipe | cachefrom | speed-up |\n|---|---|---|---|\n");
     for (what, recipe, ours) in rows.values() {
-        let _ = writeln!(out, "| {what} | {:.1} s | {:.1} s | {:.1}x |", recipe.as_secs_f64(), ours.as_secs_f64(), recipe.as_secs_f64() / ours.as_secs_f64());
+        let _ = writeln!(
+            out,
+            "| {what} | {:.1} s | {:.1} s | {:.1}x |",
+            recipe.as_secs_f64(),
+            ours.as_secs_f64(),
+            recipe.as_secs_f64() / ours.as_secs_f64()
+        );
     }
     out.push('\n');
     Ok(out)

@@ -37,7 +37,11 @@ impl Drop for RestoreFile {
 /// Removes every local image and the build cache, as a fresh CI runner has none.
 pub fn become_fresh_runner(sh: &Shell) -> Result<()> {
     cmd!(sh, "timeout 300 docker image prune -af").quiet().ignore_stdout().run().context("removing local images")?;
-    cmd!(sh, "timeout 300 docker buildx prune -af").quiet().ignore_stdout().run().context("removing the build cache")?;
+    cmd!(sh, "timeout 300 docker buildx prune -af")
+        .quiet()
+        .ignore_stdout()
+        .run()
+        .context("removing the build cache")?;
     Ok(())
 }
 
@@ -71,7 +75,8 @@ pub fn run(sh: &Shell) -> Result<()> {
     let _restore = RestoreFile::new(main_rs.clone())?;
     eprintln!("== 3. a source change: {}", main_rs.display());
     let mut source = std::fs::read_to_string(&main_rs)?;
-    source.push_str(&format!("\n/// Changed by `cargo xtask demo` at {stamp}.\npub const DEMO_STAMP: u64 = {stamp};\n"));
+    source
+        .push_str(&format!("\n/// Changed by `cargo xtask demo` at {stamp}.\npub const DEMO_STAMP: u64 = {stamp};\n"));
     std::fs::write(&main_rs, source)?;
 
     eprintln!("\n== 4. the rebuild, through the cache");
@@ -79,7 +84,12 @@ pub fn run(sh: &Shell) -> Result<()> {
     drop(_restore);
 
     let (cached, total) = warm.totals();
-    println!("\ncold build: {:.1}s; rebuild on a fresh runner after a source change: {:.1}s ({:.1}x faster)", cold.seconds, warm.seconds, cold.seconds / warm.seconds.max(0.001));
+    println!(
+        "\ncold build: {:.1}s; rebuild on a fresh runner after a source change: {:.1}s ({:.1}x faster)",
+        cold.seconds,
+        warm.seconds,
+        cold.seconds / warm.seconds.max(0.001)
+    );
     println!("rebuild: {cached} of {total} steps cached");
     for stage in &warm.stages {
         println!(

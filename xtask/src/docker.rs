@@ -65,7 +65,11 @@ pub fn run(args: &DockerArgs) -> Result<()> {
     let plan_options = example_settings(args).plan_options(&Environment::from_process())?;
     if args.dry_run {
         let plan = Plan::new(&plan_options)?;
-        if args.json { println!("{}", plan.to_json()) } else { print!("{plan}") }
+        if args.json {
+            println!("{}", plan.to_json())
+        } else {
+            print!("{plan}")
+        }
         return Ok(());
     }
     let mut options = BuildOptions::new(plan_options);

@@ -48,7 +48,8 @@ impl Stack {
     pub fn up(&self, sh: &Shell) -> Result<()> {
         let started = Instant::now();
         check_root()?;
-        fs::create_dir_all(&self.dir).with_context(|| format!("creating the state directory {}", self.dir.display()))?;
+        fs::create_dir_all(&self.dir)
+            .with_context(|| format!("creating the state directory {}", self.dir.display()))?;
         self.install(sh)?;
         self.start_registry()?;
         self.start_dockerd(sh)?;
@@ -63,7 +64,8 @@ impl Stack {
         let have = |program: &str| which(program).is_some();
         let buildx = Path::new("/usr/libexec/docker/cli-plugins/docker-buildx").is_file();
         let engine_ok = have("dockerd") && have("containerd") && buildx && dockerd_is_recent(sh);
-        let bookworm_missing: Vec<&str> = BOOKWORM_PACKAGES.iter().copied().filter(|p| !package_installed(sh, p)).collect();
+        let bookworm_missing: Vec<&str> =
+            BOOKWORM_PACKAGES.iter().copied().filter(|p| !package_installed(sh, p)).collect();
         if engine_ok && bookworm_missing.is_empty() {
             return Ok(());
         }
@@ -73,7 +75,11 @@ impl Stack {
         let _policy = PolicyRcGuard::install()?;
         if !bookworm_missing.is_empty() {
             eprintln!("stack: installing {} from Debian 12", bookworm_missing.join(" "));
-            cmd!(sh, "timeout 300 apt-get update -q").quiet().ignore_stdout().run().context("apt-get update failed (is a Debian mirror reachable?)")?;
+            cmd!(sh, "timeout 300 apt-get update -q")
+                .quiet()
+                .ignore_stdout()
+                .run()
+                .context("apt-get update failed (is a Debian mirror reachable?)")?;
             cmd!(sh, "timeout 600 apt-get install -y -q --no-install-recommends {bookworm_missing...}")
                 .env("DEBIAN_FRONTEND", "noninteractive")
                 .quiet()
@@ -99,11 +105,20 @@ impl Stack {
                 ),
             )?;
             let apt_config = apt_dir.join("apt.conf");
-            cmd!(sh, "timeout 300 apt-get update -q").env("APT_CONFIG", &apt_config).quiet().ignore_stdout().run().context("apt-get update for trixie failed")?;
+            cmd!(sh, "timeout 300 apt-get update -q")
+                .env("APT_CONFIG", &apt_config)
+                .quiet()
+                .ignore_stdout()
+                .run()
+                .context("apt-get update for trixie failed")?;
             let debs = apt_dir.join("debs");
             sh.change_dir(&debs);
             let packages = TRIXIE_PACKAGES;
-            let downloaded = cmd!(sh, "timeout 600 apt-get download -q {packages...}").env("APT_CONFIG", &apt_config).quiet().ignore_stdout().run();
+            let downloaded = cmd!(sh, "timeout 600 apt-get download -q {packages...}")
+                .env("APT_CONFIG", &apt_config)
+                .quiet()
+                .ignore_stdout()
+                .run();
             sh.change_dir(crate::repository_root());
             downloaded.context("downloading the trixie packages failed")?;
             let files: Vec<PathBuf> = fs::read_dir(&debs)?
@@ -203,15 +218,24 @@ impl Stack {
                 .iter()
                 .map(|(image, suite, include)| scope.spawn(move || self.rootfs(image, suite, include)))
                 .collect();
-            handles.into_iter().map(|handle| handle.join().unwrap_or_else(|_| bail!("debootstrap thread panicked"))).collect()
+            handles
+                .into_iter()
+                .map(|handle| handle.join().unwrap_or_else(|_| bail!("debootstrap thread panicked")))
+                .collect()
         });
         for ((image, _, _), rootfs) in missing.iter().zip(results) {
             let rootfs = rootfs?;
             let started = Instant::now();
             let rootfs_arg = rootfs.display().to_string();
-            let script = format!("tar -C '{rootfs_arg}' -c . | docker import --change 'ENV {PATH_IN_IMAGES}' - '{image}' >/dev/null");
+            let script = format!(
+                "tar -C '{rootfs_arg}' -c . | docker import --change 'ENV {PATH_IN_IMAGES}' - '{image}' >/dev/null"
+            );
             cmd!(sh, "timeout 900 sh -c {script}").quiet().run().with_context(|| format!("importing {image}"))?;
-            cmd!(sh, "timeout 900 docker push -q {image}").quiet().ignore_stdout().run().with_context(|| format!("pushing {image}"))?;
+            cmd!(sh, "timeout 900 docker push -q {image}")
+                .quiet()
+                .ignore_stdout()
+                .run()
+                .with_context(|| format!("pushing {image}"))?;
             eprintln!("stack: {image} imported and pushed in {:.0}s", started.elapsed().as_secs_f64());
         }
         Ok(())
@@ -280,7 +304,11 @@ impl Stack {
         // dockerd unmounts its overlays on a clean stop; take away anything it left.
         let mounts = fs::read_to_string("/proc/mounts").unwrap_or_default();
         let prefix = self.dir.display().to_string();
-        let mut left: Vec<&str> = mounts.lines().filter_map(|line| line.split_whitespace().nth(1)).filter(|m| m.starts_with(&prefix)).collect();
+        let mut left: Vec<&str> = mounts
+            .lines()
+            .filter_map(|line| line.split_whitespace().nth(1))
+            .filter(|m| m.starts_with(&prefix))
+            .collect();
         left.sort_by_key(|mount| std::cmp::Reverse(mount.len()));
         for mount in left {
             let _ = Command::new("umount").arg("-l").arg(mount).status();
@@ -316,8 +344,13 @@ impl Stack {
             for image in [RUST_BASE_IMAGE, RUNTIME_BASE_IMAGE] {
                 let (repository, tag) = image.rsplit_once(':').expect("tagged");
                 let path = repository.trim_start_matches(&format!("{REGISTRY}/"));
-                let present = cachefrom_tests::registry_tags(REGISTRY, path).map(|tags| tags.iter().any(|t| t == tag)).unwrap_or(false);
-                println!("image     {image}: {}", if present { "in the registry" } else { "missing (stack up makes it)" });
+                let present = cachefrom_tests::registry_tags(REGISTRY, path)
+                    .map(|tags| tags.iter().any(|t| t == tag))
+                    .unwrap_or(false);
+                println!(
+                    "image     {image}: {}",
+                    if present { "in the registry" } else { "missing (stack up makes it)" }
+                );
             }
         }
         println!("state     {}", self.dir.display());
@@ -408,7 +441,6 @@ fn process_alive(pid: i32) -> bool {
 fn process_is(pid: i32, name: &str) -> bool {
     fs::read_to_string(format!("/proc/{pid}/comm")).map(|comm| comm.trim() == name).unwrap_or(false)
 }
-
 
 fn signal(pid: i32, signal: i32) {
     // SAFETY: kill(2) on a pid this stack recorded and checked by name.

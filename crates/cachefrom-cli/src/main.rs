@@ -214,8 +214,17 @@ fn stages(args: &StagesArgs) -> Result<()> {
     } else {
         for stage in &dockerfile.stages {
             let needed = if order.contains(&stage.key()) { "" } else { "  (not needed for the target)" };
-            let depends = if stage.depends_on.is_empty() { String::new() } else { format!("  <- {}", stage.depends_on.join(", ")) };
-            println!("{:>3}  {:<20} FROM {}{depends}{needed}", stage.index, stage.name.as_deref().unwrap_or("-"), stage.base);
+            let depends = if stage.depends_on.is_empty() {
+                String::new()
+            } else {
+                format!("  <- {}", stage.depends_on.join(", "))
+            };
+            println!(
+                "{:>3}  {:<20} FROM {}{depends}{needed}",
+                stage.index,
+                stage.name.as_deref().unwrap_or("-"),
+                stage.base
+            );
         }
         println!("build order: {}", order.join(" -> "));
     }

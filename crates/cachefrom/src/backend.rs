@@ -88,7 +88,9 @@ impl Backend {
         }
         let mut take_dir = |kind: &str| -> Result<PathBuf> {
             let dir = options.remove("dir").map(PathBuf::from).or_else(|| default_dir.map(Path::to_path_buf));
-            let dir = dir.with_context(|| format!("the {kind} backend needs a directory: --backend {kind},dir=DIR or --cache-dir DIR"))?;
+            let dir = dir.with_context(|| {
+                format!("the {kind} backend needs a directory: --backend {kind},dir=DIR or --cache-dir DIR")
+            })?;
             if let Some(extra) = options.keys().next() {
                 bail!("the {kind} backend takes only dir=DIR, not `{extra}`");
             }
@@ -190,8 +192,10 @@ impl Backend {
                 let mut options = options.clone();
                 options.entry("image-manifest".to_string()).or_insert_with(|| "true".to_string());
                 options.entry("oci-mediatypes".to_string()).or_insert_with(|| "true".to_string());
-                format!("type=registry,ref={image},mode=max,{}", join_options(&options, &["ref", "mode"]).trim_end_matches(','))
-                    + ignore
+                format!(
+                    "type=registry,ref={image},mode=max,{}",
+                    join_options(&options, &["ref", "mode"]).trim_end_matches(',')
+                ) + ignore
             }
             // BuildKit exports once, to a staging directory; the push step copies it to each
             // destination. Several local exports in one build race on the same layers
@@ -280,11 +284,17 @@ mod tests {
         let location = tarball.location(&repo(), "cache-deps-main");
         assert_eq!(location, CacheLocation::TarFile("/t/127.0.0.1-5000-app/cache-deps-main.tar".into()));
         assert_eq!(tarball.cache_from_arg(&location, staging), "type=local,src=/work/stage");
-        assert_eq!(tarball.cache_to_arg(&location, staging, true).unwrap(), "type=local,dest=/work/stage,mode=max,ignore-error=true");
+        assert_eq!(
+            tarball.cache_to_arg(&location, staging, true).unwrap(),
+            "type=local,dest=/work/stage,mode=max,ignore-error=true"
+        );
 
         let s3 = Backend::parse("s3,bucket=b,region=r", None).unwrap();
         let location = s3.location(&repo(), "cache-deps-main");
-        assert_eq!(s3.cache_from_arg(&location, staging), "type=s3,bucket=b,region=r,name=127.0.0.1-5000-app-cache-deps-main");
+        assert_eq!(
+            s3.cache_from_arg(&location, staging),
+            "type=s3,bucket=b,region=r,name=127.0.0.1-5000-app-cache-deps-main"
+        );
         assert_eq!(
             s3.cache_to_arg(&location, staging, false).unwrap(),
             "type=s3,bucket=b,region=r,name=127.0.0.1-5000-app-cache-deps-main,mode=max"
@@ -296,7 +306,9 @@ mod tests {
 
     #[test]
     fn backends_round_trip_through_json() {
-        for text in ["inline", "registry,compression=zstd", "local,dir=/c", "tarball,dir=/t", "s3,bucket=b,region=r", "gha"] {
+        for text in
+            ["inline", "registry,compression=zstd", "local,dir=/c", "tarball,dir=/t", "s3,bucket=b,region=r", "gha"]
+        {
             let backend = Backend::parse(text, None).unwrap();
             let json = serde_json::to_string(&backend).unwrap();
             assert_eq!(serde_json::from_str::<Backend>(&json).unwrap(), backend, "{json}");

@@ -24,7 +24,11 @@ pub struct Timeouts {
 
 impl Default for Timeouts {
     fn default() -> Self {
-        Timeouts { probe: Duration::from_secs(20), build: Duration::from_secs(3600), transfer: Duration::from_secs(900) }
+        Timeouts {
+            probe: Duration::from_secs(20),
+            build: Duration::from_secs(3600),
+            transfer: Duration::from_secs(900),
+        }
     }
 }
 
@@ -54,7 +58,8 @@ pub struct Output {
 
 impl Default for Docker {
     fn default() -> Self {
-        let program = std::env::var_os("CACHEFROM_DOCKER").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("docker"));
+        let program =
+            std::env::var_os("CACHEFROM_DOCKER").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("docker"));
         Docker { program, env: Vec::new(), timeouts: Timeouts::default() }
     }
 }
@@ -81,11 +86,12 @@ impl Docker {
 
     /// Runs `docker ARGS`, capturing its output; fails only if it cannot start or times out.
     pub fn run(&self, purpose: &str, args: &[String], timeout: Duration) -> Result<Output> {
-        run_with_timeout(self.expression(args), purpose, &render_command(args), timeout)
-            .map_err(|error| match error.downcast::<std::io::Error>() {
+        run_with_timeout(self.expression(args), purpose, &render_command(args), timeout).map_err(|error| {
+            match error.downcast::<std::io::Error>() {
                 Ok(io) => self.spawn_error(io, purpose),
                 Err(other) => other,
-            })
+            }
+        })
     }
 
     /// Like [`Docker::run`], but a non-zero exit is an error quoting the command and its stderr.
@@ -150,11 +156,12 @@ impl Docker {
 /// Runs any program with a timeout (used for `tar`), capturing its output.
 pub fn run_program(program: &str, args: &[String], purpose: &str, timeout: Duration) -> Result<Output> {
     let shown = std::iter::once(program.to_string()).chain(args.iter().cloned()).collect::<Vec<_>>().join(" ");
-    let output = run_with_timeout(duct::cmd(program, args).unchecked(), purpose, &shown, timeout)
-        .map_err(|error| match error.downcast::<std::io::Error>() {
+    let output = run_with_timeout(duct::cmd(program, args).unchecked(), purpose, &shown, timeout).map_err(|error| {
+        match error.downcast::<std::io::Error>() {
             Ok(io) => anyhow::anyhow!("{purpose}: cannot start `{program}`: {io}"),
             Err(other) => other,
-        })?;
+        }
+    })?;
     if !output.success {
         bail!("{purpose}: `{shown}` failed: {}", last_lines(&output.stderr, 6));
     }
@@ -213,7 +220,11 @@ pub fn last_lines(text: &str, count: usize) -> String {
     let lines: Vec<&str> = text.lines().map(str::trim).filter(|line| !line.is_empty()).collect();
     let start = lines.len().saturating_sub(count);
     let joined = lines[start..].join(" | ");
-    if joined.is_empty() { "(no output)".to_string() } else { joined }
+    if joined.is_empty() {
+        "(no output)".to_string()
+    } else {
+        joined
+    }
 }
 
 #[cfg(test)]

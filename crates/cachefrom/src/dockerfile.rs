@@ -44,15 +44,15 @@ pub struct Dockerfile {
 
 /// Reads and parses the Dockerfile at `path`, expanding `FROM` with `build_args` over the global `ARG`s.
 pub fn read_dockerfile(path: &Path, build_args: &BTreeMap<String, String>) -> Result<Dockerfile> {
-    let text = std::fs::read_to_string(path).with_context(|| {
-        format!("cannot read the Dockerfile {}: pass its path with -f/--file", path.display())
-    })?;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the Dockerfile {}: pass its path with -f/--file", path.display()))?;
     parse_dockerfile_text(&text, build_args).with_context(|| format!("in {}", path.display()))
 }
 
 /// Parses Dockerfile text. See [`read_dockerfile`].
 pub fn parse_dockerfile_text(text: &str, build_args: &BTreeMap<String, String>) -> Result<Dockerfile> {
-    let parsed = parse_dockerfile::parse(text).map_err(|error| anyhow::anyhow!("cannot parse the Dockerfile: {error}"))?;
+    let parsed =
+        parse_dockerfile::parse(text).map_err(|error| anyhow::anyhow!("cannot parse the Dockerfile: {error}"))?;
 
     // In declaration order: a default may use an ARG declared before it.
     let declared: Vec<(String, Option<String>)> =
@@ -108,7 +108,13 @@ pub fn parse_dockerfile_text(text: &str, build_args: &BTreeMap<String, String>) 
                 bail!("stage {index}: the stage name `{name}` is used twice; stage names must be unique (case-insensitive)");
             }
         }
-        stages.push(Stage { index, name, base, depends_on: Vec::new(), external_images: external_images.into_iter().collect() });
+        stages.push(Stage {
+            index,
+            name,
+            base,
+            depends_on: Vec::new(),
+            external_images: external_images.into_iter().collect(),
+        });
         dependency_indexes.push(depends_on);
     }
     let keys: Vec<String> = stages.iter().map(Stage::key).collect();
@@ -240,8 +246,7 @@ pub fn expand_variables(text: &str, variables: &BTreeMap<String, String>) -> Str
             i += close + 3;
             continue;
         }
-        let name: String =
-            chars[i + 1..].iter().take_while(|c| c.is_ascii_alphanumeric() || **c == '_').collect();
+        let name: String = chars[i + 1..].iter().take_while(|c| c.is_ascii_alphanumeric() || **c == '_').collect();
         if name.is_empty() {
             out.push('$');
             i += 1;
@@ -260,16 +265,28 @@ fn expand_braced(inner: &str, variables: &BTreeMap<String, String>) -> String {
     let set_and_not_empty = value.is_some_and(|v| !v.is_empty());
     let word = |prefix: &str| expand_variables(&rest[prefix.len()..], variables);
     if rest.starts_with(":-") {
-        if set_and_not_empty { value.cloned().unwrap_or_default() } else { word(":-") }
+        if set_and_not_empty {
+            value.cloned().unwrap_or_default()
+        } else {
+            word(":-")
+        }
     } else if rest.starts_with(":+") {
-        if set_and_not_empty { word(":+") } else { String::new() }
+        if set_and_not_empty {
+            word(":+")
+        } else {
+            String::new()
+        }
     } else if rest.starts_with('-') {
         match value {
             Some(v) => v.clone(),
             None => word("-"),
         }
     } else if rest.starts_with('+') {
-        if value.is_some() { word("+") } else { String::new() }
+        if value.is_some() {
+            word("+")
+        } else {
+            String::new()
+        }
     } else {
         value.cloned().unwrap_or_default()
     }
@@ -378,7 +395,8 @@ COPY --from=builder /app/target/release/app /app
 
     #[test]
     fn a_name_defined_only_later_or_not_at_all_is_an_external_image() {
-        let dockerfile = parse("FROM alpine AS a\nCOPY --from=later /x /x\nCOPY --from=nginx:1 /y /y\nFROM alpine AS later\n");
+        let dockerfile =
+            parse("FROM alpine AS a\nCOPY --from=later /x /x\nCOPY --from=nginx:1 /y /y\nFROM alpine AS later\n");
         assert!(dockerfile.stages[0].depends_on.is_empty());
         assert_eq!(dockerfile.stages[0].external_images, ["alpine", "later", "nginx:1"]);
     }

@@ -43,7 +43,8 @@ impl Engine {
         let mut inspect_args = args(&["buildx", "inspect"]);
         inspect_args.extend(builder_name.map(str::to_string));
         let (version, buildx, info, inspect) = std::thread::scope(|scope| {
-            let version = scope.spawn(|| docker.run("asking the Docker daemon for its version", &version_args, timeout));
+            let version =
+                scope.spawn(|| docker.run("asking the Docker daemon for its version", &version_args, timeout));
             let buildx = scope.spawn(|| docker.run("checking for docker buildx", &buildx_args, timeout));
             let info = scope.spawn(|| docker.run("asking the Docker daemon for its image store", &info_args, timeout));
             let inspect = scope.spawn(|| docker.run("asking buildx for its builder", &inspect_args, timeout));
@@ -69,9 +70,10 @@ impl Engine {
         let driver = inspect
             .success
             .then(|| {
-                inspect.stdout.lines().find_map(|line| {
-                    line.trim().strip_prefix("Driver:").map(|driver| driver.trim().to_string())
-                })
+                inspect
+                    .stdout
+                    .lines()
+                    .find_map(|line| line.trim().strip_prefix("Driver:").map(|driver| driver.trim().to_string()))
             })
             .flatten();
         Ok(Engine { server_version: version.stdout.trim().to_string(), buildx_version, containerd_store, driver })
@@ -79,7 +81,11 @@ impl Engine {
 
     /// The docker front end to use.
     pub fn builder(&self) -> Builder {
-        if self.buildx_version.is_some() { Builder::Buildx } else { Builder::Classic }
+        if self.buildx_version.is_some() {
+            Builder::Buildx
+        } else {
+            Builder::Classic
+        }
     }
 
     /// Checks `backend` against the engine. Returns the backend to use and, when it differs,
@@ -124,7 +130,8 @@ mod tests {
     #[test]
     fn the_classic_store_cannot_export_cache_with_the_docker_driver() {
         let registry = Backend::parse("registry", None).unwrap();
-        let error = engine(true, false, "docker").check_backend(&registry, BackendFallback::Refuse).unwrap_err().to_string();
+        let error =
+            engine(true, false, "docker").check_backend(&registry, BackendFallback::Refuse).unwrap_err().to_string();
         assert!(error.contains("containerd-snapshotter"), "{error}");
         assert!(error.contains("--backend inline"), "{error}");
         let (backend, why) = engine(true, false, "docker").check_backend(&registry, BackendFallback::ToInline).unwrap();
@@ -136,15 +143,22 @@ mod tests {
     fn what_works_passes() {
         let registry = Backend::parse("registry", None).unwrap();
         assert_eq!(engine(true, true, "docker").check_backend(&registry, BackendFallback::Refuse).unwrap().1, None);
-        assert_eq!(engine(true, false, "docker-container").check_backend(&registry, BackendFallback::Refuse).unwrap().1, None);
-        assert_eq!(engine(false, false, "docker").check_backend(&Backend::Inline, BackendFallback::Refuse).unwrap().1, None);
+        assert_eq!(
+            engine(true, false, "docker-container").check_backend(&registry, BackendFallback::Refuse).unwrap().1,
+            None
+        );
+        assert_eq!(
+            engine(false, false, "docker").check_backend(&Backend::Inline, BackendFallback::Refuse).unwrap().1,
+            None
+        );
         assert_eq!(engine(false, false, "docker").builder(), Builder::Classic);
     }
 
     #[test]
     fn no_buildx_means_inline_only() {
         let local = Backend::parse("local,dir=/c", None).unwrap();
-        let error = engine(false, true, "docker").check_backend(&local, BackendFallback::Refuse).unwrap_err().to_string();
+        let error =
+            engine(false, true, "docker").check_backend(&local, BackendFallback::Refuse).unwrap_err().to_string();
         assert!(error.contains("needs docker buildx"), "{error}");
     }
 }

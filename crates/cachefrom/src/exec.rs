@@ -59,7 +59,12 @@ impl Context {
     /// A context from the process environment: `docker` on PATH, the user's docker logins.
     pub fn from_environment() -> Context {
         let env = Environment::from_process();
-        Context { docker: Docker::default(), registry: RegistryClient::default(), style: OutputStyle::detect(&env), env }
+        Context {
+            docker: Docker::default(),
+            registry: RegistryClient::default(),
+            style: OutputStyle::detect(&env),
+            env,
+        }
     }
 
     fn say(&self, line: &str) {
@@ -168,11 +173,8 @@ pub fn pull_cached(ctx: &Context, plan: &Plan) -> Result<Resolution> {
         warnings.push(line);
     }
 
-    let mut stages: BTreeMap<String, Choice> = plan
-        .stages
-        .iter()
-        .map(|stage| (stage.name.clone(), Choice { chosen: None, checked: Vec::new() }))
-        .collect();
+    let mut stages: BTreeMap<String, Choice> =
+        plan.stages.iter().map(|stage| (stage.name.clone(), Choice { chosen: None, checked: Vec::new() })).collect();
     for ((stage, candidate), answer) in candidates.into_iter().zip(answers) {
         stages.get_mut(&stage).expect("every stage has a choice").checked.push((candidate, answer));
     }
@@ -223,7 +225,11 @@ pub fn choose_sources(chain: &[Level], stages: &mut BTreeMap<String, Choice>) ->
 }
 
 fn exists_if(exists: bool) -> Existence {
-    if exists { Existence::Exists } else { Existence::Missing }
+    if exists {
+        Existence::Exists
+    } else {
+        Existence::Missing
+    }
 }
 
 fn fail_or_warn(plan: &Plan, warnings: &mut Vec<String>, line: String) -> Result<()> {
@@ -287,9 +293,10 @@ pub fn build_stage(ctx: &Context, plan: &Plan, stage_name: &str, resolution: &Re
     if ctx.style != OutputStyle::Terminal {
         ctx.say(&format!("    {}", render_command(&args)));
     }
-    let own_stages: Vec<String> = std::iter::once(stage.target.clone().unwrap_or_else(|| format!("stage-{}", stage.index)))
-        .chain(plan.folded_stages.iter().map(|folded| format!("stage-{}", folded.name)))
-        .collect();
+    let own_stages: Vec<String> =
+        std::iter::once(stage.target.clone().unwrap_or_else(|| format!("stage-{}", stage.index)))
+            .chain(plan.folded_stages.iter().map(|folded| format!("stage-{}", folded.name)))
+            .collect();
     let started = Instant::now();
     let mut record = ProgressRecord::default();
     let mut renderer = Renderer::new(ctx.style, &stage.name, own_stages.clone());
@@ -339,7 +346,8 @@ pub fn build_stage(ctx: &Context, plan: &Plan, stage_name: &str, resolution: &Re
     };
     if exit != Some(0) {
         report.status = "failed".to_string();
-        let failed_step = report.steps.iter().find_map(|step| step.error.as_ref().map(|e| format!("{}: {e}", step.name)));
+        let failed_step =
+            report.steps.iter().find_map(|step| step.error.as_ref().map(|e| format!("{}: {e}", step.name)));
         let detail = failed_step.unwrap_or_else(|| last_lines(&text_lines.join("\n"), 4));
         let message = format!(
             "building stage {} failed (docker exit code {}): {detail}",
@@ -364,9 +372,15 @@ pub fn build_stage(ctx: &Context, plan: &Plan, stage_name: &str, resolution: &Re
         report.warnings.push(format!("stage {}: {problem}", stage.name));
     }
     if plan.cache_errors == CacheErrors::Fail && !export_errors.is_empty() {
-        bail!("stage {}: cache export failed (cache errors are fatal: --strict-cache): {}", stage.name, export_errors.join("; "));
+        bail!(
+            "stage {}: cache export failed (cache errors are fatal: --strict-cache): {}",
+            stage.name,
+            export_errors.join("; ")
+        );
     }
-    if export_errors.is_empty() && !matches!(plan.backend, Backend::Inline | Backend::Tarball { .. } | Backend::Local { .. }) {
+    if export_errors.is_empty()
+        && !matches!(plan.backend, Backend::Inline | Backend::Tarball { .. } | Backend::Local { .. })
+    {
         report.pushed = stage.cache_to.iter().map(|write| write.location.to_string()).collect();
     }
     Ok(report)
@@ -391,16 +405,24 @@ pub fn push_cached(ctx: &Context, plan: &Plan, stage_name: &str) -> Result<PushO
         let result = match (&plan.backend, &write.location) {
             (Backend::Inline, CacheLocation::Image(image)) => {
                 let args = vec!["push".to_string(), "--quiet".to_string(), image.clone()];
-                ctx.docker.run_checked(&format!("pushing cache image {image}"), &args, ctx.docker.timeouts.transfer).map(|_| ())
+                ctx.docker
+                    .run_checked(&format!("pushing cache image {image}"), &args, ctx.docker.timeouts.transfer)
+                    .map(|_| ())
             }
-            (Backend::Tarball { .. }, CacheLocation::TarFile(file)) => pack(plan, &stage.name, file, ctx.docker.timeouts.transfer),
-            (Backend::Local { .. }, CacheLocation::Directory(dir)) => copy_dir(plan, &stage.name, dir, ctx.docker.timeouts.transfer),
+            (Backend::Tarball { .. }, CacheLocation::TarFile(file)) => {
+                pack(plan, &stage.name, file, ctx.docker.timeouts.transfer)
+            }
+            (Backend::Local { .. }, CacheLocation::Directory(dir)) => {
+                copy_dir(plan, &stage.name, dir, ctx.docker.timeouts.transfer)
+            }
             _ => continue,
         };
         match result {
             Ok(()) => outcome.pushed.push(write.location.to_string()),
             Err(error) if plan.cache_errors == CacheErrors::Warn => outcome.warnings.push(format!("{error:#}")),
-            Err(error) => return Err(error.context("writing the cache failed (cache errors are fatal: --strict-cache)")),
+            Err(error) => {
+                return Err(error.context("writing the cache failed (cache errors are fatal: --strict-cache)"))
+            }
         }
     }
     Ok(outcome)
@@ -416,7 +438,13 @@ fn pack(plan: &Plan, stage: &str, file: &Path, timeout: std::time::Duration) -> 
     let parent = file.parent().context("a tar file has a directory")?;
     std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
     let partial = file.with_extension("tar.partial");
-    let args = vec!["-cf".to_string(), partial.display().to_string(), "-C".to_string(), staging.display().to_string(), ".".to_string()];
+    let args = vec![
+        "-cf".to_string(),
+        partial.display().to_string(),
+        "-C".to_string(),
+        staging.display().to_string(),
+        ".".to_string(),
+    ];
     run_program("tar", &args, &format!("packing the cache of stage {stage}"), timeout)?;
     std::fs::rename(&partial, file).with_context(|| format!("moving {} to {}", partial.display(), file.display()))?;
     Ok(())
@@ -489,7 +517,8 @@ impl<'a> PushGuard<'a> {
     fn push_all(&self) -> Result<Vec<(String, PushOutcome)>> {
         let mut outcomes = Vec::new();
         for stage in &self.built {
-            let outcome = push_cached(self.ctx, self.plan, stage).with_context(|| format!("writing the cache of stage {stage}"))?;
+            let outcome = push_cached(self.ctx, self.plan, stage)
+                .with_context(|| format!("writing the cache of stage {stage}"))?;
             outcomes.push((stage.clone(), outcome));
         }
         Ok(outcomes)
@@ -610,7 +639,9 @@ pub fn execute_plan(
         let choice = &resolution.stages[&stage.name];
         match &choice.chosen {
             Some(chosen) => ctx.say(&format!("cachefrom: {} reads {} ({})", stage.name, chosen.location, chosen.level)),
-            None if resolution.unchecked => ctx.say(&format!("cachefrom: {} reads every candidate; BuildKit takes what exists", stage.name)),
+            None if resolution.unchecked => {
+                ctx.say(&format!("cachefrom: {} reads every candidate; BuildKit takes what exists", stage.name))
+            }
             None => ctx.say(&format!("cachefrom: {} has no cache yet", stage.name)),
         }
     }
@@ -666,7 +697,9 @@ pub fn execute_plan(
     if build_error.is_none() && push_error.is_none() && plan.push_tags {
         for tag in &plan.tags {
             let args = vec!["push".to_string(), "--quiet".to_string(), tag.clone()];
-            if let Err(error) = ctx.docker.run_checked(&format!("pushing the image {tag}"), &args, ctx.docker.timeouts.transfer) {
+            if let Err(error) =
+                ctx.docker.run_checked(&format!("pushing the image {tag}"), &args, ctx.docker.timeouts.transfer)
+            {
                 build_error = Some(error);
                 break;
             }
@@ -674,7 +707,9 @@ pub fn execute_plan(
     }
 
     let message = match (&build_error, &push_error) {
-        (Some(build), Some(push)) => Some(format!("{build:#}\nand writing the caches of the stages built before it failed too: {push}")),
+        (Some(build), Some(push)) => {
+            Some(format!("{build:#}\nand writing the caches of the stages built before it failed too: {push}"))
+        }
         (Some(build), None) => Some(format!("{build:#}")),
         (None, Some(push)) => Some(push.clone()),
         (None, None) => None,
@@ -716,7 +751,8 @@ pub fn publish_report(ctx: &Context, report: &RunReport, report_file: Option<&Pa
             .append(true)
             .open(&summary)
             .with_context(|| format!("opening the step summary {}", summary.display()))?;
-        file.write_all(report.markdown().as_bytes()).with_context(|| format!("writing the step summary {}", summary.display()))?;
+        file.write_all(report.markdown().as_bytes())
+            .with_context(|| format!("writing the step summary {}", summary.display()))?;
     }
     Ok(())
 }
@@ -737,7 +773,17 @@ struct Renderer {
 impl Renderer {
     fn new(style: OutputStyle, stage: &str, own_stages: Vec<String>) -> Renderer {
         let own_prefixes = own_stages.iter().map(|name| format!("[{name} ")).collect();
-        Renderer { style, stage: stage.to_string(), own_prefixes, numbers: BTreeMap::new(), named: Default::default(), steps_done: 0, steps_cached: 0, current: String::new(), live: false }
+        Renderer {
+            style,
+            stage: stage.to_string(),
+            own_prefixes,
+            numbers: BTreeMap::new(),
+            named: Default::default(),
+            steps_done: 0,
+            steps_cached: 0,
+            current: String::new(),
+            live: false,
+        }
     }
 
     fn number(&mut self, name: &str) -> usize {
@@ -787,7 +833,8 @@ impl Renderer {
     fn show_live(&mut self, event: &ProgressEvent, elapsed: f64) {
         match event {
             ProgressEvent::Finished { name, cached, error, .. } => {
-                let own_step = self.own_prefixes.iter().any(|prefix| name.starts_with(prefix.as_str())) && !name.contains("] FROM ");
+                let own_step = self.own_prefixes.iter().any(|prefix| name.starts_with(prefix.as_str()))
+                    && !name.contains("] FROM ");
                 if own_step {
                     self.steps_done += 1;
                     if *cached {
@@ -853,8 +900,14 @@ mod tests {
     fn every_stage_comes_from_the_most_specific_level_that_serves_them_all() {
         let mut stages = BTreeMap::from([
             // deps has a branch cache but builder does not: both take the default branch's.
-            ("deps".to_string(), choice(&[(Level::Branch, true), (Level::DefaultBranch, true), (Level::Unprefixed, true)])),
-            ("builder".to_string(), choice(&[(Level::Branch, false), (Level::DefaultBranch, true), (Level::Unprefixed, true)])),
+            (
+                "deps".to_string(),
+                choice(&[(Level::Branch, true), (Level::DefaultBranch, true), (Level::Unprefixed, true)]),
+            ),
+            (
+                "builder".to_string(),
+                choice(&[(Level::Branch, false), (Level::DefaultBranch, true), (Level::Unprefixed, true)]),
+            ),
         ]);
         assert_eq!(choose_sources(&CHAIN, &mut stages), Some(Level::DefaultBranch));
         for choice in stages.values() {
@@ -865,9 +918,18 @@ mod tests {
     #[test]
     fn without_a_shared_level_each_stage_takes_its_first_hit() {
         let mut stages = BTreeMap::from([
-            ("deps".to_string(), choice(&[(Level::Branch, true), (Level::DefaultBranch, false), (Level::Unprefixed, false)])),
-            ("builder".to_string(), choice(&[(Level::Branch, false), (Level::DefaultBranch, false), (Level::Unprefixed, true)])),
-            ("runtime".to_string(), choice(&[(Level::Branch, false), (Level::DefaultBranch, false), (Level::Unprefixed, false)])),
+            (
+                "deps".to_string(),
+                choice(&[(Level::Branch, true), (Level::DefaultBranch, false), (Level::Unprefixed, false)]),
+            ),
+            (
+                "builder".to_string(),
+                choice(&[(Level::Branch, false), (Level::DefaultBranch, false), (Level::Unprefixed, true)]),
+            ),
+            (
+                "runtime".to_string(),
+                choice(&[(Level::Branch, false), (Level::DefaultBranch, false), (Level::Unprefixed, false)]),
+            ),
         ]);
         assert_eq!(choose_sources(&CHAIN, &mut stages), None);
         assert_eq!(stages["deps"].chosen.as_ref().unwrap().level, Level::Branch);
@@ -877,8 +939,11 @@ mod tests {
 
     #[test]
     fn sources_are_the_stage_then_what_it_reads_from() {
-        let dockerfile = crate::dockerfile::parse_dockerfile_text("FROM a AS deps\nFROM deps AS app\n", &Default::default()).unwrap();
-        let git = crate::git::GitFacts { branch: Some("main".into()), default_branch: "main".into(), ..Default::default() };
+        let dockerfile =
+            crate::dockerfile::parse_dockerfile_text("FROM a AS deps\nFROM deps AS app\n", &Default::default())
+                .unwrap();
+        let git =
+            crate::git::GitFacts { branch: Some("main".into()), default_branch: "main".into(), ..Default::default() };
         let options = PlanOptions::new(".", crate::refs::Repository::parse("127.0.0.1:5000/a").unwrap(), git);
         let plan = Plan::from_dockerfile(&options, Path::new("Dockerfile"), &dockerfile).unwrap();
         let mut stages = BTreeMap::from([
@@ -887,7 +952,8 @@ mod tests {
         ]);
         let level = choose_sources(&[Level::Branch], &mut stages);
         let resolution = Resolution { stages, level, warnings: vec![], seconds: 0.0, unchecked: false };
-        let sources: Vec<String> = resolution.sources(&plan, plan.stage("app").unwrap()).into_iter().map(|(name, _)| name).collect();
+        let sources: Vec<String> =
+            resolution.sources(&plan, plan.stage("app").unwrap()).into_iter().map(|(name, _)| name).collect();
         assert_eq!(sources, ["app", "deps"]);
     }
 }

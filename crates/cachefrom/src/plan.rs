@@ -51,7 +51,8 @@ impl Level {
 
     /// Parses a comma-separated chain such as `branch,default-branch,unprefixed`.
     pub fn parse_chain(text: &str) -> Result<Vec<Level>> {
-        let all = [Level::Branch, Level::Commit, Level::MergeBase, Level::DefaultBranch, Level::Parent, Level::Unprefixed];
+        let all =
+            [Level::Branch, Level::Commit, Level::MergeBase, Level::DefaultBranch, Level::Parent, Level::Unprefixed];
         let mut chain = Vec::new();
         for word in text.split(',').map(str::trim).filter(|word| !word.is_empty()) {
             let Some(level) = all.iter().find(|level| level.name() == word) else {
@@ -472,9 +473,10 @@ impl Plan {
         }
         // A stage that only feeds later ones needs no image: with its cache exported by BuildKit,
         // `cacheonly` skips downloading its layers when every step is a hit.
-        let user_output = self.docker_args.iter().any(|arg| {
-            arg == "-o" || arg.starts_with("--output") || arg == "--load" || arg.starts_with("--load=")
-        });
+        let user_output = self
+            .docker_args
+            .iter()
+            .any(|arg| arg == "-o" || arg.starts_with("--output") || arg == "--load" || arg.starts_with("--load="));
         if self.builder == Builder::Buildx && !stage.is_target && self.backend.needs_cache_export() && !user_output {
             args.extend(["--output".into(), "type=cacheonly".into()]);
         }
@@ -589,7 +591,10 @@ fn redact_build_args(build_args: &BTreeMap<String, String>) -> BTreeMap<String, 
         .collect()
 }
 
-fn serialize_build_args<S: Serializer>(build_args: &BTreeMap<String, String>, serializer: S) -> Result<S::Ok, S::Error> {
+fn serialize_build_args<S: Serializer>(
+    build_args: &BTreeMap<String, String>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
     redact_build_args(build_args).serialize(serializer)
 }
 
@@ -599,15 +604,21 @@ fn serialize_docker_args<S: Serializer>(docker_args: &[String], serializer: S) -
 
 /// Quotes `word` for a POSIX shell when it needs it.
 pub fn shell_quote(word: &str) -> String {
-    let plain = !word.is_empty()
-        && word.chars().all(|c| c.is_ascii_alphanumeric() || "-_./:=,@%+".contains(c));
-    if plain { word.to_string() } else { format!("'{}'", word.replace('\'', r"'\''")) }
+    let plain = !word.is_empty() && word.chars().all(|c| c.is_ascii_alphanumeric() || "-_./:=,@%+".contains(c));
+    if plain {
+        word.to_string()
+    } else {
+        format!("'{}'", word.replace('\'', r"'\''"))
+    }
 }
 
 /// A docker command line, secrets hidden, as one shell line.
 pub fn render_command(args: &[String]) -> String {
     let redacted = redact_docker_args(args);
-    std::iter::once("docker".to_string()).chain(redacted.iter().map(|arg| shell_quote(arg))).collect::<Vec<_>>().join(" ")
+    std::iter::once("docker".to_string())
+        .chain(redacted.iter().map(|arg| shell_quote(arg)))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 fn shell_variable(stage: &str) -> String {
@@ -671,11 +682,8 @@ impl fmt::Display for Plan {
         if self.builder == Builder::Classic || unpack_needed {
             writeln!(out, "\n# Fetch the first cache that exists, level by level.")?;
             for stage in &self.stages {
-                let fetches: Vec<String> = stage
-                    .cache_from
-                    .iter()
-                    .map(|candidate| self.fetch_command(&stage.name, candidate))
-                    .collect();
+                let fetches: Vec<String> =
+                    stage.cache_from.iter().map(|candidate| self.fetch_command(&stage.name, candidate)).collect();
                 if !fetches.is_empty() {
                     writeln!(out, "{} || true", fetches.join(" ||\n  "))?;
                 }
@@ -776,12 +784,24 @@ impl Plan {
 
 fn render_command_multiline(args: &[String]) -> String {
     let redacted = redact_docker_args(args);
-    let mut lines = vec![format!("docker {}", redacted.iter().take_while(|arg| !arg.starts_with('-')).cloned().collect::<Vec<_>>().join(" "))];
+    let mut lines = vec![format!(
+        "docker {}",
+        redacted.iter().take_while(|arg| !arg.starts_with('-')).cloned().collect::<Vec<_>>().join(" ")
+    )];
     let mut rest = redacted.iter().skip_while(|arg| !arg.starts_with('-')).peekable();
     while let Some(arg) = rest.next() {
         let takes_value = matches!(
             arg.as_str(),
-            "--target" | "-f" | "--build-arg" | "--cache-from" | "--cache-to" | "-t" | "--secret" | "--network" | "--platform" | "--output"
+            "--target"
+                | "-f"
+                | "--build-arg"
+                | "--cache-from"
+                | "--cache-to"
+                | "-t"
+                | "--secret"
+                | "--network"
+                | "--platform"
+                | "--output"
         );
         match rest.peek() {
             Some(value) if takes_value => {

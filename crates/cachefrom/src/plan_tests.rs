@@ -86,9 +86,17 @@ fn the_default_branch_writes_its_tags_and_the_unprefixed_one() {
     assert_eq!(plan.chain, [Level::Branch, Level::Parent, Level::Unprefixed]);
     assert_eq!(
         tags(&plan.stage("deps").unwrap().cache_to),
-        ["branch=cache-deps-main".to_string(), format!("commit=cache-deps-{SHA_HEAD}"), "unprefixed=cache-deps".to_string()]
+        [
+            "branch=cache-deps-main".to_string(),
+            format!("commit=cache-deps-{SHA_HEAD}"),
+            "unprefixed=cache-deps".to_string()
+        ]
     );
-    assert!(plan.notes.iter().any(|n| n == "cache level merge-base is not used: on the default branch"), "{:?}", plan.notes);
+    assert!(
+        plan.notes.iter().any(|n| n == "cache level merge-base is not used: on the default branch"),
+        "{:?}",
+        plan.notes
+    );
 }
 
 #[test]
@@ -122,7 +130,8 @@ fn sources_include_the_caches_of_the_stages_read_from() {
     options.backend = Backend::parse("registry", None).unwrap();
     let plan = plan(RUST_SERVICE, &options);
     let runtime = plan.stage("runtime").unwrap();
-    let sources: Vec<String> = plan.all_candidate_sources(runtime).iter().map(|(s, r)| format!("{s}:{}", r.tag)).collect();
+    let sources: Vec<String> =
+        plan.all_candidate_sources(runtime).iter().map(|(s, r)| format!("{s}:{}", r.tag)).collect();
     assert_eq!(
         sources[..3],
         ["runtime:cache-runtime-main".to_string(), "deps:cache-deps-main".into(), "builder:cache-builder-main".into()]
@@ -221,7 +230,10 @@ fn the_tarball_backend_unpacks_before_and_packs_after() {
     options.backend = Backend::parse("tarball,dir=/shared", None).unwrap();
     let script = plan("FROM alpine AS deps\n", &options).to_string();
     assert!(script.contains("{ test -f /shared/127.0.0.1-5000-app/cache-deps-main.tar && mkdir -p /work/from/deps && tar -xf /shared/127.0.0.1-5000-app/cache-deps-main.tar -C /work/from/deps; } || true"), "{script}");
-    assert!(script.contains("tar -cf /shared/127.0.0.1-5000-app/cache-deps-main.tar.partial -C /work/to/deps . && mv"), "{script}");
+    assert!(
+        script.contains("tar -cf /shared/127.0.0.1-5000-app/cache-deps-main.tar.partial -C /work/to/deps . && mv"),
+        "{script}"
+    );
     assert!(script.contains("--cache-from type=local,src=/work/from/deps"), "{script}");
     assert!(script.contains("--cache-to type=local,dest=/work/to/deps,mode=max,ignore-error=true"), "{script}");
 }

@@ -44,7 +44,11 @@ pub fn sanitize_tag(text: &str) -> String {
         .chars()
         .map(|c| {
             let c = c.to_ascii_lowercase();
-            if c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-') { c } else { '-' }
+            if c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-') {
+                c
+            } else {
+                '-'
+            }
         })
         .collect();
     if mapped.starts_with(['.', '-']) {
@@ -70,7 +74,11 @@ pub fn cache_tag(stage: &str, key: Option<&str>) -> String {
         Some(key) => format!("cache-{}-{}", sanitize_tag(stage), sanitize_tag(key)),
         None => format!("cache-{}", sanitize_tag(stage)),
     };
-    if raw.len() <= MAX_TAG_LEN { raw } else { sanitize_tag_cut(&raw) }
+    if raw.len() <= MAX_TAG_LEN {
+        raw
+    } else {
+        sanitize_tag_cut(&raw)
+    }
 }
 
 /// A tag longer than 128 characters, cut with a hash of the whole so that distinct tags stay distinct.
@@ -119,7 +127,9 @@ impl Repository {
         let path_ok = !path.is_empty()
             && path.split('/').all(|part| {
                 !part.is_empty()
-                    && part.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '_' | '-'))
+                    && part
+                        .chars()
+                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '_' | '-'))
             });
         if !path_ok {
             bail!("the image repository `{text}` is not valid: use lowercase letters, digits, `.`, `_`, `-` and `/`");

@@ -62,10 +62,8 @@ impl RegistryClient {
     /// Checks every `(repository, tag)` at once, one thread each; answers in the same order.
     pub fn check_all(&self, refs: &[(Repository, String)]) -> Vec<Existence> {
         std::thread::scope(|scope| {
-            let handles: Vec<_> = refs
-                .iter()
-                .map(|(repository, tag)| scope.spawn(move || self.exists(repository, tag)))
-                .collect();
+            let handles: Vec<_> =
+                refs.iter().map(|(repository, tag)| scope.spawn(move || self.exists(repository, tag))).collect();
             handles
                 .into_iter()
                 .map(|handle| handle.join().unwrap_or_else(|_| Existence::Unknown("the check panicked".to_string())))
@@ -132,8 +130,9 @@ impl RegistryClient {
         if let Some(credentials) = credentials {
             request = request.header("Authorization", basic(credentials));
         }
-        let mut response =
-            request.call().map_err(|error| anyhow!("the token service of {} did not answer: {error}", repository.registry))?;
+        let mut response = request
+            .call()
+            .map_err(|error| anyhow!("the token service of {} did not answer: {error}", repository.registry))?;
         if !response.status().is_success() {
             bail!(
                 "registry {} refused a token (HTTP {}): check `docker login {}`",
@@ -154,8 +153,8 @@ impl RegistryClient {
     fn credentials(&self, registry: &str) -> Result<Option<Credentials>> {
         let Some(path) = &self.docker_config else { return Ok(None) };
         let Ok(text) = std::fs::read_to_string(path) else { return Ok(None) };
-        let config: serde_json::Value =
-            serde_json::from_str(&text).with_context(|| format!("cannot parse the docker config {}", path.display()))?;
+        let config: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("cannot parse the docker config {}", path.display()))?;
         let keys = auth_keys(registry);
         let helper = keys
             .iter()
@@ -167,7 +166,8 @@ impl RegistryClient {
             }
         }
         for key in &keys {
-            let auth = config.pointer(&format!("/auths/{}/auth", key.replace('/', "~1"))).and_then(|auth| auth.as_str());
+            let auth =
+                config.pointer(&format!("/auths/{}/auth", key.replace('/', "~1"))).and_then(|auth| auth.as_str());
             if let Some(auth) = auth {
                 let decoded = base64::engine::general_purpose::STANDARD
                     .decode(auth.trim())
@@ -246,7 +246,12 @@ fn docker_config_path() -> Option<PathBuf> {
 
 fn credentials_from_helper(helper: &str, server: &str, timeout: Duration) -> Result<Option<Credentials>> {
     let program = format!("docker-credential-{helper}");
-    let handle = duct::cmd!(&program, "get").stdin_bytes(server.as_bytes()).stdout_capture().stderr_capture().unchecked().start();
+    let handle = duct::cmd!(&program, "get")
+        .stdin_bytes(server.as_bytes())
+        .stdout_capture()
+        .stderr_capture()
+        .unchecked()
+        .start();
     let Ok(handle) = handle else { return Ok(None) };
     let deadline = std::time::Instant::now() + timeout;
     let output = loop {
@@ -262,7 +267,8 @@ fn credentials_from_helper(helper: &str, server: &str, timeout: Duration) -> Res
     if !output.status.success() {
         return Ok(None);
     }
-    let value: serde_json::Value = serde_json::from_slice(&output.stdout).context("reading the credential helper's answer")?;
+    let value: serde_json::Value =
+        serde_json::from_slice(&output.stdout).context("reading the credential helper's answer")?;
     let field = |name: &str| value.get(name).and_then(|v| v.as_str()).map(str::to_string);
     Ok(field("Username").zip(field("Secret")).map(|(username, secret)| Credentials { username, secret }))
 }
@@ -273,7 +279,9 @@ mod tests {
 
     #[test]
     fn challenges_parse() {
-        let fields = parse_challenge(r#"Bearer realm="https://auth.example/token",service="registry.example",scope="repository:a:pull""#);
+        let fields = parse_challenge(
+            r#"Bearer realm="https://auth.example/token",service="registry.example",scope="repository:a:pull""#,
+        );
         assert_eq!(fields["realm"], "https://auth.example/token");
         assert_eq!(fields["service"], "registry.example");
         assert_eq!(fields["scope"], "repository:a:pull");

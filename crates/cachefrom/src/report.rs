@@ -124,7 +124,8 @@ impl ProgressRecord {
         for update in value.get("vertexes").and_then(|v| v.as_array()).into_iter().flatten() {
             let Some(digest) = update.get("digest").and_then(|d| d.as_str()) else { continue };
             let order = self.vertices.len();
-            let vertex = self.vertices.entry(digest.to_string()).or_insert_with(|| Vertex { order, ..Vertex::default() });
+            let vertex =
+                self.vertices.entry(digest.to_string()).or_insert_with(|| Vertex { order, ..Vertex::default() });
             let was_started = vertex.started.is_some();
             let was_completed = vertex.completed.is_some();
             if let Some(name) = update.get("name").and_then(|n| n.as_str()) {
@@ -145,7 +146,7 @@ impl ProgressRecord {
             if !was_started && vertex.started.is_some() && vertex.completed.is_none() {
                 events.push(ProgressEvent::Started { name: vertex.name.clone() });
             }
-            if (!was_completed && vertex.completed.is_some()) || (vertex.error.is_some() && !was_completed) {
+            if !was_completed && (vertex.completed.is_some() || vertex.error.is_some()) {
                 events.push(ProgressEvent::Finished {
                     name: vertex.name.clone(),
                     cached: vertex.cached,
@@ -330,10 +331,15 @@ impl RunReport {
                 format!("{}/{}", stage.steps_cached, stage.steps_total),
                 format!("{:.1}", stage.seconds),
                 source_cell(stage, short_location),
-                if stage.pushed.is_empty() { "-".into() } else { stage.pushed.iter().map(|p| short_location(p)).collect::<Vec<_>>().join(" ") },
+                if stage.pushed.is_empty() {
+                    "-".into()
+                } else {
+                    stage.pushed.iter().map(|p| short_location(p)).collect::<Vec<_>>().join(" ")
+                },
             ]);
         }
-        let widths: Vec<usize> = (0..5).map(|i| rows.iter().map(|row| row[i].chars().count()).max().unwrap_or(0)).collect();
+        let widths: Vec<usize> =
+            (0..5).map(|i| rows.iter().map(|row| row[i].chars().count()).max().unwrap_or(0)).collect();
         let mut out = String::new();
         for row in &rows {
             let line: Vec<String> = row.iter().zip(&widths).map(|(cell, width)| format!("{cell:<width$}")).collect();
@@ -358,7 +364,9 @@ impl RunReport {
 
     /// The report as a markdown table (for `$GITHUB_STEP_SUMMARY`).
     pub fn markdown(&self) -> String {
-        let mut out = String::from("### cachefrom\n\n| stage | cached steps | seconds | cache source | pushed |\n|---|---|---|---|---|\n");
+        let mut out = String::from(
+            "### cachefrom\n\n| stage | cached steps | seconds | cache source | pushed |\n|---|---|---|---|---|\n",
+        );
         for stage in &self.stages {
             let _ = writeln!(
                 out,
@@ -488,7 +496,9 @@ WARNING: a line docker printed that is not JSON
         let (_, events) = record();
         assert!(events.contains(&ProgressEvent::Text("WARNING: a line docker printed that is not JSON".into())));
         assert!(events.contains(&ProgressEvent::Log { vertex: "[app 1/1] RUN make".into(), line: "compiling".into() }));
-        assert!(events.iter().any(|e| matches!(e, ProgressEvent::Finished { name, cached: true, .. } if name == "[deps 3/3] RUN cargo build")));
+        assert!(events.iter().any(
+            |e| matches!(e, ProgressEvent::Finished { name, cached: true, .. } if name == "[deps 3/3] RUN cargo build")
+        ));
     }
 
     #[test]
@@ -527,7 +537,10 @@ WARNING: a line docker printed that is not JSON
         let table = report.table();
         assert!(table.starts_with("stage  cached  seconds  source"), "{table}");
         assert!(table.contains("deps   5/5     1.2      cache-deps-main  cache-deps-main"), "{table}");
-        assert!(table.contains("5 steps cached of 5, 2.0s in all (registry backend)\ncachefrom: warning: registry slow"), "{table}");
+        assert!(
+            table.contains("5 steps cached of 5, 2.0s in all (registry backend)\ncachefrom: warning: registry slow"),
+            "{table}"
+        );
         assert!(report.markdown().contains("| deps | 5/5 | 1.2 | `127.0.0.1:5000/app:cache-deps-main` |"));
         let json: serde_json::Value = serde_json::from_str(&report.to_json()).unwrap();
         for field in ["name", "cache_source", "steps_cached", "steps_total", "seconds", "pushed"] {
