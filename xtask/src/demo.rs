@@ -92,13 +92,14 @@ pub fn run(sh: &Shell) -> Result<()> {
     );
     println!("rebuild: {cached} of {total} steps cached");
     for stage in &warm.stages {
+        let source = match (&stage.cache_source, stage.cache_from.first()) {
+            (Some(source), _) => format!("from {source}"),
+            (None, Some(offered)) => format!("rebuilt: its inputs changed since {offered}"),
+            (None, None) => "no cache yet".to_string(),
+        };
         println!(
-            "  {:<8} {}/{} cached  {:>5.1}s  from {}",
-            stage.name,
-            stage.steps_cached,
-            stage.steps_total,
-            stage.seconds,
-            stage.cache_source.as_deref().unwrap_or("no cache")
+            "  {:<8} {}/{} cached  {:>5.1}s  {source}",
+            stage.name, stage.steps_cached, stage.steps_total, stage.seconds
         );
     }
     Ok(())
