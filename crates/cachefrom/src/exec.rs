@@ -14,7 +14,7 @@ use crate::docker::{last_lines, run_program, Docker};
 use crate::engine::{BackendFallback, Engine};
 use crate::plan::{render_command, Builder, CacheErrors, CacheRef, Level, Plan, PlanOptions, StagePlan};
 use crate::registry::{Existence, RegistryClient};
-use crate::report::{ProgressEvent, ProgressRecord, RunReport, StageReport};
+use crate::report::{ClassicRecord, ProgressEvent, ProgressRecord, RunReport, StageReport};
 
 /// How progress is shown.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -299,6 +299,7 @@ pub fn build_stage(ctx: &Context, plan: &Plan, stage_name: &str, resolution: &Re
             .collect();
     let started = Instant::now();
     let mut record = ProgressRecord::default();
+    let mut classic_record = ClassicRecord::default();
     let mut renderer = Renderer::new(ctx.style, &stage.name, own_stages.clone());
     let mut text_lines: Vec<String> = Vec::new();
     let mut env_docker = ctx.docker.clone();
@@ -306,6 +307,7 @@ pub fn build_stage(ctx: &Context, plan: &Plan, stage_name: &str, resolution: &Re
         env_docker.env.push(("DOCKER_BUILDKIT".into(), "0".into()));
     }
     let exit = env_docker.stream(&format!("building {title}"), &args, ctx.docker.timeouts.build, |line| {
+        classic_record.feed_line(line);
         for event in record.feed_line(line) {
             if let ProgressEvent::Text(text) = &event {
                 text_lines.push(text.clone());
@@ -319,7 +321,8 @@ pub fn build_stage(ctx: &Context, plan: &Plan, stage_name: &str, resolution: &Re
     }
     let seconds = started.elapsed().as_secs_f64();
 
-    let steps: Vec<_> = record.steps().into_iter().filter(|step| own_stages.contains(&step.stage)).collect();
+    let all_steps = if plan.builder == Builder::Classic { classic_record.steps() } else { record.steps() };
+    let steps: Vec<_> = all_steps.into_iter().filter(|step| own_stages.contains(&step.stage)).collect();
     let steps_cached = steps.iter().filter(|step| step.cached).count();
     let own_source = sources.iter().find(|(name, _)| *name == stage.name).map(|(_, source)| source.clone());
     let mut report = StageReport {

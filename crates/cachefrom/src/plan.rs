@@ -450,8 +450,6 @@ impl Plan {
             if self.backend == Backend::Inline {
                 args.extend(["--cache-to".into(), "type=inline".into()]);
             }
-        } else {
-            args.extend(["--build-arg".into(), "BUILDKIT_INLINE_CACHE=1".into()]);
         }
         for (source_stage, source) in sources {
             let unpacked = self.unpacked_dir(source_stage);

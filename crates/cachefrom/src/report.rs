@@ -206,6 +206,55 @@ impl ProgressRecord {
     }
 }
 
+/// The classic builder's record (`DOCKER_BUILDKIT=0`): `Step 3/5 : RUN …` starts a step,
+/// `---> Using cache` marks it cached, and each `FROM … [AS name]` starts a stage.
+#[derive(Debug, Default)]
+pub struct ClassicRecord {
+    stage: Option<String>,
+    stages_seen: usize,
+    steps: Vec<Step>,
+}
+
+impl ClassicRecord {
+    /// Feeds one line of `docker build` output.
+    pub fn feed_line(&mut self, line: &str) {
+        let trimmed = line.trim();
+        if trimmed == "---> Using cache" {
+            if let Some(step) = self.steps.last_mut() {
+                step.cached = true;
+            }
+            return;
+        }
+        let Some(rest) = trimmed.strip_prefix("Step ") else { return };
+        let Some((_, instruction)) = rest.split_once(" : ") else { return };
+        let mut words = instruction.split_whitespace();
+        if words.next().is_some_and(|keyword| keyword.eq_ignore_ascii_case("FROM")) {
+            let words: Vec<&str> = words.collect();
+            let name = match words.as_slice() {
+                [.., as_word, name] if as_word.eq_ignore_ascii_case("AS") => name.to_lowercase(),
+                _ => format!("stage-{}", self.stages_seen),
+            };
+            self.stages_seen += 1;
+            self.stage = Some(name);
+            return;
+        }
+        if let Some(stage) = &self.stage {
+            self.steps.push(Step {
+                name: format!("[{stage}] {instruction}"),
+                stage: stage.clone(),
+                cached: false,
+                seconds: None,
+                error: None,
+            });
+        }
+    }
+
+    /// The steps seen, in order (not `FROM`, not global `ARG`s).
+    pub fn steps(&self) -> Vec<Step> {
+        self.steps.clone()
+    }
+}
+
 /// `[deps 3/6] COPY a b` → `("deps", "COPY a b")`.
 fn parse_step_name(name: &str) -> Option<(String, String)> {
     let rest = name.strip_prefix('[')?;
@@ -499,6 +548,34 @@ WARNING: a line docker printed that is not JSON
         assert!(events.iter().any(
             |e| matches!(e, ProgressEvent::Finished { name, cached: true, .. } if name == "[deps 3/3] RUN cargo build")
         ));
+    }
+
+    #[test]
+    fn the_classic_builders_record() {
+        let output = "\
+Step 1/5 : ARG BASE=debian
+Step 2/5 : FROM ${BASE} AS Prepare
+ ---> c9e0329c8264
+Step 3/5 : RUN echo one > /one
+ ---> Using cache
+ ---> 89b3c0ab5ff6
+Step 4/5 : FROM prepare
+ ---> 89b3c0ab5ff6
+Step 5/5 : RUN echo two > /two
+ ---> Running in 65d4fc29aba6
+ ---> 40394cef2f56
+";
+        let mut record = ClassicRecord::default();
+        output.lines().for_each(|line| record.feed_line(line));
+        let steps: Vec<(String, String, bool)> =
+            record.steps().into_iter().map(|step| (step.stage, step.name, step.cached)).collect();
+        assert_eq!(
+            steps,
+            [
+                ("prepare".to_string(), "[prepare] RUN echo one > /one".to_string(), true),
+                ("stage-1".to_string(), "[stage-1] RUN echo two > /two".to_string(), false),
+            ]
+        );
     }
 
     #[test]
