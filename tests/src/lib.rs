@@ -43,42 +43,28 @@ pub fn example_docker_args() -> Vec<String> {
     args
 }
 
-/// True when the registry answers at `address` (`GET /v2/`).
-pub fn registry_answers(address: &str) -> bool {
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .timeout_global(Some(Duration::from_secs(2)))
-        .http_status_as_error(false)
-        .build()
-        .into();
-    agent
-        .get(&format!("http://{address}/v2/"))
-        .call()
-        .map(|response| response.status().as_u16() == 200)
-        .unwrap_or(false)
+fn http_agent(timeout: Duration) -> ureq::Agent {
+    ureq::Agent::config_builder().timeout_global(Some(timeout)).http_status_as_error(false).build().into()
 }
 
-/// True when a registry answers at `address` at all (`GET /v2/` with 200, or 401 asking for a login).
+/// The HTTP status of `GET /v2/` at `address`, or `None` when nothing answers.
+fn v2_status(address: &str) -> Option<u16> {
+    http_agent(Duration::from_secs(2)).get(&format!("http://{address}/v2/")).call().ok().map(|r| r.status().as_u16())
+}
+
+/// True when the registry answers at `address` (`GET /v2/` with 200).
+pub fn registry_answers(address: &str) -> bool {
+    v2_status(address) == Some(200)
+}
+
+/// True when a registry answers at `address` at all (200, or 401 asking for a login).
 pub fn registry_listens(address: &str) -> bool {
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .timeout_global(Some(Duration::from_secs(2)))
-        .http_status_as_error(false)
-        .build()
-        .into();
-    agent
-        .get(&format!("http://{address}/v2/"))
-        .call()
-        .map(|response| matches!(response.status().as_u16(), 200 | 401))
-        .unwrap_or(false)
+    matches!(v2_status(address), Some(200 | 401))
 }
 
 /// The tags of `repository` in the registry at `address` (empty when it has none).
 pub fn registry_tags(address: &str, repository: &str) -> Result<Vec<String>> {
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .timeout_global(Some(Duration::from_secs(5)))
-        .http_status_as_error(false)
-        .build()
-        .into();
-    let mut response = agent
+    let mut response = http_agent(Duration::from_secs(5))
         .get(&format!("http://{address}/v2/{repository}/tags/list"))
         .call()
         .with_context(|| format!("asking the registry at {address} for the tags of {repository}"))?;
@@ -119,6 +105,16 @@ pub fn require_stack() -> Result<()> {
 /// True when running in CI (`CI` set to anything but `false` or empty).
 pub fn in_ci() -> bool {
     std::env::var("CI").map(|value| !value.is_empty() && value != "false").unwrap_or(false)
+}
+
+/// Settings for building example-project (or a copy of it in `dir`) on the stack, on `main`.
+pub fn example_settings(image: &str, dir: &Path) -> cachefrom::settings::Settings {
+    let mut settings = cachefrom::settings::Settings::new(image, dir);
+    settings.branch = Some("main".to_string());
+    settings.default_branch = Some("main".to_string());
+    settings.build_args = example_build_args();
+    settings.docker_args = example_docker_args();
+    settings
 }
 
 /// Serialises the end-to-end tests: they share one daemon, and a fresh runner removes its images.

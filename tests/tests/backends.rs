@@ -10,7 +10,6 @@ use cachefrom::ci::Environment;
 use cachefrom::exec::{build_with_cache, BuildOptions, Context, OutputStyle};
 use cachefrom::plan::Level;
 use cachefrom::report::RunReport;
-use cachefrom::settings::Settings;
 use cachefrom_tests::*;
 
 fn context() -> Context {
@@ -20,12 +19,9 @@ fn context() -> Context {
 }
 
 fn build(dir: &Path, image: &str, backend: &str, branch: &str) -> RunReport {
-    let mut settings = Settings::new(image, dir);
+    let mut settings = example_settings(image, dir);
     settings.backend = backend.to_string();
     settings.branch = Some(branch.to_string());
-    settings.default_branch = Some("main".to_string());
-    settings.build_args = example_build_args();
-    settings.docker_args = example_docker_args();
     settings.work_dir = Some(dir.join(".cachefrom-work"));
     let options = BuildOptions::new(settings.plan_options(&Environment::default()).expect("plan options"));
     match build_with_cache(&context(), &options) {

@@ -9,7 +9,6 @@ use anyhow::anyhow;
 use cachefrom::ci::Environment;
 use cachefrom::exec::{build_stage, build_with_cache, pull_cached, BuildOptions, Context, OutputStyle, PushGuard};
 use cachefrom::plan::{Plan, PlanOptions};
-use cachefrom::settings::Settings;
 use cachefrom_tests::*;
 
 fn context() -> Context {
@@ -18,18 +17,10 @@ fn context() -> Context {
     ctx
 }
 
-fn settings(dir: &Path, image: &str, backend: &str) -> Settings {
-    let mut settings = Settings::new(image, dir);
-    settings.backend = backend.to_string();
-    settings.branch = Some("main".to_string());
-    settings.default_branch = Some("main".to_string());
-    settings.build_args = example_build_args();
-    settings.docker_args = example_docker_args();
-    settings
-}
-
 fn plan_options(dir: &Path, image: &str, backend: &str) -> PlanOptions {
-    settings(dir, image, backend).plan_options(&Environment::default()).unwrap()
+    let mut settings = example_settings(image, dir);
+    settings.backend = backend.to_string();
+    settings.plan_options(&Environment::default()).unwrap()
 }
 
 fn path_of(image: &str) -> &str {

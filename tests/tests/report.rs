@@ -5,7 +5,6 @@
 use cachefrom::ci::Environment;
 use cachefrom::exec::{build_with_cache, pull_cached, BuildOptions, Context, OutputStyle};
 use cachefrom::plan::Plan;
-use cachefrom::settings::Settings;
 use cachefrom_tests::*;
 
 #[test]
@@ -15,11 +14,7 @@ fn cached_counts_match_buildkits_record_not_the_cached_lines() {
         return;
     }
     let repo = example_repository_copy().unwrap();
-    let mut settings = Settings::new(unique_repository("counts"), repo.path());
-    settings.branch = Some("main".to_string());
-    settings.default_branch = Some("main".to_string());
-    settings.build_args = example_build_args();
-    settings.docker_args = example_docker_args();
+    let settings = example_settings(&unique_repository("counts"), repo.path());
     let options = settings.plan_options(&Environment::default()).unwrap();
     let mut ctx = Context::from_environment();
     ctx.style = OutputStyle::Plain;

@@ -209,11 +209,8 @@ fn time_recipe(sh: &Shell, script: &str) -> Result<Duration> {
 }
 
 fn time_cachefrom(dir: &Path, image: &str, branch: &str) -> Result<Duration> {
-    let mut settings = Settings::new(image, dir);
+    let mut settings = cachefrom_tests::example_settings(image, dir);
     settings.branch = Some(branch.to_string());
-    settings.default_branch = Some("main".to_string());
-    settings.build_args = example_build_args();
-    settings.docker_args = example_docker_args();
     let options: PlanOptions = settings.plan_options(&Environment::default())?;
     let mut ctx = Context::from_environment();
     ctx.style = OutputStyle::Quiet;

@@ -8,7 +8,6 @@ use anyhow::{Context as _, Result};
 use cachefrom::ci::Environment;
 use cachefrom::exec::{build_with_cache, BuildOptions, Context};
 use cachefrom::report::RunReport;
-use cachefrom::settings::Settings;
 use xshell::{cmd, Shell};
 
 use crate::stack::Stack;
@@ -45,17 +44,9 @@ pub fn become_fresh_runner(sh: &Shell) -> Result<()> {
     Ok(())
 }
 
-fn settings(image: &str) -> Settings {
-    let mut settings = Settings::new(image, cachefrom_tests::example_project());
-    settings.build_args = cachefrom_tests::example_build_args();
-    settings.docker_args = cachefrom_tests::example_docker_args();
-    settings.branch = Some("main".to_string());
-    settings.default_branch = Some("main".to_string());
-    settings
-}
-
 fn build(image: &str) -> Result<RunReport> {
-    let options = BuildOptions::new(settings(image).plan_options(&Environment::from_process())?);
+    let settings = cachefrom_tests::example_settings(image, &cachefrom_tests::example_project());
+    let options = BuildOptions::new(settings.plan_options(&Environment::from_process())?);
     build_with_cache(&Context::from_environment(), &options)
 }
 
