@@ -23,6 +23,7 @@ fn build(dir: &Path, image: &str, backend: &str, branch: &str) -> RunReport {
     settings.backend = backend.to_string();
     settings.branch = Some(branch.to_string());
     settings.work_dir = Some(dir.join(".cachefrom-work"));
+    settings.tags = vec![format!("{image}:e2e")];
     let options = BuildOptions::new(settings.plan_options(&Environment::default()).expect("plan options"));
     match build_with_cache(&context(), &options) {
         Ok(report) => report,
@@ -79,6 +80,7 @@ fn scenario(backend_name: &str, backend: &str) {
     assert_all_cached(&same, &format!("{backend_name}, no change"));
     assert_eq!(same.level, Some(Level::Branch), "{backend_name}: {same:#?}");
     assert!(stage(&same, "deps").cache_source.as_deref().unwrap().contains("cache-deps-main"));
+    assert_image_runs(&format!("{image}:e2e"));
 
     // 2. Source-only change, fresh runner: the dependency steps still come from the cache.
     change_source(dir, "source only").unwrap();
@@ -139,6 +141,35 @@ fn tarball_backend() {
     scenario("tarball", &format!("tarball,dir={}", cache.path().display()));
     let tars: Vec<_> = walk(cache.path()).into_iter().filter(|p| p.extension().is_some_and(|e| e == "tar")).collect();
     assert!(tars.len() >= 6, "expected a tar file per stage and tag: {tars:?}");
+}
+
+/// The image built from the cache runs: `--version`, and `GET /health` on a loopback port.
+fn assert_image_runs(image: &str) {
+    let version =
+        duct::cmd!("timeout", "60", "docker", "run", "--rm", "--network=none", image, "--version").read().unwrap();
+    assert!(version.starts_with("example-app "), "{version}");
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let listen = format!("127.0.0.1:{port}");
+    let id = duct::cmd!("timeout", "60", "docker", "run", "-d", "--rm", "--network=host", image, "--listen", &listen)
+        .read()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let body = loop {
+        let answer = ureq::get(&format!("http://{listen}/health"))
+            .call()
+            .ok()
+            .and_then(|mut r| r.body_mut().read_to_string().ok());
+        if let Some(body) = answer {
+            break body;
+        }
+        assert!(std::time::Instant::now() < deadline, "the container did not answer on {listen}");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    let _ = duct::cmd!("timeout", "60", "docker", "stop", "-t", "2", id.trim()).stdout_null().stderr_null().run();
+    let health: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(health["status"], "ok", "{body}");
+    assert_eq!(health["service"], "example-app", "{body}");
 }
 
 fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
