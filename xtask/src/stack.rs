@@ -137,12 +137,17 @@ impl Stack {
     }
 
     fn start_registry(&self) -> Result<()> {
-        if registry_answers(REGISTRY) {
-            eprintln!("stack: a registry already answers at {REGISTRY}; reusing it");
+        self.start_registry_at(REGISTRY)
+    }
+
+    /// Starts the registry at `address` (`127.0.0.1:PORT`) unless one already answers there.
+    fn start_registry_at(&self, address: &str) -> Result<()> {
+        if registry_answers(address) {
+            eprintln!("stack: a registry already answers at {address}; reusing it");
             return Ok(());
         }
-        if std::net::TcpStream::connect_timeout(&REGISTRY.parse()?, Duration::from_millis(500)).is_ok() {
-            bail!("{REGISTRY} is taken by a program that is not a Docker registry; stop it (ss -ltnp 'sport = :5000' shows which)");
+        if std::net::TcpStream::connect_timeout(&address.parse()?, Duration::from_millis(500)).is_ok() {
+            bail!("{address} is taken by a program that is not a Docker registry; stop it (`ss -ltnp` shows which)");
         }
         let storage = self.path("registry");
         fs::create_dir_all(&storage)?;
@@ -150,17 +155,17 @@ impl Stack {
         fs::write(
             &config,
             format!(
-                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {REGISTRY}\n",
+                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {address}\n",
                 storage.display()
             ),
         )?;
         let log = self.path("registry.log");
         let pid = spawn_daemon("docker-registry", &["serve".as_ref(), config.as_os_str()], &log)?;
         fs::write(self.path("registry.pid"), pid.to_string())?;
-        wait_for(Duration::from_secs(30), || registry_answers(REGISTRY)).with_context(|| {
-            format!("the registry (pid {pid}) did not answer at {REGISTRY} within 30s; see its log {}", log.display())
+        wait_for(Duration::from_secs(30), || registry_answers(address)).with_context(|| {
+            format!("the registry (pid {pid}) did not answer at {address} within 30s; see its log {}", log.display())
         })?;
-        eprintln!("stack: registry up at {REGISTRY} (pid {pid})");
+        eprintln!("stack: registry up at {address} (pid {pid})");
         Ok(())
     }
 
@@ -472,5 +477,26 @@ impl Drop for PolicyRcGuard {
         if self.created {
             let _ = fs::remove_file("/usr/sbin/policy-rc.d");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_port_taken_by_something_else_is_a_clear_error_not_a_hang() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        let state = tempfile::tempdir().unwrap();
+        let stack = Stack { dir: state.path().to_path_buf() };
+        let started = Instant::now();
+        let error = stack.start_registry_at(&address).unwrap_err().to_string();
+        assert!(started.elapsed() < Duration::from_secs(15), "took {:?}", started.elapsed());
+        assert_eq!(
+            error,
+            format!("{address} is taken by a program that is not a Docker registry; stop it (`ss -ltnp` shows which)")
+        );
+        assert!(!state.path().join("registry.pid").exists(), "nothing was started");
     }
 }
