@@ -170,7 +170,12 @@ pub fn run_program(program: &str, args: &[String], purpose: &str, timeout: Durat
 
 /// Starts `expression`, waits up to `timeout`, and kills it (with its children) past that.
 /// A start failure comes back as an `std::io::Error` inside the `anyhow::Error`.
-fn run_with_timeout(expression: duct::Expression, purpose: &str, shown: &str, timeout: Duration) -> Result<Output> {
+pub(crate) fn run_with_timeout(
+    expression: duct::Expression,
+    purpose: &str,
+    shown: &str,
+    timeout: Duration,
+) -> Result<Output> {
     let handle = expression.stdin_null().stdout_capture().stderr_capture().start().map_err(anyhow::Error::new)?;
     let deadline = Instant::now() + timeout;
     loop {

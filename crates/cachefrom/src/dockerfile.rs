@@ -314,32 +314,30 @@ impl Dockerfile {
     /// The stages `target` needs, in a valid build order (file order among them), target last.
     pub fn build_order(&self, target: Option<&str>) -> Result<Vec<&Stage>> {
         let target = self.target_stage(target)?;
-        let by_key: BTreeMap<String, &Stage> = self.stages.iter().map(|stage| (stage.key(), stage)).collect();
-        let mut needed: BTreeSet<usize> = BTreeSet::new();
-        let mut pending = vec![target.index];
-        while let Some(index) = pending.pop() {
-            if needed.insert(index) {
-                for dependency in &self.stages[index].depends_on {
-                    pending.push(by_key[dependency].index);
-                }
-            }
-        }
+        let mut needed = self.reachable(&target.depends_on);
+        needed.insert(target.index);
         // A stage only ever reads earlier stages, so file order is a topological order.
         Ok(needed.into_iter().map(|index| &self.stages[index]).collect())
     }
 
     /// Every stage key `stage` depends on, directly or not, sorted by index.
     pub fn transitive_dependencies(&self, stage: &Stage) -> Vec<String> {
-        let by_key: BTreeMap<String, &Stage> = self.stages.iter().map(|stage| (stage.key(), stage)).collect();
-        let mut found: BTreeSet<usize> = BTreeSet::new();
-        let mut pending: Vec<&String> = stage.depends_on.iter().collect();
+        self.reachable(&stage.depends_on).into_iter().map(|index| self.stages[index].key()).collect()
+    }
+
+    /// The indexes of the stages named by `keys` and of everything they read from.
+    fn reachable(&self, keys: &[String]) -> BTreeSet<usize> {
+        let index_by_key: BTreeMap<String, usize> =
+            self.stages.iter().map(|stage| (stage.key(), stage.index)).collect();
+        let mut found = BTreeSet::new();
+        let mut pending: Vec<&String> = keys.iter().collect();
         while let Some(key) = pending.pop() {
-            let dependency = by_key[key];
-            if found.insert(dependency.index) {
-                pending.extend(dependency.depends_on.iter());
+            let index = index_by_key[key];
+            if found.insert(index) {
+                pending.extend(self.stages[index].depends_on.iter());
             }
         }
-        found.into_iter().map(|index| self.stages[index].key()).collect()
+        found
     }
 }
 

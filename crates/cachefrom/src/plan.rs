@@ -72,14 +72,15 @@ impl Level {
 
     /// The tag key of this level for `git`, or `None` when the level does not apply, with why.
     fn key(self, git: &GitFacts) -> std::result::Result<Option<String>, String> {
-        let missing = |what: &str| Err(format!("{what} unknown"));
+        let known =
+            |value: &Option<String>, what: &str| value.clone().map(Some).ok_or_else(|| format!("{what} unknown"));
         match self {
-            Level::Branch => git.branch.clone().map(Some).map_or_else(|| missing("branch"), Ok),
-            Level::Commit => git.commit.clone().map(Some).map_or_else(|| missing("commit"), Ok),
+            Level::Branch => known(&git.branch, "branch"),
+            Level::Commit => known(&git.commit, "commit"),
             Level::MergeBase if git.on_default_branch() => Err("on the default branch".to_string()),
-            Level::MergeBase => git.merge_base.clone().map(Some).map_or_else(|| missing("merge-base"), Ok),
+            Level::MergeBase => known(&git.merge_base, "merge-base"),
             Level::DefaultBranch => Ok(Some(git.default_branch.clone())),
-            Level::Parent => git.parent.clone().map(Some).map_or_else(|| missing("parent commit"), Ok),
+            Level::Parent => known(&git.parent, "parent commit"),
             Level::Unprefixed => Ok(None),
         }
     }
@@ -283,7 +284,7 @@ impl Plan {
     /// Reads the Dockerfile and computes the plan.
     pub fn new(options: &PlanOptions) -> Result<Plan> {
         let dockerfile_path = options.dockerfile.clone().unwrap_or_else(|| options.context.join("Dockerfile"));
-        let mut build_args = docker_build_args(&options.docker_args)?;
+        let mut build_args = docker_build_args(&options.docker_args);
         build_args.extend(options.build_args.clone());
         let dockerfile = read_dockerfile(&dockerfile_path, &build_args)?;
         Plan::from_dockerfile(options, &dockerfile_path, &dockerfile)
@@ -532,7 +533,7 @@ fn check_docker_args(docker_args: &[String]) -> Result<()> {
 }
 
 /// The `--build-arg K=V` pairs among docker's arguments (they change what `FROM` expands to).
-fn docker_build_args(docker_args: &[String]) -> Result<BTreeMap<String, String>> {
+fn docker_build_args(docker_args: &[String]) -> BTreeMap<String, String> {
     let mut build_args = BTreeMap::new();
     let mut args = docker_args.iter();
     while let Some(arg) = args.next() {
@@ -547,7 +548,7 @@ fn docker_build_args(docker_args: &[String]) -> Result<BTreeMap<String, String>>
             }
         }
     }
-    Ok(build_args)
+    build_args
 }
 
 /// True for build-arg and variable names that usually hold secrets.

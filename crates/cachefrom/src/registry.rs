@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -39,6 +40,13 @@ impl Default for RegistryClient {
     }
 }
 
+/// What the checks of one `check_all` share.
+struct Session {
+    agent: ureq::Agent,
+    /// Per repository: the `Authorization` header, or why there is none.
+    authorizations: Mutex<BTreeMap<Repository, std::result::Result<String, String>>>,
+}
+
 struct Credentials {
     username: String,
     secret: String,
@@ -60,10 +68,15 @@ impl RegistryClient {
     }
 
     /// Checks every `(repository, tag)` at once, one thread each; answers in the same order.
+    /// The checks share one connection pool and ask for credentials and a token once a repository.
     pub fn check_all(&self, refs: &[(Repository, String)]) -> Vec<Existence> {
+        let session = Session { agent: self.agent(), authorizations: Mutex::new(BTreeMap::new()) };
+        let session = &session;
         std::thread::scope(|scope| {
-            let handles: Vec<_> =
-                refs.iter().map(|(repository, tag)| scope.spawn(move || self.exists(repository, tag))).collect();
+            let handles: Vec<_> = refs
+                .iter()
+                .map(|(repository, tag)| scope.spawn(move || self.exists_in(session, repository, tag)))
+                .collect();
             handles
                 .into_iter()
                 .map(|handle| handle.join().unwrap_or_else(|_| Existence::Unknown("the check panicked".to_string())))
@@ -73,18 +86,22 @@ impl RegistryClient {
 
     /// Checks one `repository:tag`.
     pub fn exists(&self, repository: &Repository, tag: &str) -> Existence {
-        match self.head_manifest(repository, tag) {
+        let session = Session { agent: self.agent(), authorizations: Mutex::new(BTreeMap::new()) };
+        self.exists_in(&session, repository, tag)
+    }
+
+    fn exists_in(&self, session: &Session, repository: &Repository, tag: &str) -> Existence {
+        match self.head_manifest(session, repository, tag) {
             Ok(true) => Existence::Exists,
             Ok(false) => Existence::Missing,
             Err(error) => Existence::Unknown(format!("{error:#}")),
         }
     }
 
-    fn head_manifest(&self, repository: &Repository, tag: &str) -> Result<bool> {
-        let agent = self.agent();
+    fn head_manifest(&self, session: &Session, repository: &Repository, tag: &str) -> Result<bool> {
         let url = format!("{}/v2/{}/manifests/{tag}", registry_base_url(repository), repository.path);
         let head = |authorization: Option<&str>| -> Result<ureq::http::Response<ureq::Body>> {
-            let mut request = agent.head(&url).header("Accept", MANIFEST_TYPES);
+            let mut request = session.agent.head(&url).header("Accept", MANIFEST_TYPES);
             if let Some(authorization) = authorization {
                 request = request.header("Authorization", authorization);
             }
@@ -101,17 +118,28 @@ impl RegistryClient {
             .and_then(|value| value.to_str().ok())
             .unwrap_or_default()
             .to_string();
-        let credentials = self.credentials(&repository.registry)?;
-        let authorization = if challenge.to_lowercase().starts_with("bearer") {
-            let token = self.bearer_token(&agent, &challenge, repository, credentials.as_ref())?;
-            format!("Bearer {token}")
-        } else {
-            let credentials = credentials.with_context(|| {
-                format!("registry {} wants a login: run `docker login {}`", repository.registry, repository.registry)
-            })?;
-            basic(&credentials)
-        };
+        // Held while the first check of a repository logs in; the others then reuse its answer.
+        let mut authorizations = session.authorizations.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let authorization = authorizations
+            .entry(repository.clone())
+            .or_insert_with(|| self.authorization(&session.agent, &challenge, repository).map_err(|e| format!("{e:#}")))
+            .clone();
+        drop(authorizations);
+        let authorization = authorization.map_err(|error| anyhow!(error))?;
         interpret(head(Some(&authorization))?.status().as_u16(), repository)
+    }
+
+    /// The `Authorization` header answering `challenge`: a bearer token, or the saved login.
+    fn authorization(&self, agent: &ureq::Agent, challenge: &str, repository: &Repository) -> Result<String> {
+        let credentials = self.credentials(&repository.registry)?;
+        if challenge.to_lowercase().starts_with("bearer") {
+            let token = self.bearer_token(agent, challenge, repository, credentials.as_ref())?;
+            return Ok(format!("Bearer {token}"));
+        }
+        let credentials = credentials.with_context(|| {
+            format!("registry {} wants a login: run `docker login {}`", repository.registry, repository.registry)
+        })?;
+        Ok(basic(&credentials))
     }
 
     fn bearer_token(
@@ -246,29 +274,18 @@ fn docker_config_path() -> Option<PathBuf> {
 
 fn credentials_from_helper(helper: &str, server: &str, timeout: Duration) -> Result<Option<Credentials>> {
     let program = format!("docker-credential-{helper}");
-    let handle = duct::cmd!(&program, "get")
-        .stdin_bytes(server.as_bytes())
-        .stdout_capture()
-        .stderr_capture()
-        .unchecked()
-        .start();
-    let Ok(handle) = handle else { return Ok(None) };
-    let deadline = std::time::Instant::now() + timeout;
-    let output = loop {
-        if let Some(output) = handle.try_wait()? {
-            break output.clone();
-        }
-        if std::time::Instant::now() >= deadline {
-            let _ = handle.kill();
-            bail!("the credential helper {program} did not answer within {}s", timeout.as_secs());
-        }
-        std::thread::sleep(Duration::from_millis(5));
+    let expression = duct::cmd!(&program, "get").stdin_bytes(server.as_bytes());
+    let output = match crate::docker::run_with_timeout(expression, "asking a credential helper", &program, timeout) {
+        Ok(output) => output,
+        // Not installed: no credentials from it.
+        Err(error) if error.downcast_ref::<std::io::Error>().is_some() => return Ok(None),
+        Err(error) => return Err(error),
     };
-    if !output.status.success() {
+    if !output.success {
         return Ok(None);
     }
     let value: serde_json::Value =
-        serde_json::from_slice(&output.stdout).context("reading the credential helper's answer")?;
+        serde_json::from_str(&output.stdout).context("reading the credential helper's answer")?;
     let field = |name: &str| value.get(name).and_then(|v| v.as_str()).map(str::to_string);
     Ok(field("Username").zip(field("Secret")).map(|(username, secret)| Credentials { username, secret }))
 }
