@@ -196,20 +196,7 @@ fn stages(args: &StagesArgs) -> Result<()> {
     let order = dockerfile.build_order(args.dockerfile.target.as_deref())?;
     let order: Vec<String> = order.iter().map(|stage| stage.key()).collect();
     if args.json {
-        let stages: Vec<serde_json::Value> = dockerfile
-            .stages
-            .iter()
-            .map(|stage| {
-                serde_json::json!({
-                    "index": stage.index,
-                    "name": stage.name,
-                    "base": stage.base,
-                    "depends_on": stage.depends_on,
-                    "external_images": stage.external_images,
-                })
-            })
-            .collect();
-        let json = serde_json::json!({ "stages": stages, "build_order": order });
+        let json = serde_json::json!({ "stages": dockerfile.stages, "build_order": order });
         println!("{}", serde_json::to_string_pretty(&json)?);
     } else {
         for stage in &dockerfile.stages {

@@ -98,15 +98,13 @@ pub struct Resolution {
     pub warnings: Vec<String>,
     /// Seconds the checks took.
     pub seconds: f64,
-    /// True when candidates could not be checked (s3, gha): all are passed, in order.
-    pub unchecked: bool,
 }
 
 impl Resolution {
     /// The `--cache-from` sources of `stage`: its own chosen cache, then those of the stages it
-    /// reads from. Where nothing could be checked, every candidate in chain order.
+    /// reads from. Where nothing could be checked (s3, gha), every candidate in chain order.
     pub fn sources(&self, plan: &Plan, stage: &StagePlan) -> Vec<(String, CacheRef)> {
-        if self.unchecked {
+        if !plan.backend.can_check_existence() {
             return plan.all_candidate_sources(stage);
         }
         std::iter::once(&stage.name)
@@ -126,13 +124,10 @@ impl Resolution {
 pub fn pull_cached(ctx: &Context, plan: &Plan) -> Result<Resolution> {
     let started = Instant::now();
     let mut warnings = Vec::new();
+    let mut stages: BTreeMap<String, Choice> =
+        plan.stages.iter().map(|stage| (stage.name.clone(), Choice { chosen: None, checked: Vec::new() })).collect();
     if !plan.backend.can_check_existence() {
-        let stages = plan
-            .stages
-            .iter()
-            .map(|stage| (stage.name.clone(), Choice { chosen: None, checked: Vec::new() }))
-            .collect();
-        return Ok(Resolution { stages, level: None, warnings, seconds: 0.0, unchecked: true });
+        return Ok(Resolution { stages, level: None, warnings, seconds: 0.0 });
     }
 
     let candidates: Vec<(String, CacheRef)> = plan
@@ -173,8 +168,6 @@ pub fn pull_cached(ctx: &Context, plan: &Plan) -> Result<Resolution> {
         warnings.push(line);
     }
 
-    let mut stages: BTreeMap<String, Choice> =
-        plan.stages.iter().map(|stage| (stage.name.clone(), Choice { chosen: None, checked: Vec::new() })).collect();
     for ((stage, candidate), answer) in candidates.into_iter().zip(answers) {
         stages.get_mut(&stage).expect("every stage has a choice").checked.push((candidate, answer));
     }
@@ -200,7 +193,7 @@ pub fn pull_cached(ctx: &Context, plan: &Plan) -> Result<Resolution> {
             _ => {}
         }
     }
-    Ok(Resolution { stages, level, warnings, seconds: started.elapsed().as_secs_f64(), unchecked: false })
+    Ok(Resolution { stages, level, warnings, seconds: started.elapsed().as_secs_f64() })
 }
 
 /// Sets each stage's `chosen` cache from what was found: every stage from the most specific level
@@ -242,10 +235,7 @@ fn fail_or_warn(plan: &Plan, warnings: &mut Vec<String>, line: String) -> Result
 
 fn unpack(plan: &Plan, stage: &str, file: &Path, timeout: std::time::Duration) -> Result<()> {
     let dir = plan.unpacked_dir(stage);
-    if dir.exists() {
-        std::fs::remove_dir_all(&dir).with_context(|| format!("clearing {}", dir.display()))?;
-    }
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    empty_dir(&dir)?;
     let args = vec!["-xf".to_string(), file.display().to_string(), "-C".to_string(), dir.display().to_string()];
     run_program("tar", &args, &format!("unpacking cache {}", file.display()), timeout)?;
     Ok(())
@@ -275,10 +265,7 @@ impl std::error::Error for StageFailed {}
 pub fn build_stage(ctx: &Context, plan: &Plan, stage_name: &str, resolution: &Resolution) -> Result<StageReport> {
     let stage = plan.stage(stage_name).with_context(|| format!("the plan has no stage `{stage_name}`"))?;
     if matches!(plan.backend, Backend::Tarball { .. } | Backend::Local { .. }) {
-        let staging = plan.staging_dir(&stage.name);
-        if staging.exists() {
-            std::fs::remove_dir_all(&staging).with_context(|| format!("clearing {}", staging.display()))?;
-        }
+        remove_dir(&plan.staging_dir(&stage.name))?;
     }
     let sources = resolution.sources(plan, stage);
     let progress = if plan.builder == Builder::Buildx { "rawjson" } else { "plain" };
@@ -307,7 +294,9 @@ pub fn build_stage(ctx: &Context, plan: &Plan, stage_name: &str, resolution: &Re
         env_docker.env.push(("DOCKER_BUILDKIT".into(), "0".into()));
     }
     let exit = env_docker.stream(&format!("building {title}"), &args, ctx.docker.timeouts.build, |line| {
-        classic_record.feed_line(line);
+        if plan.builder == Builder::Classic {
+            classic_record.feed_line(line);
+        }
         for event in record.feed_line(line) {
             if let ProgressEvent::Text(text) = &event {
                 text_lines.push(text.clone());
@@ -434,10 +423,7 @@ pub fn push_cached(ctx: &Context, plan: &Plan, stage_name: &str) -> Result<PushO
 /// Packs the staged cache of `stage` into `file`, through a `.partial` file renamed at the end,
 /// so a reader never sees half a tar.
 fn pack(plan: &Plan, stage: &str, file: &Path, timeout: std::time::Duration) -> Result<()> {
-    let staging = plan.staging_dir(stage);
-    if !staging.join("index.json").is_file() {
-        bail!("no cache was exported for stage {stage} at {}", staging.display());
-    }
+    let staging = exported_cache(plan, stage)?;
     let parent = file.parent().context("a tar file has a directory")?;
     std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
     let partial = file.with_extension("tar.partial");
@@ -455,31 +441,45 @@ fn pack(plan: &Plan, stage: &str, file: &Path, timeout: std::time::Duration) -> 
 
 /// Copies the staged cache of `stage` to `dir`, through `DIR.partial` renamed at the end.
 fn copy_dir(plan: &Plan, stage: &str, dir: &Path, timeout: std::time::Duration) -> Result<()> {
-    let staging = plan.staging_dir(stage);
-    if !staging.join("index.json").is_file() {
-        bail!("no cache was exported for stage {stage} at {}", staging.display());
-    }
+    let staging = exported_cache(plan, stage)?;
     let mut partial = dir.as_os_str().to_owned();
     partial.push(".partial");
     let partial = std::path::PathBuf::from(partial);
-    if partial.exists() {
-        std::fs::remove_dir_all(&partial).with_context(|| format!("clearing {}", partial.display()))?;
-    }
-    std::fs::create_dir_all(&partial).with_context(|| format!("creating {}", partial.display()))?;
+    empty_dir(&partial)?;
     // Blobs are content-addressed and never change: hard links (same file system) cost nothing.
     let purpose = format!("copying the cache of stage {stage}");
     let linked = vec!["-al".to_string(), format!("{}/.", staging.display()), partial.display().to_string()];
     if run_program("cp", &linked, &purpose, timeout).is_err() {
-        std::fs::remove_dir_all(&partial).with_context(|| format!("clearing {}", partial.display()))?;
-        std::fs::create_dir_all(&partial).with_context(|| format!("creating {}", partial.display()))?;
+        empty_dir(&partial)?;
         let copied = vec!["-a".to_string(), format!("{}/.", staging.display()), partial.display().to_string()];
         run_program("cp", &copied, &purpose, timeout)?;
     }
-    if dir.exists() {
-        std::fs::remove_dir_all(dir).with_context(|| format!("replacing {}", dir.display()))?;
-    }
+    remove_dir(dir)?;
     std::fs::rename(&partial, dir).with_context(|| format!("moving {} to {}", partial.display(), dir.display()))?;
     Ok(())
+}
+
+/// The directory BuildKit exported `stage`'s cache to (local and tarball), checked to hold one.
+fn exported_cache(plan: &Plan, stage: &str) -> Result<std::path::PathBuf> {
+    let staging = plan.staging_dir(stage);
+    if !staging.join("index.json").is_file() {
+        bail!("no cache was exported for stage {stage} at {}", staging.display());
+    }
+    Ok(staging)
+}
+
+/// Removes `dir` and what it holds, if it exists.
+fn remove_dir(dir: &Path) -> Result<()> {
+    if dir.exists() {
+        std::fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()))?;
+    }
+    Ok(())
+}
+
+/// Makes `dir` an empty directory.
+fn empty_dir(dir: &Path) -> Result<()> {
+    remove_dir(dir)?;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))
 }
 
 /// Writes each built stage's cache when it goes out of scope, like `trap push_cached EXIT`: after
@@ -642,7 +642,7 @@ pub fn execute_plan(
         let choice = &resolution.stages[&stage.name];
         match &choice.chosen {
             Some(chosen) => ctx.say(&format!("cachefrom: {} reads {} ({})", stage.name, chosen.location, chosen.level)),
-            None if resolution.unchecked => {
+            None if !plan.backend.can_check_existence() => {
                 ctx.say(&format!("cachefrom: {} reads every candidate; BuildKit takes what exists", stage.name))
             }
             None => ctx.say(&format!("cachefrom: {} has no cache yet", stage.name)),
@@ -954,7 +954,7 @@ mod tests {
             ("app".to_string(), choice(&[(Level::Branch, true)])),
         ]);
         let level = choose_sources(&[Level::Branch], &mut stages);
-        let resolution = Resolution { stages, level, warnings: vec![], seconds: 0.0, unchecked: false };
+        let resolution = Resolution { stages, level, warnings: vec![], seconds: 0.0 };
         let sources: Vec<String> =
             resolution.sources(&plan, plan.stage("app").unwrap()).into_iter().map(|(name, _)| name).collect();
         assert_eq!(sources, ["app", "deps"]);
