@@ -117,6 +117,13 @@ pub fn example_settings(image: &str, dir: &Path) -> cachefrom::settings::Setting
     settings
 }
 
+/// A library context printing plain progress, as in CI logs.
+pub fn plain_context() -> cachefrom::exec::Context {
+    let mut ctx = cachefrom::exec::Context::from_environment();
+    ctx.style = cachefrom::exec::OutputStyle::Plain;
+    ctx
+}
+
 /// Serialises the end-to-end tests: they share one daemon, and a fresh runner removes its images.
 pub fn serial() -> std::sync::MutexGuard<'static, ()> {
     static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());

@@ -7,16 +7,10 @@
 use std::path::Path;
 
 use cachefrom::ci::Environment;
-use cachefrom::exec::{build_with_cache, BuildOptions, Context, OutputStyle};
+use cachefrom::exec::{build_with_cache, BuildOptions};
 use cachefrom::plan::Level;
 use cachefrom::report::RunReport;
 use cachefrom_tests::*;
-
-fn context() -> Context {
-    let mut ctx = Context::from_environment();
-    ctx.style = OutputStyle::Plain;
-    ctx
-}
 
 fn build(dir: &Path, image: &str, backend: &str, branch: &str) -> RunReport {
     let mut settings = example_settings(image, dir);
@@ -25,7 +19,7 @@ fn build(dir: &Path, image: &str, backend: &str, branch: &str) -> RunReport {
     settings.work_dir = Some(dir.join(".cachefrom-work"));
     settings.tags = vec![format!("{image}:e2e")];
     let options = BuildOptions::new(settings.plan_options(&Environment::default()).expect("plan options"));
-    match build_with_cache(&context(), &options) {
+    match build_with_cache(&plain_context(), &options) {
         Ok(report) => report,
         Err(error) => panic!("build on {branch} with {backend} failed: {error:#}"),
     }

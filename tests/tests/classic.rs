@@ -4,7 +4,7 @@
 use std::time::Instant;
 
 use cachefrom::ci::Environment;
-use cachefrom::exec::{execute_plan, Context, OutputStyle};
+use cachefrom::exec::execute_plan;
 use cachefrom::plan::{Builder, Plan};
 use cachefrom::settings::Settings;
 use cachefrom_tests::*;
@@ -36,8 +36,7 @@ fn the_classic_builder_pulls_the_chosen_caches_and_hits_them() {
     settings.build_args = vec![("BASE".to_string(), RUNTIME_BASE_IMAGE.to_string())];
     let mut options = settings.plan_options(&Environment::default()).unwrap();
     options.builder = Builder::Classic;
-    let mut ctx = Context::from_environment();
-    ctx.style = OutputStyle::Plain;
+    let ctx = plain_context();
 
     let seed = execute_plan(&ctx, &Plan::new(&options).unwrap(), None, None, Instant::now()).unwrap();
     assert!(seed.stages.iter().all(|stage| !stage.pushed.is_empty()), "{seed:#?}");

@@ -7,15 +7,9 @@ use std::process::Command;
 
 use anyhow::anyhow;
 use cachefrom::ci::Environment;
-use cachefrom::exec::{build_stage, build_with_cache, pull_cached, BuildOptions, Context, OutputStyle, PushGuard};
+use cachefrom::exec::{build_stage, build_with_cache, pull_cached, BuildOptions, Context, PushGuard};
 use cachefrom::plan::{Plan, PlanOptions};
 use cachefrom_tests::*;
-
-fn context() -> Context {
-    let mut ctx = Context::from_environment();
-    ctx.style = OutputStyle::Plain;
-    ctx
-}
 
 fn plan_options(dir: &Path, image: &str, backend: &str) -> PlanOptions {
     let mut settings = example_settings(image, dir);
@@ -105,7 +99,7 @@ fn an_early_return_and_a_panic_still_push() {
         return;
     }
     let repo = example_repository_copy().unwrap();
-    let ctx = context();
+    let ctx = plain_context();
 
     let image = unique_repository("early-return");
     let mut options = plan_options(repo.path(), &image, "inline");
@@ -141,7 +135,7 @@ fn a_registry_that_goes_away_mid_run_leaves_a_build_without_cache() {
     let repo = example_repository_copy().unwrap();
     let mut cache_registry = TempRegistry::start(5001).unwrap();
     let image = format!("{}/gone/app", cache_registry.address);
-    let ctx = context();
+    let ctx = plain_context();
 
     // Seed, then stop the registry between the existence check and the builds.
     let seed = build_with_cache(&ctx, &BuildOptions::new(plan_options(repo.path(), &image, "registry"))).unwrap();

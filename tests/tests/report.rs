@@ -3,7 +3,7 @@
 //! remote cache shows only download lines and `DONE`).
 
 use cachefrom::ci::Environment;
-use cachefrom::exec::{build_with_cache, pull_cached, BuildOptions, Context, OutputStyle};
+use cachefrom::exec::{build_with_cache, pull_cached, BuildOptions};
 use cachefrom::plan::Plan;
 use cachefrom_tests::*;
 
@@ -16,8 +16,7 @@ fn cached_counts_match_buildkits_record_not_the_cached_lines() {
     let repo = example_repository_copy().unwrap();
     let settings = example_settings(&unique_repository("counts"), repo.path());
     let options = settings.plan_options(&Environment::default()).unwrap();
-    let mut ctx = Context::from_environment();
-    ctx.style = OutputStyle::Plain;
+    let ctx = plain_context();
     build_with_cache(&ctx, &BuildOptions::new(options.clone())).unwrap();
 
     fresh_runner().unwrap();

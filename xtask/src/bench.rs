@@ -47,7 +47,7 @@ pub fn run(sh: &Shell, args: &BenchArgs) -> Result<()> {
     if !args.quick {
         out.push_str(&rebuilds(sh)?);
     }
-    let path = crate::repository_root().join("BENCHMARKS.md");
+    let path = cachefrom_tests::repository_root().join("BENCHMARKS.md");
     std::fs::write(&path, &out).with_context(|| format!("writing {}", path.display()))?;
     print!("{out}");
     Ok(())

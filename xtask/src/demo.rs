@@ -8,7 +8,7 @@ use anyhow::{Context as _, Result};
 use cachefrom::ci::Environment;
 use cachefrom::exec::{build_with_cache, BuildOptions, Context};
 use cachefrom::report::RunReport;
-use xshell::{cmd, Shell};
+use xshell::Shell;
 
 use crate::stack::Stack;
 
@@ -33,17 +33,6 @@ impl Drop for RestoreFile {
     }
 }
 
-/// Removes every local image and the build cache, as a fresh CI runner has none.
-pub fn become_fresh_runner(sh: &Shell) -> Result<()> {
-    cmd!(sh, "timeout 300 docker image prune -af").quiet().ignore_stdout().run().context("removing local images")?;
-    cmd!(sh, "timeout 300 docker buildx prune -af")
-        .quiet()
-        .ignore_stdout()
-        .run()
-        .context("removing the build cache")?;
-    Ok(())
-}
-
 fn build(image: &str) -> Result<RunReport> {
     let settings = cachefrom_tests::example_settings(image, &cachefrom_tests::example_project());
     let options = BuildOptions::new(settings.plan_options(&Environment::from_process())?);
@@ -56,11 +45,11 @@ pub fn run(sh: &Shell) -> Result<()> {
     let image = format!("{}/demo-{stamp}/example-app", cachefrom_tests::REGISTRY);
 
     eprintln!("\n== 1. cold build: no cache anywhere ({image})");
-    become_fresh_runner(sh)?;
+    cachefrom_tests::fresh_runner()?;
     let cold = build(&image)?;
 
     eprintln!("\n== 2. a fresh runner: local images and build cache removed");
-    become_fresh_runner(sh)?;
+    cachefrom_tests::fresh_runner()?;
 
     let main_rs = cachefrom_tests::example_project().join("src/lib.rs");
     let _restore = RestoreFile::new(main_rs.clone())?;

@@ -5,7 +5,7 @@ mod demo;
 mod docker;
 mod stack;
 
-use std::path::{Path, PathBuf};
+use cachefrom_tests::repository_root;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -43,11 +43,6 @@ enum StackAction {
     Down,
     /// Say what runs and where.
     Status,
-}
-
-/// The repository root.
-pub fn repository_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask/ sits in the repository").to_path_buf()
 }
 
 fn main() -> ExitCode {

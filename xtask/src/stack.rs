@@ -119,7 +119,7 @@ impl Stack {
                 .quiet()
                 .ignore_stdout()
                 .run();
-            sh.change_dir(crate::repository_root());
+            sh.change_dir(cachefrom_tests::repository_root());
             downloaded.context("downloading the trixie packages failed")?;
             let files: Vec<PathBuf> = fs::read_dir(&debs)?
                 .flatten()
@@ -159,14 +159,10 @@ impl Stack {
                 storage.display()
             ),
         )?;
-        let log = self.path("registry.log");
-        let pid = spawn_daemon("docker-registry", &["serve".as_ref(), config.as_os_str()], &log)?;
-        fs::write(self.path("registry.pid"), pid.to_string())?;
-        wait_for(Duration::from_secs(30), || registry_answers(address)).with_context(|| {
-            format!("the registry (pid {pid}) did not answer at {address} within 30s; see its log {}", log.display())
-        })?;
-        eprintln!("stack: registry up at {address} (pid {pid})");
-        Ok(())
+        let args = ["serve".as_ref(), config.as_os_str()];
+        self.launch("registry", "docker-registry", &args, address, Duration::from_secs(30), || {
+            registry_answers(address)
+        })
     }
 
     fn start_dockerd(&self, sh: &Shell) -> Result<()> {
@@ -191,13 +187,32 @@ impl Stack {
             "insecure-registries": [REGISTRY],
         });
         fs::write(&config, serde_json::to_string_pretty(&daemon_json)?)?;
-        let log = self.path("dockerd.log");
-        let pid = spawn_daemon("dockerd", &["--config-file".as_ref(), config.as_os_str()], &log)?;
-        fs::write(self.path("dockerd.pid"), pid.to_string())?;
-        wait_for(Duration::from_secs(60), || docker_answers(sh)).with_context(|| {
-            format!("dockerd (pid {pid}) did not answer at {DOCKER_HOST} within 60s; see its log {}", log.display())
+        let args = ["--config-file".as_ref(), config.as_os_str()];
+        self.launch("dockerd", "dockerd", &args, DOCKER_HOST, Duration::from_secs(60), || docker_answers(sh))
+    }
+
+    /// Starts `program` as `name` (its pid in NAME.pid, its output in NAME.log) and waits up to
+    /// `limit` until `ready` says it answers at `address`.
+    fn launch(
+        &self,
+        name: &str,
+        program: &str,
+        args: &[&std::ffi::OsStr],
+        address: &str,
+        limit: Duration,
+        ready: impl FnMut() -> bool,
+    ) -> Result<()> {
+        let log = self.path(&format!("{name}.log"));
+        let pid = spawn_daemon(program, args, &log)?;
+        fs::write(self.path(&format!("{name}.pid")), pid.to_string())?;
+        wait_for(limit, ready).with_context(|| {
+            format!(
+                "{name} (pid {pid}) did not answer at {address} within {}s; see its log {}",
+                limit.as_secs(),
+                log.display()
+            )
         })?;
-        eprintln!("stack: dockerd up at {DOCKER_HOST} (pid {pid})");
+        eprintln!("stack: {name} up at {address} (pid {pid})");
         Ok(())
     }
 

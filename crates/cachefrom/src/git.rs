@@ -155,11 +155,12 @@ fn default_branch_commit(repository: &git2::Repository, branch: &str) -> Option<
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::process::Command;
 
-    fn git(dir: &Path, args: &[&str]) -> String {
+    /// Runs git in `dir` with a fixed identity; its stdout. Shared with the plan's tests.
+    pub(crate) fn git(dir: &Path, args: &[&str]) -> String {
         let output = Command::new("git")
             .args(args)
             .current_dir(dir)

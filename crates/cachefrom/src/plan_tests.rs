@@ -351,18 +351,7 @@ fn the_plan_round_trips_through_json_and_is_deterministic() {
 #[test]
 fn a_detached_head_with_a_ci_branch_variable() {
     let dir = tempfile::tempdir().unwrap();
-    let run = |args: &[&str]| {
-        let status = std::process::Command::new("git")
-            .args(args)
-            .current_dir(dir.path())
-            .env("GIT_AUTHOR_NAME", "t")
-            .env("GIT_AUTHOR_EMAIL", "t@example.invalid")
-            .env("GIT_COMMITTER_NAME", "t")
-            .env("GIT_COMMITTER_EMAIL", "t@example.invalid")
-            .status()
-            .unwrap();
-        assert!(status.success());
-    };
+    let run = |args: &[&str]| crate::git::tests::git(dir.path(), args);
     run(&["init", "-q", "-b", "main"]);
     std::fs::write(dir.path().join("Dockerfile"), "FROM alpine AS app\n").unwrap();
     run(&["add", "."]);
