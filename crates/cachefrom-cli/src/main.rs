@@ -9,7 +9,7 @@ use anyhow::Result;
 use cachefrom::ci::Environment;
 use cachefrom::dockerfile::read_dockerfile;
 use cachefrom::engine::BackendFallback;
-use cachefrom::exec::{execute_plan, plan_for_engine, BuildFailed, BuildOptions, Context, OutputStyle};
+use cachefrom::exec::{execute_plan, fit_to_engine, BuildFailed, BuildOptions, Context, OutputStyle};
 use cachefrom::plan::{Plan, PlanOptions};
 use cachefrom::settings::Settings;
 use clap::{Args, Parser, Subcommand};
@@ -258,7 +258,7 @@ fn build(args: &BuildArgs) -> std::result::Result<(), Failure> {
         return print_plan(&options, args.plan.json).map_err(usage);
     }
     // Check the Dockerfile and the target before asking Docker anything.
-    Plan::new(&options).map_err(usage)?;
+    let plan = Plan::new(&options).map_err(usage)?;
     let mut ctx = Context::from_environment();
     if args.quiet {
         ctx.style = OutputStyle::Quiet;
@@ -267,7 +267,7 @@ fn build(args: &BuildArgs) -> std::result::Result<(), Failure> {
     build_options.fallback = if args.fallback_to_inline { BackendFallback::ToInline } else { BackendFallback::Refuse };
     build_options.report_file = args.report.clone();
     let (plan, fallback) =
-        plan_for_engine(&ctx, &build_options).map_err(|error| Failure { code: EXIT_ENVIRONMENT, error })?;
+        fit_to_engine(&ctx, &build_options, plan).map_err(|error| Failure { code: EXIT_ENVIRONMENT, error })?;
     let result = execute_plan(&ctx, &plan, fallback, build_options.report_file.as_deref(), started);
     match result {
         Ok(_) => Ok(()),

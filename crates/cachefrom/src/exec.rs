@@ -602,12 +602,28 @@ impl std::error::Error for BuildFailed {}
 /// Probes the engine and computes the plan for it (the backend checked, the builder chosen).
 pub fn plan_for_engine(ctx: &Context, options: &BuildOptions) -> Result<(Plan, Option<String>)> {
     let engine = Engine::probe(&ctx.docker, options.builder_name.as_deref())?;
+    fit_plan(options, &engine, None)
+}
+
+/// Probes the engine and fits an already computed `plan` to it: the plan is computed again only
+/// when the engine changes its backend or builder.
+pub fn fit_to_engine(ctx: &Context, options: &BuildOptions, plan: Plan) -> Result<(Plan, Option<String>)> {
+    let engine = Engine::probe(&ctx.docker, options.builder_name.as_deref())?;
+    fit_plan(options, &engine, Some(plan))
+}
+
+fn fit_plan(options: &BuildOptions, engine: &Engine, planned: Option<Plan>) -> Result<(Plan, Option<String>)> {
     let (backend, fallback_reason) = engine.check_backend(&options.plan.backend, options.fallback)?;
-    let mut plan_options = options.plan.clone();
-    plan_options.backend = backend;
-    plan_options.builder = engine.builder();
-    let plan = Plan::new(&plan_options)?;
-    Ok((plan, fallback_reason))
+    let builder = engine.builder();
+    match planned {
+        Some(plan) if plan.backend == backend && plan.builder == builder => Ok((plan, fallback_reason)),
+        _ => {
+            let mut plan_options = options.plan.clone();
+            plan_options.backend = backend;
+            plan_options.builder = builder;
+            Ok((Plan::new(&plan_options)?, fallback_reason))
+        }
+    }
 }
 
 /// The whole sequence for a Dockerfile and a target: probe the engine, plan, [`pull_cached`],
