@@ -9,7 +9,7 @@ use anyhow::Result;
 use cachefrom::ci::Environment;
 use cachefrom::dockerfile::read_dockerfile;
 use cachefrom::engine::BackendFallback;
-use cachefrom::exec::{execute_plan, fit_to_engine, BuildFailed, BuildOptions, Context, OutputStyle};
+use cachefrom::exec::{execute_checked, fit_and_check, BuildFailed, BuildOptions, Context, OutputStyle};
 use cachefrom::plan::{Plan, PlanOptions};
 use cachefrom::settings::Settings;
 use clap::{Args, Parser, Subcommand};
@@ -53,6 +53,20 @@ enum Command {
     Plan(PlanArgs),
     /// List the Dockerfile's stages and the build order for a target.
     Stages(StagesArgs),
+    /// Give a cache (or any manifest) in a registry further tags in the same repository: the
+    /// manifest is read once and written under each tag byte for byte; no layer moves. The
+    /// printed plan uses it to write a cache's further tags.
+    CopyTag(CopyTagArgs),
+}
+
+#[derive(Args, Debug)]
+struct CopyTagArgs {
+    /// The manifest to copy: REGISTRY/NAME:TAG.
+    #[arg(value_name = "SOURCE")]
+    source: String,
+    /// The further tags: REGISTRY/NAME:TAG, in the source's repository.
+    #[arg(value_name = "TARGET", required = true)]
+    targets: Vec<String>,
 }
 
 #[derive(Args, Debug)]
@@ -175,6 +189,7 @@ fn main() -> ExitCode {
         Command::Stages(args) => stages(&args).map_err(usage),
         Command::Plan(args) => plan_options(&args).and_then(|options| print_plan(&options, args.json)).map_err(usage),
         Command::Build(args) => build(&args),
+        Command::CopyTag(args) => copy_tag(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -216,6 +231,23 @@ fn stages(args: &StagesArgs) -> Result<()> {
         println!("build order: {}", order.join(" -> "));
     }
     Ok(())
+}
+
+fn copy_tag(args: &CopyTagArgs) -> std::result::Result<(), Failure> {
+    let (repository, _) = split_image(&args.source).map_err(usage)?;
+    let write = cachefrom::plan::CacheWrite::CopyTag { from: args.source.clone(), to: args.targets.clone() };
+    let ctx = Context::from_environment();
+    cachefrom::writes::perform(&write, &ctx.docker, &ctx.registry, &repository, ctx.docker.timeouts.transfer)
+        .map_err(|error| Failure { code: EXIT_ENVIRONMENT, error })
+}
+
+/// `REGISTRY/NAME:TAG` → its repository and tag.
+fn split_image(image: &str) -> Result<(cachefrom::refs::Repository, String)> {
+    let slash = image.rfind('/').map(|i| i + 1).unwrap_or(0);
+    let Some(colon) = image[slash..].rfind(':').map(|i| i + slash) else {
+        anyhow::bail!("`{image}` has no tag: give REGISTRY/NAME:TAG");
+    };
+    Ok((cachefrom::refs::Repository::parse(&image[..colon])?, image[colon + 1..].to_string()))
 }
 
 fn plan_options(args: &PlanArgs) -> Result<PlanOptions> {
@@ -266,9 +298,9 @@ fn build(args: &BuildArgs) -> std::result::Result<(), Failure> {
     let mut build_options = BuildOptions::new(options);
     build_options.fallback = if args.fallback_to_inline { BackendFallback::ToInline } else { BackendFallback::Refuse };
     build_options.report_file = args.report.clone();
-    let (plan, fallback) =
-        fit_to_engine(&ctx, &build_options, plan).map_err(|error| Failure { code: EXIT_ENVIRONMENT, error })?;
-    let result = execute_plan(&ctx, &plan, fallback, build_options.report_file.as_deref(), started);
+    let (plan, fallback, resolution) =
+        fit_and_check(&ctx, &build_options, plan).map_err(|error| Failure { code: EXIT_ENVIRONMENT, error })?;
+    let result = execute_checked(&ctx, &plan, fallback, resolution, build_options.report_file.as_deref(), started);
     match result {
         Ok(_) => Ok(()),
         // A build that ran and failed; anything else (a fatal cache error with --strict-cache)

@@ -1,7 +1,7 @@
 //! Executing a plan: [`pull_cached`], [`build_stage`], [`push_cached`], the [`PushGuard`] that
 //! writes caches trap-style, and [`build_with_cache`], which composes them.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::{IsTerminal, Write as _};
 use std::path::Path;
 use std::time::Instant;
@@ -12,9 +12,13 @@ use crate::backend::{Backend, CacheLocation};
 use crate::ci::{step_summary_path, CiSystem, Environment};
 use crate::docker::{last_lines, run_program, Docker};
 use crate::engine::{BackendFallback, Engine};
-use crate::plan::{render_command, Builder, CacheErrors, CacheRef, Level, Plan, PlanOptions, StagePlan};
+use crate::plan::{
+    render_command, Builder, CacheErrors, CacheRef, CacheWrite, Execution, Level, Plan, PlanOptions, StagePlan, Step,
+};
+use crate::progress::Renderer;
 use crate::registry::{Existence, RegistryClient};
 use crate::report::{ClassicRecord, ProgressEvent, ProgressRecord, RunReport, StageReport};
+use crate::writes::{self, empty_dir, remove_dir};
 
 /// How progress is shown.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -98,6 +102,9 @@ pub struct Resolution {
     pub warnings: Vec<String>,
     /// Seconds the checks took.
     pub seconds: f64,
+    /// The manifest digest of each location found, where the registry said: locations with the
+    /// same digest hold the same cache, and are passed to BuildKit once.
+    pub digests: BTreeMap<String, String>,
 }
 
 impl Resolution {
@@ -107,11 +114,15 @@ impl Resolution {
         if !plan.backend.can_check_existence() {
             return plan.all_candidate_sources(stage);
         }
+        let mut seen_digests = BTreeSet::new();
         std::iter::once(&stage.name)
             .chain(stage.depends_on.iter())
             .filter_map(|name| {
                 let chosen = self.stages.get(name)?.chosen.clone()?;
-                Some((name.clone(), chosen))
+                match self.digests.get(&chosen.location.to_string()) {
+                    Some(digest) if !seen_digests.insert(digest.clone()) => None,
+                    _ => Some((name.clone(), chosen)),
+                }
             })
             .collect()
     }
@@ -127,7 +138,7 @@ pub fn pull_cached(ctx: &Context, plan: &Plan) -> Result<Resolution> {
     let mut stages: BTreeMap<String, Choice> =
         plan.stages.iter().map(|stage| (stage.name.clone(), Choice { chosen: None, checked: Vec::new() })).collect();
     if !plan.backend.can_check_existence() {
-        return Ok(Resolution { stages, level: None, warnings, seconds: 0.0 });
+        return Ok(Resolution { stages, level: None, warnings, seconds: 0.0, digests: BTreeMap::new() });
     }
 
     let candidates: Vec<(String, CacheRef)> = plan
@@ -140,11 +151,18 @@ pub fn pull_cached(ctx: &Context, plan: &Plan) -> Result<Resolution> {
         .filter(|(_, candidate)| matches!(candidate.location, CacheLocation::Image(_)))
         .map(|(_, candidate)| (plan.repository.clone(), candidate.tag.clone()))
         .collect();
-    let mut image_answers = ctx.registry.check_all(&image_checks).into_iter();
+    let mut digests = BTreeMap::new();
+    let mut image_answers = ctx.registry.check_all_with_digests(&image_checks).into_iter();
     let answers: Vec<Existence> = candidates
         .iter()
         .map(|(_, candidate)| match &candidate.location {
-            CacheLocation::Image(_) => image_answers.next().expect("one answer a check"),
+            CacheLocation::Image(image) => {
+                let (answer, digest) = image_answers.next().expect("one answer a check");
+                if let Some(digest) = digest {
+                    digests.insert(image.clone(), digest);
+                }
+                answer
+            }
             CacheLocation::Directory(dir) => exists_if(dir.join("index.json").is_file()),
             CacheLocation::TarFile(file) => exists_if(file.is_file()),
             CacheLocation::Named(_) => Existence::Unknown("cannot be checked".to_string()),
@@ -193,7 +211,7 @@ pub fn pull_cached(ctx: &Context, plan: &Plan) -> Result<Resolution> {
             _ => {}
         }
     }
-    Ok(Resolution { stages, level, warnings, seconds: started.elapsed().as_secs_f64() })
+    Ok(Resolution { stages, level, warnings, seconds: started.elapsed().as_secs_f64(), digests })
 }
 
 /// Sets each stage's `chosen` cache from what was found: every stage from the most specific level
@@ -259,10 +277,23 @@ impl std::fmt::Display for StageFailed {
 
 impl std::error::Error for StageFailed {}
 
-/// Builds one stage with `--target`, its cache sources from `resolution`, the backend's cache
-/// export, the user's options and the stage's tags. Progress streams to the user as it comes and
-/// is kept for the report. A failed build is an error carrying a [`StageFailed`].
-pub fn build_stage(ctx: &Context, plan: &Plan, stage_name: &str, resolution: &Resolution) -> Result<StageReport> {
+/// What one `docker build` did to each stage it covered.
+#[derive(Debug)]
+pub struct BuildOutcome {
+    /// One report for each stage the build covered (the stage built and those it reads from), in
+    /// plan order.
+    pub reports: Vec<StageReport>,
+    /// The stages whose every step the build finished (BuildKit's record).
+    pub finished: BTreeSet<String>,
+    /// Why the build failed, if it did (carries a [`StageFailed`]).
+    pub error: Option<anyhow::Error>,
+}
+
+/// Builds `stage` with `--target` (and so every stage it reads from), its cache sources from
+/// `resolution`, the backend's cache export, the user's options and the stage's tags. Progress
+/// streams to the user as it comes and is kept for the report: one report for every stage the
+/// build covered, each true to BuildKit's own per-step record.
+pub fn build_unit(ctx: &Context, plan: &Plan, stage_name: &str, resolution: &Resolution) -> Result<BuildOutcome> {
     let stage = plan.stage(stage_name).with_context(|| format!("the plan has no stage `{stage_name}`"))?;
     if matches!(plan.backend, Backend::Tarball { .. } | Backend::Local { .. }) {
         remove_dir(&plan.staging_dir(&stage.name))?;
@@ -270,8 +301,25 @@ pub fn build_stage(ctx: &Context, plan: &Plan, stage_name: &str, resolution: &Re
     let sources = resolution.sources(plan, stage);
     let progress = if plan.builder == Builder::Buildx { "rawjson" } else { "plain" };
     let args = plan.build_command(stage, &sources, progress);
-    let position = plan.stages.iter().position(|s| s.name == stage.name).unwrap_or(0) + 1;
-    let title = format!("stage {} ({position}/{})", stage.name, plan.stages.len());
+    let covered: Vec<&StagePlan> = match plan.execution {
+        Execution::OneBuild => plan
+            .stages
+            .iter()
+            .filter(|other| other.name == stage.name || stage.depends_on.contains(&other.name))
+            .collect(),
+        Execution::StageByStage => vec![stage],
+    };
+    let title = match plan.execution {
+        Execution::OneBuild if covered.len() > 1 => format!(
+            "{} with {}",
+            stage.name,
+            covered.iter().filter(|c| c.name != stage.name).map(|c| c.name.as_str()).collect::<Vec<_>>().join(", ")
+        ),
+        _ => {
+            let position = plan.stages.iter().position(|s| s.name == stage.name).unwrap_or(0) + 1;
+            format!("stage {} ({position}/{})", stage.name, plan.stages.len())
+        }
+    };
     match ctx.style {
         OutputStyle::GithubActions => println!("::group::{title}"),
         OutputStyle::Plain => ctx.say(&format!("==> {title}")),
@@ -280,14 +328,14 @@ pub fn build_stage(ctx: &Context, plan: &Plan, stage_name: &str, resolution: &Re
     if ctx.style != OutputStyle::Terminal {
         ctx.say(&format!("    {}", render_command(&args)));
     }
-    let own_stages: Vec<String> =
-        std::iter::once(stage.target.clone().unwrap_or_else(|| format!("stage-{}", stage.index)))
-            .chain(plan.folded_stages.iter().map(|folded| format!("stage-{}", folded.name)))
-            .collect();
+    // Folded (unnamed, intermediate) stages are counted with the stage built.
+    let folded: Vec<String> = plan.folded_stages.iter().map(|folded| format!("stage-{}", folded.name)).collect();
+    let shown: Vec<String> =
+        covered.iter().map(|covered| plan.progress_name(covered)).chain(folded.iter().cloned()).collect();
     let started = Instant::now();
     let mut record = ProgressRecord::default();
     let mut classic_record = ClassicRecord::default();
-    let mut renderer = Renderer::new(ctx.style, &stage.name, own_stages.clone());
+    let mut renderer = Renderer::new(ctx.style, &stage.name, shown);
     let mut text_lines: Vec<String> = Vec::new();
     let mut env_docker = ctx.docker.clone();
     if plan.builder == Builder::Classic {
@@ -309,44 +357,82 @@ pub fn build_stage(ctx: &Context, plan: &Plan, stage_name: &str, resolution: &Re
         println!("::endgroup::");
     }
     let seconds = started.elapsed().as_secs_f64();
+    let succeeded = matches!(exit, Ok(Some(0)));
 
     let all_steps = if plan.builder == Builder::Classic { classic_record.steps() } else { record.steps() };
-    let steps: Vec<_> = all_steps.into_iter().filter(|step| own_stages.contains(&step.stage)).collect();
-    let steps_cached = steps.iter().filter(|step| step.cached).count();
-    let own_source = sources.iter().find(|(name, _)| *name == stage.name).map(|(_, source)| source.clone());
-    let mut report = StageReport {
-        name: stage.name.clone(),
-        cache_source: if steps_cached > 0 { own_source.as_ref().map(|s| s.location.to_string()) } else { None },
-        cache_level: if steps_cached > 0 { own_source.as_ref().map(|s| s.level) } else { None },
-        cache_from: sources.iter().map(|(_, source)| source.location.to_string()).collect(),
-        steps_cached,
-        steps_total: steps.len(),
-        seconds,
-        pushed: Vec::new(),
-        status: "built".to_string(),
-        steps,
-        warnings: Vec::new(),
-    };
-
-    let exit = match exit {
-        Ok(code) => code,
-        Err(error) => {
-            report.status = "failed".to_string();
-            let message = format!("{error:#}");
-            return Err(anyhow::Error::new(StageFailed { report, message }));
+    let mut finished = BTreeSet::new();
+    let mut reports = Vec::new();
+    for covered_stage in &covered {
+        let name = plan.progress_name(covered_stage);
+        let mut own: Vec<String> = vec![name.clone()];
+        if covered_stage.name == stage.name {
+            own.extend(folded.iter().cloned());
         }
+        let steps: Vec<_> = all_steps.iter().filter(|step| own.contains(&step.stage)).cloned().collect();
+        let steps_cached = steps.iter().filter(|step| step.cached).count();
+        let is_finished = succeeded || (plan.builder == Builder::Buildx && record.stage_finished(&name));
+        if is_finished {
+            finished.insert(covered_stage.name.clone());
+        }
+        let status = if is_finished {
+            "built"
+        } else if record.stage_failed(&name) || covered_stage.name == stage.name {
+            "failed"
+        } else {
+            "not built"
+        };
+        let own_source = resolution
+            .stages
+            .get(&covered_stage.name)
+            .and_then(|choice| choice.chosen.clone())
+            .or_else(|| sources.iter().find(|(source, _)| *source == covered_stage.name).map(|(_, s)| s.clone()));
+        let stage_seconds = match plan.execution {
+            Execution::StageByStage => seconds,
+            Execution::OneBuild => record.stage_seconds(&name).unwrap_or(0.0),
+        };
+        reports.push(StageReport {
+            name: covered_stage.name.clone(),
+            cache_source: if steps_cached > 0 { own_source.as_ref().map(|s| s.location.to_string()) } else { None },
+            cache_level: if steps_cached > 0 { own_source.as_ref().map(|s| s.level) } else { None },
+            cache_from: sources.iter().map(|(_, source)| source.location.to_string()).collect(),
+            steps_cached,
+            steps_total: steps.len(),
+            seconds: stage_seconds,
+            pushed: Vec::new(),
+            status: status.to_string(),
+            steps,
+            warnings: Vec::new(),
+        });
+    }
+
+    let failure = match exit {
+        Ok(Some(0)) => None,
+        Ok(code) => {
+            let failed_step = all_steps
+                .iter()
+                .find(|step| step.error.as_deref().is_some_and(|e| !e.contains("context canceled")))
+                .or_else(|| all_steps.iter().find(|step| step.error.is_some()))
+                .map(|step| format!("{}: {}", step.name, step.error.clone().unwrap_or_default()));
+            let detail = failed_step.unwrap_or_else(|| last_lines(&text_lines.join("\n"), 4));
+            let failed_stage = reports
+                .iter()
+                .find(|report| report.status == "failed" && report.name != stage.name)
+                .map(|report| report.name.clone())
+                .unwrap_or_else(|| stage.name.clone());
+            Some(format!(
+                "building stage {failed_stage} failed (docker exit code {}): {detail}",
+                code.map(|c| c.to_string()).unwrap_or_else(|| "none: killed".to_string())
+            ))
+        }
+        Err(error) => Some(format!("{error:#}")),
     };
-    if exit != Some(0) {
-        report.status = "failed".to_string();
-        let failed_step =
-            report.steps.iter().find_map(|step| step.error.as_ref().map(|e| format!("{}: {e}", step.name)));
-        let detail = failed_step.unwrap_or_else(|| last_lines(&text_lines.join("\n"), 4));
-        let message = format!(
-            "building stage {} failed (docker exit code {}): {detail}",
-            stage.name,
-            exit.map(|c| c.to_string()).unwrap_or_else(|| "none: killed".to_string())
-        );
-        return Err(anyhow::Error::new(StageFailed { report, message }));
+    if let Some(message) = failure {
+        let report = reports.iter().find(|report| report.name == stage.name).cloned().expect("the stage is covered");
+        return Ok(BuildOutcome {
+            reports,
+            finished,
+            error: Some(anyhow::Error::new(StageFailed { report, message })),
+        });
     }
 
     let export_errors: Vec<String> = record
@@ -360,8 +446,9 @@ pub fn build_stage(ctx: &Context, plan: &Plan, stage_name: &str, resolution: &Re
         .filter(|line| line.contains("ERROR") || line.to_lowercase().contains("error:"))
         .map(|line| line.trim().to_string())
         .collect();
+    let own = reports.iter_mut().find(|report| report.name == stage.name).expect("the stage is covered");
     for problem in export_errors.iter().chain(text_errors.iter()) {
-        report.warnings.push(format!("stage {}: {problem}", stage.name));
+        own.warnings.push(format!("stage {}: {problem}", stage.name));
     }
     if plan.cache_errors == CacheErrors::Fail && !export_errors.is_empty() {
         bail!(
@@ -370,12 +457,44 @@ pub fn build_stage(ctx: &Context, plan: &Plan, stage_name: &str, resolution: &Re
             export_errors.join("; ")
         );
     }
-    if export_errors.is_empty()
-        && !matches!(plan.backend, Backend::Inline | Backend::Tarball { .. } | Backend::Local { .. })
-    {
-        report.pushed = stage.cache_to.iter().map(|write| write.location.to_string()).collect();
+    // What BuildKit itself wrote: the registry export, or every name for s3 and gha.
+    if export_errors.is_empty() {
+        let exported: Vec<String> = match &plan.backend {
+            Backend::Registry { .. } => plan.primary_write(stage).map(|w| w.location.to_string()).into_iter().collect(),
+            Backend::S3 { .. } | Backend::Gha { .. } => plan.written_by(stage),
+            Backend::Inline if plan.pushes_in_build(stage) => plan.written_by(stage),
+            _ => Vec::new(),
+        };
+        credit_writes(plan, &mut reports, &exported);
     }
-    Ok(report)
+    Ok(BuildOutcome { reports, finished, error: None })
+}
+
+/// Adds each written location to the report of the stage that owns it.
+fn credit_writes(plan: &Plan, reports: &mut [StageReport], written: &[String]) {
+    for location in written {
+        let owner =
+            plan.stages.iter().find(|stage| stage.cache_to.iter().any(|write| write.location.to_string() == *location));
+        if let Some(report) = owner.and_then(|owner| reports.iter_mut().find(|report| report.name == owner.name)) {
+            if !report.pushed.contains(location) {
+                report.pushed.push(location.clone());
+            }
+        }
+    }
+}
+
+/// Builds one stage (see [`build_unit`]) and returns its report. A failed build is an error
+/// carrying a [`StageFailed`].
+pub fn build_stage(ctx: &Context, plan: &Plan, stage_name: &str, resolution: &Resolution) -> Result<StageReport> {
+    let outcome = build_unit(ctx, plan, stage_name, resolution)?;
+    if let Some(error) = outcome.error {
+        return Err(error);
+    }
+    outcome
+        .reports
+        .into_iter()
+        .find(|report| report.name == stage_name)
+        .with_context(|| format!("the build of {stage_name} reported nothing for it"))
 }
 
 /// What [`push_cached`] wrote, and what it could not.
@@ -387,30 +506,20 @@ pub struct PushOutcome {
     pub warnings: Vec<String>,
 }
 
-/// Writes the cache of a built stage where the plan allows: `docker push` of each cache tag
-/// (inline), a copy of the exported cache per tag (local), or one tar file per tag (tarball).
-/// Registry, s3 and gha caches are written by BuildKit during the build: nothing is left to do.
+/// Writes the cache a build of `stage` exported where the plan says ([`Plan::writes_after`]):
+/// further tags by copying the cache manifest (registry), a copy a tag (local), a tar file a tag
+/// (tarball), `docker push` of each cache tag (inline). s3 and gha caches are written whole by
+/// BuildKit during the build.
 pub fn push_cached(ctx: &Context, plan: &Plan, stage_name: &str) -> Result<PushOutcome> {
     let stage = plan.stage(stage_name).with_context(|| format!("the plan has no stage `{stage_name}`"))?;
+    perform_writes(ctx, plan, &plan.writes_after(stage))
+}
+
+fn perform_writes(ctx: &Context, plan: &Plan, writes: &[CacheWrite]) -> Result<PushOutcome> {
     let mut outcome = PushOutcome::default();
-    for write in &stage.cache_to {
-        let result = match (&plan.backend, &write.location) {
-            (Backend::Inline, CacheLocation::Image(image)) => {
-                let args = vec!["push".to_string(), "--quiet".to_string(), image.clone()];
-                ctx.docker
-                    .run_checked(&format!("pushing cache image {image}"), &args, ctx.docker.timeouts.transfer)
-                    .map(|_| ())
-            }
-            (Backend::Tarball { .. }, CacheLocation::TarFile(file)) => {
-                pack(plan, &stage.name, file, ctx.docker.timeouts.transfer)
-            }
-            (Backend::Local { .. }, CacheLocation::Directory(dir)) => {
-                copy_dir(plan, &stage.name, dir, ctx.docker.timeouts.transfer)
-            }
-            _ => continue,
-        };
-        match result {
-            Ok(()) => outcome.pushed.push(write.location.to_string()),
+    for write in writes {
+        match writes::perform(write, &ctx.docker, &ctx.registry, &plan.repository, ctx.docker.timeouts.transfer) {
+            Ok(()) => outcome.pushed.extend(write.destinations()),
             Err(error) if plan.cache_errors == CacheErrors::Warn => outcome.warnings.push(format!("{error:#}")),
             Err(error) => {
                 return Err(error.context("writing the cache failed (cache errors are fatal: --strict-cache)"))
@@ -420,66 +529,24 @@ pub fn push_cached(ctx: &Context, plan: &Plan, stage_name: &str) -> Result<PushO
     Ok(outcome)
 }
 
-/// Packs the staged cache of `stage` into `file`, through a `.partial` file renamed at the end,
-/// so a reader never sees half a tar.
-fn pack(plan: &Plan, stage: &str, file: &Path, timeout: std::time::Duration) -> Result<()> {
-    let staging = exported_cache(plan, stage)?;
-    let parent = file.parent().context("a tar file has a directory")?;
-    std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
-    let partial = file.with_extension("tar.partial");
-    let args = vec![
-        "-cf".to_string(),
-        partial.display().to_string(),
-        "-C".to_string(),
-        staging.display().to_string(),
-        ".".to_string(),
-    ];
-    run_program("tar", &args, &format!("packing the cache of stage {stage}"), timeout)?;
-    std::fs::rename(&partial, file).with_context(|| format!("moving {} to {}", partial.display(), file.display()))?;
-    Ok(())
-}
-
-/// Copies the staged cache of `stage` to `dir`, through `DIR.partial` renamed at the end.
-fn copy_dir(plan: &Plan, stage: &str, dir: &Path, timeout: std::time::Duration) -> Result<()> {
-    let staging = exported_cache(plan, stage)?;
-    let mut partial = dir.as_os_str().to_owned();
-    partial.push(".partial");
-    let partial = std::path::PathBuf::from(partial);
-    empty_dir(&partial)?;
-    // Blobs are content-addressed and never change: hard links (same file system) cost nothing.
-    let purpose = format!("copying the cache of stage {stage}");
-    let linked = vec!["-al".to_string(), format!("{}/.", staging.display()), partial.display().to_string()];
-    if run_program("cp", &linked, &purpose, timeout).is_err() {
-        empty_dir(&partial)?;
-        let copied = vec!["-a".to_string(), format!("{}/.", staging.display()), partial.display().to_string()];
-        run_program("cp", &copied, &purpose, timeout)?;
+/// After a failed one-build run: exports the cache of `stage`, which the build finished, from
+/// BuildKit's local cache (a `cacheonly` build of `--target stage`; nothing is rebuilt), then
+/// writes it like [`push_cached`]. Returns the reports of the export and what was written.
+pub fn recover_cached(
+    ctx: &Context,
+    plan: &Plan,
+    stage_name: &str,
+    resolution: &Resolution,
+) -> Result<(Vec<StageReport>, PushOutcome)> {
+    let quiet = Context { style: OutputStyle::Quiet, ..ctx.clone() };
+    let outcome = build_unit(&quiet, plan, stage_name, resolution)?;
+    if let Some(error) = outcome.error {
+        return Err(error.context(format!("exporting the cache of stage {stage_name}, which the build finished")));
     }
-    remove_dir(dir)?;
-    std::fs::rename(&partial, dir).with_context(|| format!("moving {} to {}", partial.display(), dir.display()))?;
-    Ok(())
-}
-
-/// The directory BuildKit exported `stage`'s cache to (local and tarball), checked to hold one.
-fn exported_cache(plan: &Plan, stage: &str) -> Result<std::path::PathBuf> {
-    let staging = plan.staging_dir(stage);
-    if !staging.join("index.json").is_file() {
-        bail!("no cache was exported for stage {stage} at {}", staging.display());
-    }
-    Ok(staging)
-}
-
-/// Removes `dir` and what it holds, if it exists.
-fn remove_dir(dir: &Path) -> Result<()> {
-    if dir.exists() {
-        std::fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()))?;
-    }
-    Ok(())
-}
-
-/// Makes `dir` an empty directory.
-fn empty_dir(dir: &Path) -> Result<()> {
-    remove_dir(dir)?;
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))
+    let mut reports = outcome.reports;
+    let written = push_cached(ctx, plan, stage_name)?;
+    credit_writes(plan, &mut reports, &written.pushed);
+    Ok((reports, written))
 }
 
 /// Writes each built stage's cache when it goes out of scope, like `trap push_cached EXIT`: after
@@ -627,15 +694,36 @@ fn fit_plan(options: &BuildOptions, engine: &Engine, planned: Option<Plan>) -> R
 }
 
 /// The whole sequence for a Dockerfile and a target: probe the engine, plan, [`pull_cached`],
-/// [`build_stage`] for each stage in order under a [`PushGuard`], push the final tags, and report
-/// (a table on stderr, `--report` JSON, the GitHub step summary).
+/// build (one build of the target, or stage by stage for inline), write the caches, push the
+/// final tags, and report (a table on stderr, `--report` JSON, the GitHub step summary).
 ///
-/// A failed stage still has the caches of the stages before it written; the error is the build's,
-/// with any push failure beside it, and carries the report ([`BuildFailed`]).
+/// A failed build still has the caches of the stages it finished written; the error is the
+/// build's, with any cache-write failure beside it, and carries the report ([`BuildFailed`]).
 pub fn build_with_cache(ctx: &Context, options: &BuildOptions) -> Result<RunReport> {
     let started = Instant::now();
-    let (plan, backend_fallback) = plan_for_engine(ctx, options)?;
-    execute_plan(ctx, &plan, backend_fallback, options.report_file.as_deref(), started)
+    let plan = Plan::new(&options.plan)?;
+    let (plan, backend_fallback, resolution) = fit_and_check(ctx, options, plan)?;
+    execute_checked(ctx, &plan, backend_fallback, resolution, options.report_file.as_deref(), started)
+}
+
+/// Probes the engine and checks which caches exist at the same time (both ask over the network);
+/// the checks run again only when the engine changes the plan's backend or builder.
+pub fn fit_and_check(
+    ctx: &Context,
+    options: &BuildOptions,
+    plan: Plan,
+) -> Result<(Plan, Option<String>, Result<Resolution>)> {
+    let (engine, resolution) = std::thread::scope(|scope| {
+        let probe = scope.spawn(|| Engine::probe(&ctx.docker, options.builder_name.as_deref()));
+        let resolution = pull_cached(ctx, &plan);
+        let engine = probe.join().unwrap_or_else(|_| Err(anyhow::anyhow!("probing the engine panicked")));
+        (engine, resolution)
+    });
+    let (backend, builder) = (plan.backend.clone(), plan.builder);
+    let (plan, fallback) = fit_plan(options, &engine?, Some(plan))?;
+    let resolution =
+        if plan.backend == backend && plan.builder == builder { resolution } else { pull_cached(ctx, &plan) };
+    Ok((plan, fallback, resolution))
 }
 
 /// Runs an already computed plan. See [`build_with_cache`].
@@ -646,6 +734,19 @@ pub fn execute_plan(
     report_file: Option<&Path>,
     started: Instant,
 ) -> Result<RunReport> {
+    let resolution = pull_cached(ctx, plan);
+    execute_checked(ctx, plan, backend_fallback, resolution, report_file, started)
+}
+
+/// Runs a plan whose caches were checked already ([`pull_cached`]'s answer).
+pub fn execute_checked(
+    ctx: &Context,
+    plan: &Plan,
+    backend_fallback: Option<String>,
+    resolution: Result<Resolution>,
+    report_file: Option<&Path>,
+    started: Instant,
+) -> Result<RunReport> {
     for note in &plan.notes {
         ctx.say(&format!("cachefrom: {note}"));
     }
@@ -653,7 +754,7 @@ pub fn execute_plan(
         ctx.warn(why);
     }
     // Its warnings go into the report, printed once at the end.
-    let resolution = pull_cached(ctx, plan)?;
+    let resolution = resolution?;
     for stage in &plan.stages {
         let choice = &resolution.stages[&stage.name];
         match &choice.chosen {
@@ -665,65 +766,77 @@ pub fn execute_plan(
         }
     }
 
-    let mut stage_reports: Vec<StageReport> = Vec::new();
+    // Walk the plan's steps; a failed build stops the walk after recovering what it finished.
+    let mut stage_reports: BTreeMap<String, StageReport> = BTreeMap::new();
     let mut build_error: Option<anyhow::Error> = None;
-    let mut guard = PushGuard::new(ctx, plan);
-    for stage in &plan.stages {
-        match build_stage(ctx, plan, &stage.name, &resolution) {
-            Ok(report) => {
-                guard.stage_built(&stage.name);
-                stage_reports.push(report);
-            }
-            Err(error) => {
-                if let Some(failed) = error.downcast_ref::<StageFailed>() {
-                    stage_reports.push(failed.report.clone());
+    let mut write_warnings: Vec<(String, String)> = Vec::new();
+    let mut write_error: Option<String> = None;
+    for step in &plan.steps {
+        match step {
+            Step::Build { stage } => {
+                let outcome = build_unit(ctx, plan, stage, &resolution)?;
+                for report in outcome.reports {
+                    stage_reports.insert(report.name.clone(), report);
                 }
-                build_error = Some(error);
-                break;
+                if let Some(error) = outcome.error {
+                    build_error = Some(error);
+                    if let Err(error) = recover(ctx, plan, &resolution, &outcome.finished, &mut stage_reports) {
+                        write_error = Some(format!("{error:#}"));
+                    }
+                    break;
+                }
+            }
+            Step::Write { stage, write } => match perform_writes(ctx, plan, std::slice::from_ref(write)) {
+                Ok(outcome) => {
+                    let mut reports: Vec<StageReport> = stage_reports.values().cloned().collect();
+                    credit_writes(plan, &mut reports, &outcome.pushed);
+                    for report in reports {
+                        stage_reports.insert(report.name.clone(), report);
+                    }
+                    write_warnings.extend(outcome.warnings.into_iter().map(|w| (stage.clone(), w)));
+                }
+                Err(error) => {
+                    write_error = Some(format!("{error:#}"));
+                    break;
+                }
+            },
+            Step::PushImage { image } => {
+                let args = vec!["push".to_string(), "--quiet".to_string(), image.clone()];
+                if let Err(error) =
+                    ctx.docker.run_checked(&format!("pushing the image {image}"), &args, ctx.docker.timeouts.transfer)
+                {
+                    build_error = Some(error);
+                    break;
+                }
             }
         }
     }
-    let push_result = guard.finish();
+    for (stage, warning) in write_warnings {
+        if let Some(report) = stage_reports.get_mut(&stage) {
+            report.warnings.push(format!("cache write failed: {warning}"));
+        }
+    }
+    let stage_reports: Vec<StageReport> = plan
+        .stages
+        .iter()
+        .map(|stage| {
+            stage_reports.remove(&stage.name).unwrap_or_else(|| StageReport {
+                name: stage.name.clone(),
+                cache_source: None,
+                cache_level: None,
+                cache_from: Vec::new(),
+                steps_cached: 0,
+                steps_total: 0,
+                seconds: 0.0,
+                pushed: Vec::new(),
+                status: "not built".to_string(),
+                steps: Vec::new(),
+                warnings: Vec::new(),
+            })
+        })
+        .collect();
     let mut run_warnings = resolution.warnings.clone();
-    let mut push_error: Option<String> = None;
-    match push_result {
-        Ok(outcomes) => {
-            for (stage, outcome) in outcomes {
-                if let Some(report) = stage_reports.iter_mut().find(|report| report.name == stage) {
-                    report.pushed.extend(outcome.pushed);
-                    report.warnings.extend(outcome.warnings.into_iter().map(|w| format!("cache write failed: {w}")));
-                }
-            }
-        }
-        Err(error) => push_error = Some(format!("{error:#}")),
-    }
-    for stage in plan.stages.iter().skip(stage_reports.len()) {
-        stage_reports.push(StageReport {
-            name: stage.name.clone(),
-            cache_source: None,
-            cache_level: None,
-            cache_from: Vec::new(),
-            steps_cached: 0,
-            steps_total: 0,
-            seconds: 0.0,
-            pushed: Vec::new(),
-            status: "not built".to_string(),
-            steps: Vec::new(),
-            warnings: Vec::new(),
-        });
-    }
-
-    if build_error.is_none() && push_error.is_none() && plan.push_tags {
-        for tag in &plan.tags {
-            let args = vec!["push".to_string(), "--quiet".to_string(), tag.clone()];
-            if let Err(error) =
-                ctx.docker.run_checked(&format!("pushing the image {tag}"), &args, ctx.docker.timeouts.transfer)
-            {
-                build_error = Some(error);
-                break;
-            }
-        }
-    }
+    let push_error = write_error;
 
     let message = match (&build_error, &push_error) {
         (Some(build), Some(push)) => {
@@ -754,6 +867,41 @@ pub fn execute_plan(
     }
 }
 
+/// After a failed one-build run: exports and writes the cache of every stage the build finished
+/// (the plan's recovery order: later stages first, each covering the stages it reads from).
+fn recover(
+    ctx: &Context,
+    plan: &Plan,
+    resolution: &Resolution,
+    finished: &BTreeSet<String>,
+    reports: &mut BTreeMap<String, StageReport>,
+) -> Result<()> {
+    let mut covered: BTreeSet<String> = BTreeSet::new();
+    for recovery in &plan.recovery {
+        if covered.contains(&recovery.stage) || !finished.contains(&recovery.stage) {
+            continue;
+        }
+        ctx.say(&format!("cachefrom: writing the cache of {}, which the build finished", recovery.stage));
+        let (exported, written) = recover_cached(ctx, plan, &recovery.stage, resolution)?;
+        for export in exported {
+            if let Some(report) = reports.get_mut(&export.name) {
+                for location in export.pushed {
+                    if !report.pushed.contains(&location) {
+                        report.pushed.push(location);
+                    }
+                }
+            }
+        }
+        for warning in written.warnings {
+            if let Some(report) = reports.get_mut(&recovery.stage) {
+                report.warnings.push(format!("cache write failed: {warning}"));
+            }
+        }
+        covered.extend(recovery.covers.iter().cloned());
+    }
+    Ok(())
+}
+
 /// Prints the report's table on stderr, writes its JSON to `report_file`, and appends its markdown
 /// to GitHub's step summary when there is one.
 pub fn publish_report(ctx: &Context, report: &RunReport, report_file: Option<&Path>) -> Result<()> {
@@ -774,127 +922,6 @@ pub fn publish_report(ctx: &Context, report: &RunReport, report_file: Option<&Pa
             .with_context(|| format!("writing the step summary {}", summary.display()))?;
     }
     Ok(())
-}
-
-/// Shows progress events in the chosen style.
-struct Renderer {
-    style: OutputStyle,
-    stage: String,
-    own_prefixes: Vec<String>,
-    numbers: BTreeMap<String, usize>,
-    named: std::collections::BTreeSet<String>,
-    steps_done: usize,
-    steps_cached: usize,
-    current: String,
-    live: bool,
-}
-
-impl Renderer {
-    fn new(style: OutputStyle, stage: &str, own_stages: Vec<String>) -> Renderer {
-        let own_prefixes = own_stages.iter().map(|name| format!("[{name} ")).collect();
-        Renderer {
-            style,
-            stage: stage.to_string(),
-            own_prefixes,
-            numbers: BTreeMap::new(),
-            named: Default::default(),
-            steps_done: 0,
-            steps_cached: 0,
-            current: String::new(),
-            live: false,
-        }
-    }
-
-    fn number(&mut self, name: &str) -> usize {
-        let next = self.numbers.len() + 1;
-        *self.numbers.entry(name.to_string()).or_insert(next)
-    }
-
-    fn show(&mut self, event: &ProgressEvent, elapsed: f64) {
-        match self.style {
-            OutputStyle::Quiet => {
-                if let ProgressEvent::Text(text) = event {
-                    eprintln!("{text}");
-                }
-            }
-            OutputStyle::Plain | OutputStyle::GithubActions => self.show_plain(event),
-            OutputStyle::Terminal => self.show_live(event, elapsed),
-        }
-    }
-
-    fn show_plain(&mut self, event: &ProgressEvent) {
-        match event {
-            ProgressEvent::Started { name } => {
-                let n = self.number(name);
-                if self.named.insert(name.clone()) {
-                    eprintln!("#{n} {name}");
-                }
-            }
-            ProgressEvent::Log { vertex, line } => {
-                let n = self.number(vertex);
-                eprintln!("#{n} {line}");
-            }
-            ProgressEvent::Finished { name, cached, seconds, error } => {
-                let n = self.number(name);
-                if self.named.insert(name.clone()) {
-                    eprintln!("#{n} {name}");
-                }
-                match (error, cached) {
-                    (Some(error), _) => eprintln!("#{n} ERROR: {error}"),
-                    (None, true) => eprintln!("#{n} CACHED"),
-                    (None, false) => eprintln!("#{n} DONE {:.1}s", seconds.unwrap_or(0.0)),
-                }
-            }
-            ProgressEvent::Text(text) => eprintln!("{text}"),
-        }
-    }
-
-    fn show_live(&mut self, event: &ProgressEvent, elapsed: f64) {
-        match event {
-            ProgressEvent::Finished { name, cached, error, .. } => {
-                let own_step = self.own_prefixes.iter().any(|prefix| name.starts_with(prefix.as_str()))
-                    && !name.contains("] FROM ");
-                if own_step {
-                    self.steps_done += 1;
-                    if *cached {
-                        self.steps_cached += 1;
-                    }
-                }
-                if let Some(error) = error {
-                    self.clear();
-                    eprintln!("ERROR {name}: {error}");
-                }
-            }
-            ProgressEvent::Started { name } => self.current = name.clone(),
-            ProgressEvent::Text(text) => {
-                self.clear();
-                eprintln!("{text}");
-            }
-            ProgressEvent::Log { .. } => {}
-        }
-        let mut current: String = self.current.chars().take(60).collect();
-        if self.current.chars().count() > 60 {
-            current.push('…');
-        }
-        eprint!(
-            "\r\x1b[2K[{}] {} steps done, {} cached, {:.1}s  {}",
-            self.stage, self.steps_done, self.steps_cached, elapsed, current
-        );
-        self.live = true;
-    }
-
-    fn clear(&mut self) {
-        if self.live {
-            eprint!("\r\x1b[2K");
-        }
-    }
-
-    fn finish(&mut self, elapsed: f64) {
-        if self.style == OutputStyle::Terminal {
-            self.clear();
-            eprintln!("[{}] {} steps done, {} cached, {:.1}s", self.stage, self.steps_done, self.steps_cached, elapsed);
-        }
-    }
 }
 
 #[cfg(test)]
@@ -970,7 +997,7 @@ mod tests {
             ("app".to_string(), choice(&[(Level::Branch, true)])),
         ]);
         let level = choose_sources(&[Level::Branch], &mut stages);
-        let resolution = Resolution { stages, level, warnings: vec![], seconds: 0.0 };
+        let resolution = Resolution { stages, level, warnings: vec![], seconds: 0.0, digests: BTreeMap::new() };
         let sources: Vec<String> =
             resolution.sources(&plan, plan.stage("app").unwrap()).into_iter().map(|(name, _)| name).collect();
         assert_eq!(sources, ["app", "deps"]);

@@ -3,7 +3,7 @@
 //! `Display` renders it as the shell script a person would have written.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fmt::{self, Write as _};
+use std::fmt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Result};
@@ -120,6 +120,146 @@ pub enum CacheErrors {
     Warn,
     /// Any cache failure fails the run.
     Fail,
+}
+
+/// How the stages are built.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Execution {
+    /// One `docker buildx build` of the target: BuildKit runs independent stages at once, imports
+    /// the caches once and exports one cache (`mode=max`, every stage's layers); the other tags
+    /// are written by copying that cache. When the build fails, each stage it finished is
+    /// exported from BuildKit's local cache (nothing is rebuilt).
+    OneBuild,
+    /// One build per stage, in order, each writing its cache right after it: the inline backend
+    /// (a cache travels only inside the image it belongs to) and the classic builder.
+    StageByStage,
+}
+
+/// One write of a cache after the build that exported it. The same value is rendered in the
+/// script and carried out by the executor.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "write", rename_all = "kebab-case")]
+pub enum CacheWrite {
+    /// Gives the cache manifest at `from` the further tags `to` in the same repository: the
+    /// manifest is read once and written under each tag byte for byte; no layer moves.
+    CopyTag {
+        /// `REPOSITORY:TAG` BuildKit exported to.
+        from: String,
+        /// The further tags (`REPOSITORY:TAG`).
+        to: Vec<String>,
+    },
+    /// `docker push` of a stage image carrying inline cache.
+    PushImage {
+        /// `REPOSITORY:TAG`.
+        image: String,
+    },
+    /// Copies an exported local cache (hard links where it can) to `to`, through `TO.partial`.
+    CopyDir {
+        /// Where BuildKit exported the cache.
+        from: PathBuf,
+        /// The cache directory of one tag.
+        to: PathBuf,
+    },
+    /// Packs an exported local cache into the tar file `to`, through `TO.partial`.
+    Pack {
+        /// Where BuildKit exported the cache.
+        from: PathBuf,
+        /// The tar file of one tag.
+        to: PathBuf,
+    },
+}
+
+impl CacheWrite {
+    /// Where this write puts the cache, one entry a tag.
+    pub fn destinations(&self) -> Vec<String> {
+        match self {
+            CacheWrite::CopyTag { to, .. } => to.clone(),
+            CacheWrite::PushImage { image } => vec![image.clone()],
+            CacheWrite::CopyDir { to, .. } | CacheWrite::Pack { to, .. } => vec![to.display().to_string()],
+        }
+    }
+
+    /// The shell command a person would write for it.
+    pub fn shell(&self) -> String {
+        match self {
+            CacheWrite::CopyTag { from, to } => {
+                let mut line = format!("cachefrom copy-tag {}", shell_quote(from));
+                for tag in to {
+                    line.push(' ');
+                    line.push_str(&shell_quote(tag));
+                }
+                line
+            }
+            CacheWrite::PushImage { image } => format!("docker push {}", shell_quote(image)),
+            CacheWrite::CopyDir { from, to } => {
+                let (from, to) = (quote_path(from), quote_path(&partial_path(to)));
+                let dir = quote_path(to_path(self));
+                format!(
+                    "rm -rf {to} && mkdir -p {to} && {{ cp -al {from}/. {to} 2>/dev/null || {{ rm -rf {to} && mkdir -p {to} && cp -a {from}/. {to}; }}; }} && rm -rf {dir} && mv {to} {dir}"
+                )
+            }
+            CacheWrite::Pack { from, to } => {
+                let partial = quote_path(&partial_path(to));
+                let file = quote_path(to);
+                let parent = quote_path(to.parent().unwrap_or(Path::new(".")));
+                format!("mkdir -p {parent} && tar -cf {partial} -C {} . && mv {partial} {file}", quote_path(from))
+            }
+        }
+    }
+}
+
+fn to_path(write: &CacheWrite) -> &Path {
+    match write {
+        CacheWrite::CopyDir { to, .. } | CacheWrite::Pack { to, .. } => to,
+        _ => Path::new(""),
+    }
+}
+
+/// `PATH.partial`: where a cache is written before it is renamed into place.
+pub fn partial_path(path: &Path) -> PathBuf {
+    let mut partial = path.as_os_str().to_owned();
+    partial.push(".partial");
+    PathBuf::from(partial)
+}
+
+fn quote_path(path: &Path) -> String {
+    shell_quote(&path.display().to_string())
+}
+
+/// One step of the plan, in the order the executor carries them out.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "step", rename_all = "kebab-case")]
+pub enum Step {
+    /// `docker build` of `stage` (with every stage it needs).
+    Build {
+        /// The stage built (`--target`).
+        stage: String,
+    },
+    /// Writes the cache the build of `stage` exported.
+    Write {
+        /// The stage whose build exported it.
+        stage: String,
+        /// The write.
+        write: CacheWrite,
+    },
+    /// `docker push` of the final image (the classic builder; buildx pushes within the build).
+    PushImage {
+        /// `REPOSITORY:TAG`.
+        image: String,
+    },
+}
+
+/// What a failed one-build run does for `stage` when the build finished it: export its cache from
+/// BuildKit's local cache (a `cacheonly` build of `--target stage`), then write it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Recovery {
+    /// The stage.
+    pub stage: String,
+    /// The stages whose caches this covers: the stage and those it reads from.
+    pub covers: Vec<String>,
+    /// The writes after the export.
+    pub writes: Vec<CacheWrite>,
 }
 
 /// Everything a plan is computed from.
@@ -265,6 +405,12 @@ pub struct Plan {
     pub work_dir: PathBuf,
     /// Why parts of the chain or of the Dockerfile are not used.
     pub notes: Vec<String>,
+    /// How the stages are built.
+    pub execution: Execution,
+    /// What runs, in order.
+    pub steps: Vec<Step>,
+    /// One-build runs: what a failed build does, stage by stage, in this order.
+    pub recovery: Vec<Recovery>,
 }
 
 /// Options cachefrom sets itself; passing them after `--` would conflict.
@@ -392,7 +538,12 @@ impl Plan {
             })
             .collect();
 
-        Ok(Plan {
+        let execution = if options.builder == Builder::Buildx && options.backend != Backend::Inline {
+            Execution::OneBuild
+        } else {
+            Execution::StageByStage
+        };
+        let mut plan = Plan {
             context: options.context.clone(),
             dockerfile: dockerfile_path.to_path_buf(),
             target: target.key(),
@@ -412,7 +563,126 @@ impl Plan {
             docker_args: options.docker_args.clone(),
             work_dir: options.work_dir.clone(),
             notes,
-        })
+            execution,
+            steps: Vec::new(),
+            recovery: Vec::new(),
+        };
+        plan.steps = plan.compute_steps();
+        plan.recovery = plan.compute_recovery();
+        Ok(plan)
+    }
+
+    fn compute_steps(&self) -> Vec<Step> {
+        let built: Vec<&StagePlan> = match self.execution {
+            Execution::OneBuild => self.stages.iter().filter(|stage| stage.is_target).collect(),
+            Execution::StageByStage => self.stages.iter().collect(),
+        };
+        let mut steps = Vec::new();
+        for stage in built {
+            steps.push(Step::Build { stage: stage.name.clone() });
+            for write in self.writes_after(stage) {
+                steps.push(Step::Write { stage: stage.name.clone(), write });
+            }
+        }
+        if self.push_tags && self.builder == Builder::Classic {
+            steps.extend(self.tags.iter().map(|tag| Step::PushImage { image: tag.clone() }));
+        }
+        steps
+    }
+
+    fn compute_recovery(&self) -> Vec<Recovery> {
+        if self.execution != Execution::OneBuild || self.write_levels.is_empty() {
+            return Vec::new();
+        }
+        self.stages
+            .iter()
+            .rev()
+            .filter(|stage| !stage.is_target)
+            .map(|stage| Recovery {
+                stage: stage.name.clone(),
+                covers: std::iter::once(stage.name.clone()).chain(stage.depends_on.iter().cloned()).collect(),
+                writes: self.writes_after(stage),
+            })
+            .collect()
+    }
+
+    /// The stages a build of `stage` exports the cache of: itself, then those it reads from.
+    fn covered_by<'a>(&'a self, stage: &'a StagePlan) -> impl Iterator<Item = &'a StagePlan> {
+        std::iter::once(stage).chain(stage.depends_on.iter().filter_map(|name| self.stage(name)))
+    }
+
+    /// Where the build of `stage` exports: the first tag `stage` writes. The other tags of the
+    /// stage and of the stages it reads from get a copy (see [`Plan::writes_after`]).
+    pub fn primary_write<'a>(&'a self, stage: &'a StagePlan) -> Option<&'a CacheRef> {
+        stage.cache_to.first()
+    }
+
+    /// The writes that follow a successful build of `stage`: the tags it did not export to
+    /// itself, for it and (one build exporting `mode=max`) for every stage it read from.
+    pub fn writes_after(&self, stage: &StagePlan) -> Vec<CacheWrite> {
+        let Some(primary) = self.primary_write(stage) else { return Vec::new() };
+        let all: Vec<&CacheRef> = self.covered_by(stage).flat_map(|covered| covered.cache_to.iter()).collect();
+        match &self.backend {
+            // The build pushes every tag it was given already.
+            Backend::Inline if self.pushes_in_build(stage) => Vec::new(),
+            Backend::Inline => stage
+                .cache_to
+                .iter()
+                .filter_map(|write| match &write.location {
+                    CacheLocation::Image(image) => Some(CacheWrite::PushImage { image: image.clone() }),
+                    _ => None,
+                })
+                .collect(),
+            Backend::Registry { .. } => {
+                let to: Vec<String> = all
+                    .iter()
+                    .filter(|write| write.location != primary.location)
+                    .map(|write| write.location.to_string())
+                    .collect();
+                if to.is_empty() {
+                    Vec::new()
+                } else {
+                    vec![CacheWrite::CopyTag { from: primary.location.to_string(), to }]
+                }
+            }
+            Backend::Local { .. } => all
+                .iter()
+                .filter_map(|write| match &write.location {
+                    CacheLocation::Directory(dir) => {
+                        Some(CacheWrite::CopyDir { from: self.staging_dir(&stage.name), to: dir.clone() })
+                    }
+                    _ => None,
+                })
+                .collect(),
+            Backend::Tarball { .. } => all
+                .iter()
+                .filter_map(|write| match &write.location {
+                    CacheLocation::TarFile(file) => {
+                        Some(CacheWrite::Pack { from: self.staging_dir(&stage.name), to: file.clone() })
+                    }
+                    _ => None,
+                })
+                .collect(),
+            // BuildKit writes every name itself (see `build_command`).
+            Backend::S3 { .. } | Backend::Gha { .. } => Vec::new(),
+        }
+    }
+
+    /// True when the build of `stage` pushes its tags itself (`docker buildx build --push`).
+    pub fn pushes_in_build(&self, stage: &StagePlan) -> bool {
+        self.builder == Builder::Buildx && stage.is_target && self.push_tags && !self.tags.is_empty()
+    }
+
+    /// Every cache location a successful build of `stage` writes, BuildKit's export included.
+    pub fn written_by(&self, stage: &StagePlan) -> Vec<String> {
+        match self.backend {
+            Backend::Inline => stage.cache_to.iter().map(|write| write.location.to_string()).collect(),
+            _ => self
+                .covered_by(stage)
+                .flat_map(|covered| covered.cache_to.iter())
+                .map(|w| w.location.to_string())
+                .collect(),
+        }
     }
 
     /// The stage called `name`.
@@ -452,32 +722,57 @@ impl Plan {
                 args.extend(["--cache-to".into(), "type=inline".into()]);
             }
         }
+        let mut seen = BTreeSet::new();
         for (source_stage, source) in sources {
             let unpacked = self.unpacked_dir(source_stage);
-            args.extend(["--cache-from".into(), self.backend.cache_from_arg(&source.location, &unpacked)]);
+            let value = self.backend.cache_from_arg(&source.location, &unpacked);
+            if seen.insert(value.clone()) {
+                args.extend(["--cache-from".into(), value]);
+            }
         }
         let ignore_error = self.cache_errors == CacheErrors::Warn;
         let staging = self.staging_dir(&stage.name);
-        let mut cache_to: Vec<String> = stage
-            .cache_to
-            .iter()
-            .filter_map(|write| self.backend.cache_to_arg(&write.location, &staging, ignore_error))
-            .collect();
-        cache_to.dedup();
-        for value in cache_to {
-            args.extend(["--cache-to".into(), value]);
+        if let Some(primary) = self.primary_write(stage) {
+            let exports: Vec<CacheLocation> = match &self.backend {
+                // Every name in one export: BuildKit writes the blobs once.
+                Backend::S3 { .. } => {
+                    let names: Vec<String> = self
+                        .covered_by(stage)
+                        .flat_map(|covered| covered.cache_to.iter())
+                        .map(|write| write.location.to_string())
+                        .collect();
+                    vec![CacheLocation::Named(names.join(";"))]
+                }
+                Backend::Gha { .. } => self
+                    .covered_by(stage)
+                    .flat_map(|covered| covered.cache_to.iter())
+                    .map(|write| write.location.clone())
+                    .collect(),
+                _ => vec![primary.location.clone()],
+            };
+            for location in exports {
+                if let Some(value) = self.backend.cache_to_arg(&location, &staging, ignore_error) {
+                    args.extend(["--cache-to".into(), value]);
+                }
+            }
         }
         for tag in &stage.image_tags {
             args.extend(["-t".into(), tag.clone()]);
         }
-        // A stage that only feeds later ones needs no image: with its cache exported by BuildKit,
-        // `cacheonly` skips downloading its layers when every step is a hit.
-        let user_output = self
-            .docker_args
-            .iter()
-            .any(|arg| arg == "-o" || arg.starts_with("--output") || arg == "--load" || arg.starts_with("--load="));
-        if self.builder == Builder::Buildx && !stage.is_target && self.backend.needs_cache_export() && !user_output {
-            args.extend(["--output".into(), "type=cacheonly".into()]);
+        // A stage that only feeds later ones, or a target with no tag to keep it by, needs no
+        // image: with its cache exported by BuildKit, `cacheonly` skips downloading and unpacking
+        // its layers when every step is a hit.
+        let user_output = self.docker_args.iter().any(|arg| {
+            let flag = arg.split('=').next().unwrap_or(arg);
+            matches!(flag, "-o" | "--output" | "--load" | "--iidfile" | "--metadata-file")
+        });
+        if self.builder == Builder::Buildx && self.backend.needs_cache_export() && !user_output {
+            if !stage.is_target || self.tags.is_empty() {
+                args.extend(["--output".into(), "type=cacheonly".into()]);
+            }
+        }
+        if self.pushes_in_build(stage) {
+            args.push("--push".into());
         }
         args.extend(self.docker_args.iter().cloned());
         args.push(self.context.display().to_string());
@@ -620,168 +915,8 @@ pub fn render_command(args: &[String]) -> String {
         .join(" ")
 }
 
-fn shell_variable(stage: &str) -> String {
-    let cleaned: String = stage.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
-    format!("built_{cleaned}")
-}
-
-impl fmt::Display for Plan {
-    /// The plan as the shell script a person would write for it.
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut out = String::new();
-        let git = &self.git;
-        writeln!(out, "#!/bin/sh")?;
-        writeln!(
-            out,
-            "# cachefrom plan: {} (target {}), {} backend, {} builder",
-            self.dockerfile.display(),
-            self.target,
-            self.backend.name(),
-            self.builder_name()
-        )?;
-        let branch = match (&git.branch, &git.branch_source) {
-            (Some(branch), Some(source)) => format!("{branch} (from {source})"),
-            (Some(branch), None) => branch.clone(),
-            (None, _) => "unknown".to_string(),
-        };
-        writeln!(out, "# branch {branch}; default branch {}", git.default_branch)?;
-        writeln!(
-            out,
-            "# commit {}; parent {}; merge-base {}",
-            git.commit.as_deref().unwrap_or("unknown"),
-            git.parent.as_deref().unwrap_or("unknown"),
-            git.merge_base.as_deref().unwrap_or("none")
-        )?;
-        let chain: Vec<&str> = self.chain.iter().map(|level| level.name()).collect();
-        writeln!(out, "# cache sources, most specific first: {}", chain.join(" > "))?;
-        let writes: Vec<&str> = self.write_levels.iter().map(|level| level.name()).collect();
-        writeln!(out, "# writes: {}", if writes.is_empty() { "nothing".to_string() } else { writes.join(", ") })?;
-        for note in &self.notes {
-            writeln!(out, "# note: {note}")?;
-        }
-        for folded in &self.folded_stages {
-            writeln!(out, "# note: {}", folded.why)?;
-        }
-        writeln!(out, "set -eu")?;
-
-        let stage_names: Vec<&str> = self.stages.iter().map(|stage| stage.name.as_str()).collect();
-        writeln!(out, "\n# Stages, in build order: {}", stage_names.join(" -> "))?;
-        for stage in &self.stages {
-            writeln!(out, "# {} cache candidates:", stage.name)?;
-            for candidate in &stage.cache_from {
-                writeln!(out, "#   {:<15} {}", candidate.level.name(), candidate.location)?;
-            }
-        }
-        if self.builder == Builder::Buildx && self.backend.can_check_existence() {
-            writeln!(out, "# cachefrom checks which candidates exist (no layer download) and passes only those,")?;
-            writeln!(out, "# from one level of the chain for every stage where it can.")?;
-        }
-
-        let unpack_needed = matches!(self.backend, Backend::Tarball { .. });
-        if self.builder == Builder::Classic || unpack_needed {
-            writeln!(out, "\n# Fetch the first cache that exists, level by level.")?;
-            for stage in &self.stages {
-                let fetches: Vec<String> =
-                    stage.cache_from.iter().map(|candidate| self.fetch_command(&stage.name, candidate)).collect();
-                if !fetches.is_empty() {
-                    writeln!(out, "{} || true", fetches.join(" ||\n  "))?;
-                }
-            }
-        }
-
-        writeln!(out, "\n# Write each built stage's cache, even when a later stage fails.")?;
-        writeln!(out, "push_cached() {{")?;
-        let mut any_push = false;
-        for stage in &self.stages {
-            let pushes = self.push_commands(stage);
-            if pushes.is_empty() {
-                continue;
-            }
-            any_push = true;
-            writeln!(out, "  if [ -n \"${{{}:-}}\" ]; then", shell_variable(&stage.name))?;
-            for push in pushes {
-                writeln!(out, "    {push} || echo \"cachefrom: cache write failed\" >&2")?;
-            }
-            writeln!(out, "  fi")?;
-        }
-        if !any_push {
-            let why = if self.write_levels.is_empty() {
-                "nothing to write"
-            } else {
-                "BuildKit writes the cache during each build (--cache-to)"
-            };
-            writeln!(out, "  : # {why}")?;
-        }
-        writeln!(out, "}}")?;
-        writeln!(out, "trap push_cached EXIT")?;
-
-        for (position, stage) in self.stages.iter().enumerate() {
-            writeln!(out, "\n# Stage {} ({}/{})", stage.name, position + 1, self.stages.len())?;
-            let command = self.build_command(stage, &self.all_candidate_sources(stage), "plain");
-            writeln!(out, "{}", render_command_multiline(&command))?;
-            writeln!(out, "{}=1", shell_variable(&stage.name))?;
-        }
-        if self.push_tags && !self.tags.is_empty() {
-            writeln!(out, "\n# Push the final image.")?;
-            for tag in &self.tags {
-                writeln!(out, "docker push {}", shell_quote(tag))?;
-            }
-        }
-        f.write_str(&out)
-    }
-}
-
-impl Plan {
-    fn builder_name(&self) -> &'static str {
-        match self.builder {
-            Builder::Buildx => "buildx",
-            Builder::Classic => "classic",
-        }
-    }
-
-    /// The shell command that fetches one cache candidate (classic builder and tarball).
-    fn fetch_command(&self, stage: &str, candidate: &CacheRef) -> String {
-        match &candidate.location {
-            CacheLocation::TarFile(file) => {
-                let unpacked = self.unpacked_dir(stage);
-                format!(
-                    "{{ test -f {file} && mkdir -p {dir} && tar -xf {file} -C {dir}; }}",
-                    file = shell_quote(&file.display().to_string()),
-                    dir = shell_quote(&unpacked.display().to_string())
-                )
-            }
-            location => format!("docker pull {}", shell_quote(&location.to_string())),
-        }
-    }
-
-    /// The shell commands that write `stage`'s cache after its build.
-    pub fn push_commands(&self, stage: &StagePlan) -> Vec<String> {
-        stage
-            .cache_to
-            .iter()
-            .filter_map(|write| match (&self.backend, &write.location) {
-                (Backend::Inline, CacheLocation::Image(image)) => Some(format!("docker push {}", shell_quote(image))),
-                (Backend::Local { .. }, CacheLocation::Directory(dir)) => {
-                    let dir = shell_quote(&dir.display().to_string());
-                    Some(format!(
-                        "rm -rf {dir}.partial && mkdir -p {dir}.partial && cp -a {}/. {dir}.partial && rm -rf {dir} && mv {dir}.partial {dir}",
-                        shell_quote(&self.staging_dir(&stage.name).display().to_string())
-                    ))
-                }
-                (Backend::Tarball { .. }, CacheLocation::TarFile(file)) => {
-                    let file = shell_quote(&file.display().to_string());
-                    Some(format!(
-                        "mkdir -p \"$(dirname {file})\" && tar -cf {file}.partial -C {} . && mv {file}.partial {file}",
-                        shell_quote(&self.staging_dir(&stage.name).display().to_string())
-                    ))
-                }
-                _ => None,
-            })
-            .collect()
-    }
-}
-
-fn render_command_multiline(args: &[String]) -> String {
+/// A docker command line, secrets hidden, one option (with its value) a line.
+pub(crate) fn render_command_multiline(args: &[String]) -> String {
     let redacted = redact_docker_args(args);
     let mut lines = vec![format!(
         "docker {}",

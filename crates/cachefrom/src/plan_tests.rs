@@ -144,15 +144,17 @@ fn the_script_for_the_registry_backend() {
     options.backend = Backend::parse("registry", None).unwrap();
     options.chain = vec![Level::Branch, Level::Unprefixed];
     options.docker_args = vec!["--network=host".into()];
-    let script = plan("FROM alpine AS deps\nFROM deps AS app\n", &options).to_string();
+    let plan = plan("FROM alpine AS deps\nFROM deps AS app\n", &options);
+    assert_eq!(plan.execution, Execution::OneBuild);
+    let script = plan.to_string();
     let expected = format!(
-        r#"#!/bin/sh
-# cachefrom plan: app/Dockerfile (target app), registry backend, buildx builder
+        r#"#!/usr/bin/env bash
+# cachefrom plan: app/Dockerfile (target app), registry backend, buildx builder, one build
 # branch main (from git); default branch main
 # commit {SHA_HEAD}; parent {SHA_PARENT}; merge-base none
 # cache sources, most specific first: branch > unprefixed
 # writes: branch, commit, unprefixed
-set -eu
+set -euo pipefail
 
 # Stages, in build order: deps -> app
 # deps cache candidates:
@@ -162,31 +164,37 @@ set -eu
 #   branch          127.0.0.1:5000/app:cache-app-main
 #   unprefixed      127.0.0.1:5000/app:cache-app
 # cachefrom checks which candidates exist (no layer download) and passes only those,
-# from one level of the chain for every stage where it can.
+# from one level of the chain for every stage where it can, each cache once.
 
-# Write each built stage's cache, even when a later stage fails.
-push_cached() {{
-  : # BuildKit writes the cache during each build (--cache-to)
+log="$(mktemp)"
+# stage_finished STAGE: the build's record shows every step of STAGE done or cached.
+stage_finished() {{
+  awk -v stage="$1" '
+    {awk}' "$log"
 }}
-trap push_cached EXIT
+# When the build fails, write the cache of each stage it finished: exported from
+# BuildKit's local cache (nothing is rebuilt), then written like the target's.
+recover_caches() {{
+  covered=' '
+  if [[ "$covered" != *" "deps" "* ]] && stage_finished deps; then
+    docker buildx build \
+      --progress=plain \
+      --target deps \
+      -f app/Dockerfile \
+      --provenance=false \
+      --cache-from type=registry,ref=127.0.0.1:5000/app:cache-deps-main \
+      --cache-from type=registry,ref=127.0.0.1:5000/app:cache-deps \
+      --cache-to type=registry,ref=127.0.0.1:5000/app:cache-deps-main,mode=max,image-manifest=true,oci-mediatypes=true,ignore-error=true \
+      --output type=cacheonly \
+      --network=host \
+      app
+    cachefrom copy-tag 127.0.0.1:5000/app:cache-deps-main 127.0.0.1:5000/app:cache-deps-{SHA_HEAD} 127.0.0.1:5000/app:cache-deps
+    covered+=deps' '
+  fi
+}}
+trap 'status=$?; if [ "$status" -ne 0 ]; then recover_caches || true; fi; rm -f "$log"' EXIT
 
-# Stage deps (1/2)
-docker buildx build \
-  --progress=plain \
-  --target deps \
-  -f app/Dockerfile \
-  --provenance=false \
-  --cache-from type=registry,ref=127.0.0.1:5000/app:cache-deps-main \
-  --cache-from type=registry,ref=127.0.0.1:5000/app:cache-deps \
-  --cache-to type=registry,ref=127.0.0.1:5000/app:cache-deps-main,mode=max,image-manifest=true,oci-mediatypes=true,ignore-error=true \
-  --cache-to type=registry,ref=127.0.0.1:5000/app:cache-deps-{SHA_HEAD},mode=max,image-manifest=true,oci-mediatypes=true,ignore-error=true \
-  --cache-to type=registry,ref=127.0.0.1:5000/app:cache-deps,mode=max,image-manifest=true,oci-mediatypes=true,ignore-error=true \
-  --output type=cacheonly \
-  --network=host \
-  app
-built_deps=1
-
-# Stage app (2/2)
+# One build of app and every stage it needs; BuildKit runs independent stages at once.
 docker buildx build \
   --progress=plain \
   --target app \
@@ -197,30 +205,35 @@ docker buildx build \
   --cache-from type=registry,ref=127.0.0.1:5000/app:cache-app \
   --cache-from type=registry,ref=127.0.0.1:5000/app:cache-deps \
   --cache-to type=registry,ref=127.0.0.1:5000/app:cache-app-main,mode=max,image-manifest=true,oci-mediatypes=true,ignore-error=true \
-  --cache-to type=registry,ref=127.0.0.1:5000/app:cache-app-{SHA_HEAD},mode=max,image-manifest=true,oci-mediatypes=true,ignore-error=true \
-  --cache-to type=registry,ref=127.0.0.1:5000/app:cache-app,mode=max,image-manifest=true,oci-mediatypes=true,ignore-error=true \
+  --output type=cacheonly \
   --network=host \
-  app
-built_app=1
-"#
+  app 2>&1 | tee "$log"
+cachefrom copy-tag 127.0.0.1:5000/app:cache-app-main 127.0.0.1:5000/app:cache-app-{SHA_HEAD} 127.0.0.1:5000/app:cache-app 127.0.0.1:5000/app:cache-deps-main 127.0.0.1:5000/app:cache-deps-{SHA_HEAD} 127.0.0.1:5000/app:cache-deps
+"#,
+        awk = crate::script::STAGE_FINISHED_AWK_FOR_TESTS
     );
     assert_eq!(script, expected);
+    // One export, by BuildKit; every other tag is a copy of it.
+    assert_eq!(script.matches("--cache-to").count(), 2, "one for the build, one for the recovery of deps");
 }
 
 #[test]
-fn the_inline_backend_tags_and_pushes_each_stage_in_the_trap() {
+fn the_inline_backend_builds_stage_by_stage_and_pushes_each_right_after() {
     let mut options = options(main_branch());
     options.chain = vec![Level::Branch];
     options.tags = vec!["127.0.0.1:5000/app:v1".into()];
     options.push_tags = true;
-    let script = plan("FROM alpine AS deps\nFROM deps AS app\n", &options).to_string();
-    assert!(script.contains(
-        "push_cached() {\n  if [ -n \"${built_deps:-}\" ]; then\n    docker push 127.0.0.1:5000/app:cache-deps-main || echo \"cachefrom: cache write failed\" >&2\n"
-    ), "{script}");
+    let plan = plan("FROM alpine AS deps\nFROM deps AS app\n", &options);
+    assert_eq!(plan.execution, Execution::StageByStage);
+    assert!(plan.recovery.is_empty());
+    let script = plan.to_string();
+    assert!(script.contains("  app\ndocker push 127.0.0.1:5000/app:cache-deps-main\n"), "{script}");
     assert!(script.contains("  --cache-to type=inline \\\n"), "{script}");
     assert!(script.contains("  -t 127.0.0.1:5000/app:cache-app-main \\\n"), "{script}");
-    assert!(script.contains("  -t 127.0.0.1:5000/app:v1 \\\n"), "{script}");
-    assert!(script.ends_with("\n# Push the final image.\ndocker push 127.0.0.1:5000/app:v1\n"), "{script}");
+    assert!(script.contains("  -t 127.0.0.1:5000/app:v1 \\\n  --push \\\n"), "{script}");
+    // The target's build pushes its tags (cache tags included) itself.
+    assert!(!script.contains("docker push 127.0.0.1:5000/app:cache-app-main"), "{script}");
+    assert!(!script.contains("trap"), "{script}");
 }
 
 #[test]

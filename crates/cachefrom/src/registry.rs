@@ -40,11 +40,31 @@ impl Default for RegistryClient {
     }
 }
 
-/// What the checks of one `check_all` share.
+/// What the requests of one call share.
 struct Session {
     agent: ureq::Agent,
-    /// Per repository: the `Authorization` header, or why there is none.
-    authorizations: Mutex<BTreeMap<Repository, std::result::Result<String, String>>>,
+    /// Per repository and access: the `Authorization` header, or why there is none.
+    authorizations: Mutex<BTreeMap<(Repository, Access), std::result::Result<String, String>>>,
+}
+
+/// What a request needs of a repository: a token's scope.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Access {
+    Pull,
+    Push,
+}
+
+/// A cache manifest is small; anything larger is not one.
+const MAX_MANIFEST_BYTES: u64 = 4 * 1024 * 1024;
+
+fn manifest_url(repository: &Repository, reference: &str) -> String {
+    format!("{}/v2/{}/manifests/{reference}", registry_base_url(repository), repository.path)
+}
+
+/// `sha256:` and 64 lowercase hex digits.
+fn is_digest(text: &str) -> bool {
+    text.strip_prefix("sha256:")
+        .is_some_and(|hex| hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
 }
 
 struct Credentials {
@@ -70,7 +90,13 @@ impl RegistryClient {
     /// Checks every `(repository, tag)` at once, one thread each; answers in the same order.
     /// The checks share one connection pool and ask for credentials and a token once a repository.
     pub fn check_all(&self, refs: &[(Repository, String)]) -> Vec<Existence> {
-        let session = Session { agent: self.agent(), authorizations: Mutex::new(BTreeMap::new()) };
+        self.check_all_with_digests(refs).into_iter().map(|(existence, _)| existence).collect()
+    }
+
+    /// Like [`RegistryClient::check_all`], with the manifest digest of each reference that exists
+    /// (the registry's `Docker-Content-Digest`): references with the same digest hold the same cache.
+    pub fn check_all_with_digests(&self, refs: &[(Repository, String)]) -> Vec<(Existence, Option<String>)> {
+        let session = self.session();
         let session = &session;
         std::thread::scope(|scope| {
             let handles: Vec<_> = refs
@@ -79,38 +105,137 @@ impl RegistryClient {
                 .collect();
             handles
                 .into_iter()
-                .map(|handle| handle.join().unwrap_or_else(|_| Existence::Unknown("the check panicked".to_string())))
+                .map(|handle| {
+                    handle.join().unwrap_or_else(|_| (Existence::Unknown("the check panicked".to_string()), None))
+                })
                 .collect()
         })
     }
 
     /// Checks one `repository:tag`.
     pub fn exists(&self, repository: &Repository, tag: &str) -> Existence {
-        let session = Session { agent: self.agent(), authorizations: Mutex::new(BTreeMap::new()) };
-        self.exists_in(&session, repository, tag)
+        self.exists_in(&self.session(), repository, tag).0
     }
 
-    fn exists_in(&self, session: &Session, repository: &Repository, tag: &str) -> Existence {
-        match self.head_manifest(session, repository, tag) {
-            Ok(true) => Existence::Exists,
-            Ok(false) => Existence::Missing,
-            Err(error) => Existence::Unknown(format!("{error:#}")),
+    /// Gives the manifest of `repository:from` the further tags `to`: one `GET` and a `PUT` a tag,
+    /// byte for byte, so the digest stays the same and no layer moves.
+    pub fn copy_tag(&self, repository: &Repository, from: &str, to: &[String]) -> Result<()> {
+        if to.is_empty() {
+            return Ok(());
         }
-    }
-
-    fn head_manifest(&self, session: &Session, repository: &Repository, tag: &str) -> Result<bool> {
-        let url = format!("{}/v2/{}/manifests/{tag}", registry_base_url(repository), repository.path);
-        let head = |authorization: Option<&str>| -> Result<ureq::http::Response<ureq::Body>> {
-            let mut request = session.agent.head(&url).header("Accept", MANIFEST_TYPES);
+        let session = self.session();
+        let url = manifest_url(repository, from);
+        let mut response = self.send(&session, repository, Access::Pull, |agent, authorization| {
+            let mut request = agent.get(&url).header("Accept", MANIFEST_TYPES);
             if let Some(authorization) = authorization {
                 request = request.header("Authorization", authorization);
             }
-            request.call().map_err(|error| anyhow!("registry {} did not answer: {error}", repository.registry))
-        };
-        let response = head(None)?;
+            request.call()
+        })?;
         let status = response.status().as_u16();
-        if status != 401 {
-            return interpret(status, repository);
+        if status != 200 {
+            bail!(
+                "reading the manifest of {}: registry {} answered HTTP {status}",
+                repository.with_tag(from),
+                repository.registry
+            );
+        }
+        let content_type = response
+            .headers()
+            .get("content-type")
+            .and_then(|value| value.to_str().ok())
+            .unwrap_or("application/vnd.oci.image.manifest.v1+json")
+            .to_string();
+        let body = response
+            .body_mut()
+            .with_config()
+            .limit(MAX_MANIFEST_BYTES)
+            .read_to_vec()
+            .with_context(|| format!("reading the manifest of {}", repository.with_tag(from)))?;
+        let session = &session;
+        let results: Vec<Result<()>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = to
+                .iter()
+                .map(|tag| {
+                    let (body, content_type) = (&body, &content_type);
+                    scope.spawn(move || {
+                        let url = manifest_url(repository, tag);
+                        let response = self.send(session, repository, Access::Push, |agent, authorization| {
+                            let mut request = agent.put(&url).header("Content-Type", content_type.as_str());
+                            if let Some(authorization) = authorization {
+                                request = request.header("Authorization", authorization);
+                            }
+                            request.send(&body[..])
+                        })?;
+                        match response.status().as_u16() {
+                            200..=299 => Ok(()),
+                            401 | 403 => bail!(
+                                "registry {} refused to write {} (HTTP {}): run `docker login {}` with an account that can push",
+                                repository.registry,
+                                repository.with_tag(tag),
+                                response.status().as_u16(),
+                                repository.registry
+                            ),
+                            other => bail!("writing {}: registry {} answered HTTP {other}", repository.with_tag(tag), repository.registry),
+                        }
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|handle| handle.join().unwrap_or_else(|_| Err(anyhow!("the copy panicked"))))
+                .collect()
+        });
+        results.into_iter().collect::<Result<Vec<()>>>()?;
+        Ok(())
+    }
+
+    fn session(&self) -> Session {
+        Session { agent: self.agent(), authorizations: Mutex::new(BTreeMap::new()) }
+    }
+
+    fn exists_in(&self, session: &Session, repository: &Repository, tag: &str) -> (Existence, Option<String>) {
+        let url = manifest_url(repository, tag);
+        let answer = self.send(session, repository, Access::Pull, |agent, authorization| {
+            let mut request = agent.head(&url).header("Accept", MANIFEST_TYPES);
+            if let Some(authorization) = authorization {
+                request = request.header("Authorization", authorization);
+            }
+            request.call()
+        });
+        let response = match answer {
+            Ok(response) => response,
+            Err(error) => return (Existence::Unknown(format!("{error:#}")), None),
+        };
+        let digest = response
+            .headers()
+            .get("docker-content-digest")
+            .and_then(|value| value.to_str().ok())
+            .filter(|digest| is_digest(digest))
+            .map(str::to_string);
+        match interpret(response.status().as_u16(), repository) {
+            Ok(true) => (Existence::Exists, digest),
+            Ok(false) => (Existence::Missing, None),
+            Err(error) => (Existence::Unknown(format!("{error:#}")), None),
+        }
+    }
+
+    /// Sends a request made by `make`, logging in once a repository and access when the registry
+    /// asks (HTTP 401) and sending it again with the answer.
+    fn send(
+        &self,
+        session: &Session,
+        repository: &Repository,
+        access: Access,
+        make: impl Fn(&ureq::Agent, Option<&str>) -> std::result::Result<ureq::http::Response<ureq::Body>, ureq::Error>,
+    ) -> Result<ureq::http::Response<ureq::Body>> {
+        let call = |authorization: Option<&str>| {
+            make(&session.agent, authorization)
+                .map_err(|error| anyhow!("registry {} did not answer: {error}", repository.registry))
+        };
+        let response = call(None)?;
+        if response.status().as_u16() != 401 {
+            return Ok(response);
         }
         let challenge = response
             .headers()
@@ -118,22 +243,30 @@ impl RegistryClient {
             .and_then(|value| value.to_str().ok())
             .unwrap_or_default()
             .to_string();
-        // Held while the first check of a repository logs in; the others then reuse its answer.
+        // Held while the first request of a repository logs in; the others then reuse its answer.
         let mut authorizations = session.authorizations.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let authorization = authorizations
-            .entry(repository.clone())
-            .or_insert_with(|| self.authorization(&session.agent, &challenge, repository).map_err(|e| format!("{e:#}")))
+            .entry((repository.clone(), access))
+            .or_insert_with(|| {
+                self.authorization(&session.agent, &challenge, repository, access).map_err(|e| format!("{e:#}"))
+            })
             .clone();
         drop(authorizations);
         let authorization = authorization.map_err(|error| anyhow!(error))?;
-        interpret(head(Some(&authorization))?.status().as_u16(), repository)
+        call(Some(&authorization))
     }
 
     /// The `Authorization` header answering `challenge`: a bearer token, or the saved login.
-    fn authorization(&self, agent: &ureq::Agent, challenge: &str, repository: &Repository) -> Result<String> {
+    fn authorization(
+        &self,
+        agent: &ureq::Agent,
+        challenge: &str,
+        repository: &Repository,
+        access: Access,
+    ) -> Result<String> {
         let credentials = self.credentials(&repository.registry)?;
         if challenge.to_lowercase().starts_with("bearer") {
-            let token = self.bearer_token(agent, challenge, repository, credentials.as_ref())?;
+            let token = self.bearer_token(agent, challenge, repository, access, credentials.as_ref())?;
             return Ok(format!("Bearer {token}"));
         }
         let credentials = credentials.with_context(|| {
@@ -147,11 +280,16 @@ impl RegistryClient {
         agent: &ureq::Agent,
         challenge: &str,
         repository: &Repository,
+        access: Access,
         credentials: Option<&Credentials>,
     ) -> Result<String> {
         let fields = parse_challenge(challenge);
         let realm = fields.get("realm").context("the registry's auth challenge names no realm")?;
-        let mut request = agent.get(realm.as_str()).query("scope", format!("repository:{}:pull", repository.path));
+        let actions = match access {
+            Access::Pull => "pull",
+            Access::Push => "pull,push",
+        };
+        let mut request = agent.get(realm.as_str()).query("scope", format!("repository:{}:{actions}", repository.path));
         if let Some(service) = fields.get("service") {
             request = request.query("service", service.as_str());
         }

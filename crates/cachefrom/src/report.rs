@@ -200,6 +200,48 @@ impl ProgressRecord {
             .collect()
     }
 
+    /// True when the record shows every step of the stage BuildKit calls `name` done or cached
+    /// (`[name i/N]` for each i up to N) and none of its steps failed or was cancelled. A stage
+    /// with no step of its own in the record does not count as finished.
+    pub fn stage_finished(&self, name: &str) -> bool {
+        let mut total = None;
+        let mut done = std::collections::BTreeSet::new();
+        for vertex in self.vertices.values() {
+            let Some((position, of)) = step_position(&vertex.name, name) else { continue };
+            if vertex.error.is_some() {
+                return false;
+            }
+            total = Some(of);
+            if vertex.completed.is_some() {
+                done.insert(position);
+            }
+        }
+        total.is_some_and(|total| (1..=total).all(|position| done.contains(&position)))
+    }
+
+    /// True when a step of the stage BuildKit calls `name` failed (not merely cancelled).
+    pub fn stage_failed(&self, name: &str) -> bool {
+        self.vertices.values().any(|vertex| {
+            step_position(&vertex.name, name).is_some()
+                && vertex.error.as_deref().is_some_and(|error| !error.contains("context canceled"))
+        })
+    }
+
+    /// Seconds from the first start to the last completion of the stage's steps.
+    pub fn stage_seconds(&self, name: &str) -> Option<f64> {
+        let mut first: Option<f64> = None;
+        let mut last: Option<f64> = None;
+        for vertex in self.vertices.values().filter(|vertex| step_position(&vertex.name, name).is_some()) {
+            if let Some(started) = vertex.started.as_deref().and_then(parse_rfc3339_seconds) {
+                first = Some(first.map_or(started, |first: f64| first.min(started)));
+            }
+            if let Some(completed) = vertex.completed.as_deref().and_then(parse_rfc3339_seconds) {
+                last = Some(last.map_or(completed, |last: f64| last.max(completed)));
+            }
+        }
+        Some((last? - first?).max(0.0))
+    }
+
     /// True when BuildKit reported at least one vertex.
     pub fn saw_anything(&self) -> bool {
         !self.vertices.is_empty()
@@ -253,6 +295,14 @@ impl ClassicRecord {
     pub fn steps(&self) -> Vec<Step> {
         self.steps.clone()
     }
+}
+
+/// `[deps 3/6] COPY a b` with `stage` `deps` → `(3, 6)`.
+fn step_position(vertex_name: &str, stage: &str) -> Option<(u32, u32)> {
+    let rest = vertex_name.strip_prefix('[')?.strip_prefix(stage)?.strip_prefix(' ')?;
+    let (position, _) = rest.split_once(']')?;
+    let (done, total) = position.split_once('/')?;
+    Some((done.parse().ok()?, total.parse().ok()?))
 }
 
 /// `[deps 3/6] COPY a b` → `("deps", "COPY a b")`.

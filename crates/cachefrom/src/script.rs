@@ -1,0 +1,213 @@
+//! The plan as the shell script a person would write for it: `Display` of [`Plan`].
+//!
+//! The script is rendered from the same data the executor walks ([`Plan::steps`] and
+//! [`Plan::recovery`]), so what it prints is what runs. Every value that comes from outside
+//! (branch names, paths, stage names, build arguments) is quoted where it is a word and
+//! escaped where it is part of a comment, so the script runs nothing it was not meant to.
+
+use std::fmt::{self, Write as _};
+
+use crate::backend::{Backend, CacheLocation};
+use crate::plan::{render_command_multiline, shell_quote, Builder, CacheRef, Execution, Plan, StagePlan, Step};
+
+/// `text` made safe for the inside of a `#` comment: control characters (a newline would end
+/// the comment) are written as escapes.
+pub fn comment_text(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if c.is_control() => {
+                let _ = write!(out, "\\u{{{:x}}}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// The awk program that answers "did the build finish every step of this stage?" from
+/// `--progress=plain` output: the same rule the executor applies to BuildKit's rawjson record
+/// (every step `[STAGE i/N]` done or cached, none failed or cancelled).
+const STAGE_FINISHED_AWK: &str = r#"$1 ~ /^#[0-9]+$/ && $2 == "[" stage && $3 ~ /^[0-9]+\/[0-9]+\]$/ { split($3, p, /[\/\]]/); step[$1] = p[1]; total = p[2] }
+    ($1 in step) && ($2 == "DONE" || $2 == "CACHED") { done[step[$1]] = 1 }
+    ($1 in step) && ($2 == "ERROR:" || $2 == "CANCELED") { failed = 1 }
+    END { if (!total || failed) exit 1; for (i = 1; i <= total; i++) if (!(i in done)) exit 1 }"#;
+
+#[cfg(test)]
+pub(crate) const STAGE_FINISHED_AWK_FOR_TESTS: &str = STAGE_FINISHED_AWK;
+
+impl Plan {
+    fn builder_name(&self) -> &'static str {
+        match self.builder {
+            Builder::Buildx => "buildx",
+            Builder::Classic => "classic",
+        }
+    }
+
+    /// BuildKit's name for `stage` in its progress (`[NAME i/N] …`).
+    pub fn progress_name(&self, stage: &StagePlan) -> String {
+        stage.target.clone().unwrap_or_else(|| format!("stage-{}", stage.index))
+    }
+
+    /// The shell command that fetches one cache candidate (classic builder and tarball).
+    fn fetch_command(&self, stage: &str, candidate: &CacheRef) -> String {
+        match &candidate.location {
+            CacheLocation::TarFile(file) => {
+                let unpacked = self.unpacked_dir(stage);
+                format!(
+                    "{{ test -f {file} && mkdir -p {dir} && tar -xf {file} -C {dir}; }}",
+                    file = shell_quote(&file.display().to_string()),
+                    dir = shell_quote(&unpacked.display().to_string())
+                )
+            }
+            location => format!("docker pull {}", shell_quote(&location.to_string())),
+        }
+    }
+
+    fn write_header(&self, out: &mut String) -> fmt::Result {
+        let git = &self.git;
+        writeln!(out, "#!/usr/bin/env bash")?;
+        let execution = match self.execution {
+            Execution::OneBuild => "one build",
+            Execution::StageByStage => "stage by stage",
+        };
+        writeln!(
+            out,
+            "# cachefrom plan: {} (target {}), {} backend, {} builder, {execution}",
+            comment_text(&self.dockerfile.display().to_string()),
+            comment_text(&self.target),
+            self.backend.name(),
+            self.builder_name()
+        )?;
+        let branch = match (&git.branch, &git.branch_source) {
+            (Some(branch), Some(source)) => format!("{branch} (from {source})"),
+            (Some(branch), None) => branch.clone(),
+            (None, _) => "unknown".to_string(),
+        };
+        writeln!(out, "# branch {}; default branch {}", comment_text(&branch), comment_text(&git.default_branch))?;
+        writeln!(
+            out,
+            "# commit {}; parent {}; merge-base {}",
+            comment_text(git.commit.as_deref().unwrap_or("unknown")),
+            comment_text(git.parent.as_deref().unwrap_or("unknown")),
+            comment_text(git.merge_base.as_deref().unwrap_or("none"))
+        )?;
+        let chain: Vec<&str> = self.chain.iter().map(|level| level.name()).collect();
+        writeln!(out, "# cache sources, most specific first: {}", chain.join(" > "))?;
+        let writes: Vec<&str> = self.write_levels.iter().map(|level| level.name()).collect();
+        writeln!(out, "# writes: {}", if writes.is_empty() { "nothing".to_string() } else { writes.join(", ") })?;
+        for note in &self.notes {
+            writeln!(out, "# note: {}", comment_text(note))?;
+        }
+        for folded in &self.folded_stages {
+            writeln!(out, "# note: {}", comment_text(&folded.why))?;
+        }
+        writeln!(out, "set -euo pipefail")?;
+
+        let stage_names: Vec<String> = self.stages.iter().map(|stage| comment_text(&stage.name)).collect();
+        writeln!(out, "\n# Stages, in build order: {}", stage_names.join(" -> "))?;
+        for stage in &self.stages {
+            writeln!(out, "# {} cache candidates:", comment_text(&stage.name))?;
+            for candidate in &stage.cache_from {
+                writeln!(out, "#   {:<15} {}", candidate.level.name(), comment_text(&candidate.location.to_string()))?;
+            }
+        }
+        if self.builder == Builder::Buildx && self.backend.can_check_existence() {
+            writeln!(out, "# cachefrom checks which candidates exist (no layer download) and passes only those,")?;
+            writeln!(out, "# from one level of the chain for every stage where it can, each cache once.")?;
+        }
+        let unpack_needed = matches!(self.backend, Backend::Tarball { .. });
+        if self.builder == Builder::Classic || unpack_needed {
+            writeln!(out, "\n# Fetch the first cache that exists, level by level.")?;
+            for stage in &self.stages {
+                let fetches: Vec<String> =
+                    stage.cache_from.iter().map(|candidate| self.fetch_command(&stage.name, candidate)).collect();
+                if !fetches.is_empty() {
+                    writeln!(out, "{} || true", fetches.join(" ||\n  "))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn write_recovery(&self, out: &mut String) -> fmt::Result {
+        if self.recovery.is_empty() {
+            return Ok(());
+        }
+        writeln!(out, "\nlog=\"$(mktemp)\"")?;
+        writeln!(out, "# stage_finished STAGE: the build's record shows every step of STAGE done or cached.")?;
+        writeln!(out, "stage_finished() {{")?;
+        writeln!(out, "  awk -v stage=\"$1\" '\n    {STAGE_FINISHED_AWK}' \"$log\"")?;
+        writeln!(out, "}}")?;
+        writeln!(out, "# When the build fails, write the cache of each stage it finished: exported from")?;
+        writeln!(out, "# BuildKit's local cache (nothing is rebuilt), then written like the target's.")?;
+        writeln!(out, "recover_caches() {{")?;
+        writeln!(out, "  covered=' '")?;
+        for recovery in &self.recovery {
+            let Some(stage) = self.stage(&recovery.stage) else { continue };
+            let name = shell_quote(&stage.name);
+            writeln!(
+                out,
+                "  if [[ \"$covered\" != *\" \"{name}\" \"* ]] && stage_finished {}; then",
+                shell_quote(&self.progress_name(stage))
+            )?;
+            let command = self.build_command(stage, &self.all_candidate_sources(stage), "plain");
+            writeln!(out, "    {}", render_command_multiline(&command).replace('\n', "\n    "))?;
+            for write in &recovery.writes {
+                writeln!(out, "    {}", write.shell())?;
+            }
+            let covers: Vec<String> = recovery.covers.iter().map(|name| shell_quote(name)).collect();
+            writeln!(out, "    covered+={}", covers.iter().map(|c| format!("{c}' '")).collect::<String>())?;
+            writeln!(out, "  fi")?;
+        }
+        writeln!(out, "}}")?;
+        writeln!(
+            out,
+            "trap 'status=$?; if [ \"$status\" -ne 0 ]; then recover_caches || true; fi; rm -f \"$log\"' EXIT"
+        )?;
+        Ok(())
+    }
+}
+
+impl fmt::Display for Plan {
+    /// The plan as the shell script a person would write for it.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut out = String::new();
+        self.write_header(&mut out)?;
+        self.write_recovery(&mut out)?;
+        let mut built = 0;
+        for step in &self.steps {
+            match step {
+                Step::Build { stage } => {
+                    let Some(stage) = self.stage(stage) else { continue };
+                    built += 1;
+                    match self.execution {
+                        Execution::OneBuild => writeln!(
+                            out,
+                            "\n# One build of {} and every stage it needs; BuildKit runs independent stages at once.",
+                            comment_text(&stage.name)
+                        )?,
+                        Execution::StageByStage => writeln!(
+                            out,
+                            "\n# Stage {} ({built}/{}); its cache is written right after it.",
+                            comment_text(&stage.name),
+                            self.stages.len()
+                        )?,
+                    }
+                    let command = self.build_command(stage, &self.all_candidate_sources(stage), "plain");
+                    let mut line = render_command_multiline(&command);
+                    if !self.recovery.is_empty() {
+                        line.push_str(" 2>&1 | tee \"$log\"");
+                    }
+                    writeln!(out, "{line}")?;
+                }
+                Step::Write { write, .. } => writeln!(out, "{}", write.shell())?,
+                Step::PushImage { image } => writeln!(out, "docker push {}", shell_quote(image))?,
+            }
+        }
+        f.write_str(&out)
+    }
+}

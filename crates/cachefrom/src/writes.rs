@@ -1,0 +1,153 @@
+//! Carrying out a [`CacheWrite`]: the same value the script renders with [`CacheWrite::shell`].
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{bail, Context as _, Result};
+
+use crate::docker::{run_program, Docker};
+use crate::plan::{partial_path, CacheWrite};
+use crate::refs::Repository;
+use crate::registry::RegistryClient;
+
+/// Carries out `write`. `repository` is where `CopyTag` copies within.
+pub fn perform(
+    write: &CacheWrite,
+    docker: &Docker,
+    registry: &RegistryClient,
+    repository: &Repository,
+    timeout: Duration,
+) -> Result<()> {
+    match write {
+        CacheWrite::CopyTag { from, to } => {
+            let from_tag = tag_of(repository, from)?;
+            let to_tags = to.iter().map(|image| tag_of(repository, image)).collect::<Result<Vec<_>>>()?;
+            registry
+                .copy_tag(repository, &from_tag, &to_tags)
+                .with_context(|| format!("copying the cache {from} to {} more tag(s)", to_tags.len()))
+        }
+        CacheWrite::PushImage { image } => {
+            let args = vec!["push".to_string(), "--quiet".to_string(), image.clone()];
+            docker.run_checked(&format!("pushing cache image {image}"), &args, timeout).map(|_| ())
+        }
+        CacheWrite::CopyDir { from, to } => copy_dir(from, to, timeout),
+        CacheWrite::Pack { from, to } => pack(from, to, timeout),
+    }
+}
+
+/// The tag of `image`, which must be `repository:TAG`.
+fn tag_of(repository: &Repository, image: &str) -> Result<String> {
+    let prefix = format!("{}:", repository.with_tag("").trim_end_matches(':'));
+    match image.strip_prefix(&prefix) {
+        Some(tag) if !tag.is_empty() => Ok(tag.to_string()),
+        _ => bail!("{image} is not a tag of {repository}"),
+    }
+}
+
+/// Checks that BuildKit exported a cache into `dir`.
+fn exported(dir: &Path) -> Result<()> {
+    if !dir.join("index.json").is_file() {
+        bail!("no cache was exported at {}", dir.display());
+    }
+    Ok(())
+}
+
+/// Packs the exported cache in `from` into `file`, through a `.partial` file renamed at the end,
+/// so a reader never sees half a tar; nothing partial stays behind when it fails.
+fn pack(from: &Path, file: &Path, timeout: Duration) -> Result<()> {
+    exported(from)?;
+    let parent = file.parent().context("a tar file has a directory")?;
+    std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    let partial = partial_path(file);
+    let args = vec![
+        "-cf".to_string(),
+        partial.display().to_string(),
+        "-C".to_string(),
+        from.display().to_string(),
+        ".".to_string(),
+    ];
+    let packed =
+        run_program("tar", &args, &format!("packing the cache into {}", file.display()), timeout).and_then(|_| {
+            std::fs::rename(&partial, file)
+                .with_context(|| format!("moving {} to {}", partial.display(), file.display()))
+        });
+    if packed.is_err() {
+        let _ = std::fs::remove_file(&partial);
+    }
+    packed
+}
+
+/// Copies the exported cache in `from` to `dir`, through `DIR.partial` renamed at the end;
+/// nothing partial stays behind when it fails.
+fn copy_dir(from: &Path, dir: &Path, timeout: Duration) -> Result<()> {
+    exported(from)?;
+    let partial = partial_path(dir);
+    let copied = copy_into(from, &partial, timeout).and_then(|()| {
+        remove_dir(dir)?;
+        std::fs::rename(&partial, dir).with_context(|| format!("moving {} to {}", partial.display(), dir.display()))
+    });
+    if copied.is_err() {
+        let _ = remove_dir(&partial);
+    }
+    copied
+}
+
+fn copy_into(from: &Path, partial: &Path, timeout: Duration) -> Result<()> {
+    empty_dir(partial)?;
+    // Blobs are content-addressed and never change: hard links (same file system) cost nothing.
+    let purpose = format!("copying the cache to {}", partial.display());
+    let linked = vec!["-al".to_string(), format!("{}/.", from.display()), partial.display().to_string()];
+    if run_program("cp", &linked, &purpose, timeout).is_err() {
+        empty_dir(partial)?;
+        let copied = vec!["-a".to_string(), format!("{}/.", from.display()), partial.display().to_string()];
+        run_program("cp", &copied, &purpose, timeout)?;
+    }
+    Ok(())
+}
+
+/// Removes `dir` and what it holds, if it exists.
+pub(crate) fn remove_dir(dir: &Path) -> Result<()> {
+    if dir.exists() {
+        std::fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()))?;
+    }
+    Ok(())
+}
+
+/// Makes `dir` an empty directory.
+pub(crate) fn empty_dir(dir: &Path) -> Result<()> {
+    remove_dir(dir)?;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tags_are_taken_only_from_the_repository() {
+        let repository = Repository::parse("127.0.0.1:5000/team/app").unwrap();
+        assert_eq!(tag_of(&repository, "127.0.0.1:5000/team/app:cache-deps-main").unwrap(), "cache-deps-main");
+        assert!(tag_of(&repository, "127.0.0.1:5000/team/other:cache").is_err());
+        assert!(tag_of(&repository, "127.0.0.1:5000/team/app:").is_err());
+    }
+
+    #[test]
+    fn a_failed_copy_leaves_nothing_partial() {
+        let dir = tempfile::tempdir().unwrap();
+        let from = dir.path().join("export");
+        std::fs::create_dir_all(&from).unwrap();
+        // No index.json: not an exported cache.
+        let to = dir.path().join("cache");
+        assert!(copy_dir(&from, &to, Duration::from_secs(10)).is_err());
+        assert!(!partial_path(&to).exists() && !to.exists());
+        std::fs::write(from.join("index.json"), "{}").unwrap();
+        std::fs::create_dir_all(from.join("blobs/sha256")).unwrap();
+        std::fs::write(from.join("blobs/sha256/abc"), "layer").unwrap();
+        copy_dir(&from, &to, Duration::from_secs(10)).unwrap();
+        assert_eq!(std::fs::read_to_string(to.join("blobs/sha256/abc")).unwrap(), "layer");
+        assert!(!partial_path(&to).exists());
+        let file = dir.path().join("tars/cache.tar");
+        pack(&from, &file, Duration::from_secs(10)).unwrap();
+        assert!(file.is_file() && !partial_path(&file).exists());
+    }
+}
