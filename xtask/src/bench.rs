@@ -31,6 +31,12 @@ pub struct BenchArgs {
     /// Only the quick benchmarks (planning, existence checks): no builds.
     #[arg(long)]
     quick: bool,
+    /// Runs of each synthetic scenario; the fastest is kept.
+    #[arg(long, default_value_t = 2)]
+    reps: usize,
+    /// Leave out the example-project rebuilds (minutes).
+    #[arg(long)]
+    skip_example: bool,
 }
 
 pub fn run(sh: &Shell, args: &BenchArgs) -> Result<()> {
@@ -45,7 +51,10 @@ pub fn run(sh: &Shell, args: &BenchArgs) -> Result<()> {
     out.push_str(&planning()?);
     out.push_str(&existence_checks(sh)?);
     if !args.quick {
-        out.push_str(&rebuilds(sh)?);
+        out.push_str(&crate::bench_synthetic::synthetic(args.reps)?);
+        if !args.skip_example {
+            out.push_str(&rebuilds(sh)?);
+        }
     }
     let path = cachefrom_tests::repository_root().join("BENCHMARKS.md");
     std::fs::write(&path, &out).with_context(|| format!("writing {}", path.display()))?;

@@ -1,6 +1,7 @@
 //! This repository's `cargo xtask`: `stack`, `docker`, `demo`, `test`, `bench`.
 
 mod bench;
+mod bench_synthetic;
 mod demo;
 mod docker;
 mod stack;

@@ -299,6 +299,9 @@ pub fn build_unit(ctx: &Context, plan: &Plan, stage_name: &str, resolution: &Res
         remove_dir(&plan.staging_dir(&stage.name))?;
     }
     let sources = resolution.sources(plan, stage);
+    if matches!(plan.backend, Backend::Tarball { .. } | Backend::Local { .. }) {
+        seed_export_dir(plan, stage, &sources, ctx.docker.timeouts.transfer)?;
+    }
     let progress = if plan.builder == Builder::Buildx { "rawjson" } else { "plain" };
     let args = plan.build_command(stage, &sources, progress);
     let covered: Vec<&StagePlan> = match plan.execution {
@@ -468,6 +471,36 @@ pub fn build_unit(ctx: &Context, plan: &Plan, stage_name: &str, resolution: &Res
         credit_writes(plan, &mut reports, &exported);
     }
     Ok(BuildOutcome { reports, finished, error: None })
+}
+
+/// Hard-links the blobs of the local caches a build reads into the directory it exports to. A
+/// build whose steps were all hits exports a cache that refers to layers it never fetched; with
+/// the blobs already there, the exported cache is whole.
+fn seed_export_dir(
+    plan: &Plan,
+    stage: &StagePlan,
+    sources: &[(String, CacheRef)],
+    timeout: std::time::Duration,
+) -> Result<()> {
+    let staging = plan.staging_dir(&stage.name);
+    for (source_stage, source) in sources {
+        let dir = match (&plan.backend, &source.location) {
+            (Backend::Local { .. }, CacheLocation::Directory(dir)) => dir.clone(),
+            (Backend::Tarball { .. }, _) => plan.unpacked_dir(source_stage),
+            _ => continue,
+        };
+        let blobs = dir.join("blobs");
+        if !blobs.is_dir() {
+            continue;
+        }
+        std::fs::create_dir_all(&staging).with_context(|| format!("creating {}", staging.display()))?;
+        let args = vec!["-alf".to_string(), blobs.display().to_string(), staging.display().to_string()];
+        if run_program("cp", &args, &format!("linking the blobs of {}", dir.display()), timeout).is_err() {
+            let args = vec!["-af".to_string(), blobs.display().to_string(), staging.display().to_string()];
+            run_program("cp", &args, &format!("copying the blobs of {}", dir.display()), timeout)?;
+        }
+    }
+    Ok(())
 }
 
 /// Adds each written location to the report of the stage that owns it.
