@@ -287,6 +287,9 @@ pub struct BuildOutcome {
     pub finished: BTreeSet<String>,
     /// Why the build failed, if it did (carries a [`StageFailed`]).
     pub error: Option<anyhow::Error>,
+    /// True when BuildKit reported that exporting the cache failed: the writes that copy the
+    /// export must not run (they would copy an older cache).
+    pub export_failed: bool,
 }
 
 /// Builds `stage` with `--target` (and so every stage it reads from), its cache sources from
@@ -435,6 +438,7 @@ pub fn build_unit(ctx: &Context, plan: &Plan, stage_name: &str, resolution: &Res
             reports,
             finished,
             error: Some(anyhow::Error::new(StageFailed { report, message })),
+            export_failed: false,
         });
     }
 
@@ -470,7 +474,8 @@ pub fn build_unit(ctx: &Context, plan: &Plan, stage_name: &str, resolution: &Res
         };
         credit_writes(plan, &mut reports, &exported);
     }
-    Ok(BuildOutcome { reports, finished, error: None })
+    let export_failed = !export_errors.is_empty();
+    Ok(BuildOutcome { reports, finished, error: None, export_failed })
 }
 
 /// Hard-links the blobs of the local caches a build reads into the directory it exports to. A
@@ -577,6 +582,9 @@ pub fn recover_cached(
         return Err(error.context(format!("exporting the cache of stage {stage_name}, which the build finished")));
     }
     let mut reports = outcome.reports;
+    if outcome.export_failed {
+        return Ok((reports, PushOutcome::default()));
+    }
     let written = push_cached(ctx, plan, stage_name)?;
     credit_writes(plan, &mut reports, &written.pushed);
     Ok((reports, written))
@@ -804,10 +812,14 @@ pub fn execute_checked(
     let mut build_error: Option<anyhow::Error> = None;
     let mut write_warnings: Vec<(String, String)> = Vec::new();
     let mut write_error: Option<String> = None;
+    let mut not_exported: BTreeSet<String> = BTreeSet::new();
     for step in &plan.steps {
         match step {
             Step::Build { stage } => {
                 let outcome = build_unit(ctx, plan, stage, &resolution)?;
+                if outcome.export_failed {
+                    not_exported.insert(stage.clone());
+                }
                 for report in outcome.reports {
                     stage_reports.insert(report.name.clone(), report);
                 }
