@@ -474,7 +474,7 @@ pub fn build_unit(ctx: &Context, plan: &Plan, stage_name: &str, resolution: &Res
         };
         credit_writes(plan, &mut reports, &exported);
     }
-    let export_failed = !export_errors.is_empty();
+    let export_failed = !export_errors.is_empty() || !text_errors.is_empty();
     Ok(BuildOutcome { reports, finished, error: None, export_failed })
 }
 
