@@ -831,6 +831,8 @@ pub fn execute_checked(
                     break;
                 }
             }
+            // The export failed (its warning is in the report): copying it would copy an older cache.
+            Step::Write { stage, .. } if not_exported.contains(stage) => {}
             Step::Write { stage, write } => match perform_writes(ctx, plan, std::slice::from_ref(write)) {
                 Ok(outcome) => {
                     let mut reports: Vec<StageReport> = stage_reports.values().cloned().collect();
