@@ -245,6 +245,8 @@ fn table(title: &str, rows: &[Row], out: &mut String) {
 
 /// The synthetic section of BENCHMARKS.md; `reps` runs of each, the fastest kept.
 pub fn synthetic(reps: usize) -> Result<String> {
+    // Built before anything is timed.
+    let _ = cachefrom_tests::cachefrom_binary();
     let mut out = String::from("## Against the best hand-written build (synthetic, fresh runner)\n\n");
     out.push_str(&format!(
         "Every run starts as a fresh runner (no image, no build cache); fastest of {reps}. Hand-written: one \

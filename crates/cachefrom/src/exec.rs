@@ -464,8 +464,9 @@ pub fn build_unit(ctx: &Context, plan: &Plan, stage_name: &str, resolution: &Res
             export_errors.join("; ")
         );
     }
+    let export_failed = !export_errors.is_empty() || !text_errors.is_empty();
     // What BuildKit itself wrote: the registry export, or every name for s3 and gha.
-    if export_errors.is_empty() {
+    if !export_failed {
         let exported: Vec<String> = match &plan.backend {
             Backend::Registry { .. } => plan.primary_write(stage).map(|w| w.location.to_string()).into_iter().collect(),
             Backend::S3 { .. } | Backend::Gha { .. } => plan.written_by(stage),
@@ -474,7 +475,6 @@ pub fn build_unit(ctx: &Context, plan: &Plan, stage_name: &str, resolution: &Res
         };
         credit_writes(plan, &mut reports, &exported);
     }
-    let export_failed = !export_errors.is_empty() || !text_errors.is_empty();
     Ok(BuildOutcome { reports, finished, error: None, export_failed })
 }
 
@@ -499,21 +499,21 @@ fn seed_export_dir(
             continue;
         }
         std::fs::create_dir_all(&staging).with_context(|| format!("creating {}", staging.display()))?;
-        let args = vec!["-alf".to_string(), blobs.display().to_string(), staging.display().to_string()];
-        if run_program("cp", &args, &format!("linking the blobs of {}", dir.display()), timeout).is_err() {
-            let args = vec!["-af".to_string(), blobs.display().to_string(), staging.display().to_string()];
-            run_program("cp", &args, &format!("copying the blobs of {}", dir.display()), timeout)?;
-        }
+        writes::link_or_copy(&blobs, &staging, timeout)?;
     }
     Ok(())
 }
 
 /// Adds each written location to the report of the stage that owns it.
-fn credit_writes(plan: &Plan, reports: &mut [StageReport], written: &[String]) {
-    for location in written {
-        let owner =
-            plan.stages.iter().find(|stage| stage.cache_to.iter().any(|write| write.location.to_string() == *location));
-        if let Some(report) = owner.and_then(|owner| reports.iter_mut().find(|report| report.name == owner.name)) {
+fn credit_writes<'a>(plan: &Plan, reports: impl IntoIterator<Item = &'a mut StageReport>, written: &[String]) {
+    let owner_of = |location: &String| {
+        plan.stages
+            .iter()
+            .find(|stage| stage.cache_to.iter().any(|write| write.location.to_string() == *location))
+            .map(|stage| stage.name.as_str())
+    };
+    for report in reports {
+        for location in written.iter().filter(|location| owner_of(location) == Some(report.name.as_str())) {
             if !report.pushed.contains(location) {
                 report.pushed.push(location.clone());
             }
@@ -707,19 +707,6 @@ impl std::fmt::Display for BuildFailed {
 
 impl std::error::Error for BuildFailed {}
 
-/// Probes the engine and computes the plan for it (the backend checked, the builder chosen).
-pub fn plan_for_engine(ctx: &Context, options: &BuildOptions) -> Result<(Plan, Option<String>)> {
-    let engine = Engine::probe(&ctx.docker, options.builder_name.as_deref())?;
-    fit_plan(options, &engine, None)
-}
-
-/// Probes the engine and fits an already computed `plan` to it: the plan is computed again only
-/// when the engine changes its backend or builder.
-pub fn fit_to_engine(ctx: &Context, options: &BuildOptions, plan: Plan) -> Result<(Plan, Option<String>)> {
-    let engine = Engine::probe(&ctx.docker, options.builder_name.as_deref())?;
-    fit_plan(options, &engine, Some(plan))
-}
-
 fn fit_plan(options: &BuildOptions, engine: &Engine, planned: Option<Plan>) -> Result<(Plan, Option<String>)> {
     let (backend, fallback_reason) = engine.check_backend(&options.plan.backend, options.fallback)?;
     let builder = engine.builder();
@@ -835,11 +822,7 @@ pub fn execute_checked(
             Step::Write { stage, .. } if not_exported.contains(stage) => {}
             Step::Write { stage, write } => match perform_writes(ctx, plan, std::slice::from_ref(write)) {
                 Ok(outcome) => {
-                    let mut reports: Vec<StageReport> = stage_reports.values().cloned().collect();
-                    credit_writes(plan, &mut reports, &outcome.pushed);
-                    for report in reports {
-                        stage_reports.insert(report.name.clone(), report);
-                    }
+                    credit_writes(plan, stage_reports.values_mut(), &outcome.pushed);
                     write_warnings.extend(outcome.warnings.into_iter().map(|w| (stage.clone(), w)));
                 }
                 Err(error) => {
@@ -930,15 +913,8 @@ fn recover(
         }
         ctx.say(&format!("cachefrom: writing the cache of {}, which the build finished", recovery.stage));
         let (exported, written) = recover_cached(ctx, plan, &recovery.stage, resolution)?;
-        for export in exported {
-            if let Some(report) = reports.get_mut(&export.name) {
-                for location in export.pushed {
-                    if !report.pushed.contains(&location) {
-                        report.pushed.push(location);
-                    }
-                }
-            }
-        }
+        let locations: Vec<String> = exported.into_iter().flat_map(|export| export.pushed).collect();
+        credit_writes(plan, reports.values_mut(), &locations);
         for warning in written.warnings {
             if let Some(report) = reports.get_mut(&recovery.stage) {
                 report.warnings.push(format!("cache write failed: {warning}"));

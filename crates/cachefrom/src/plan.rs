@@ -193,10 +193,9 @@ impl CacheWrite {
             }
             CacheWrite::PushImage { image } => format!("docker push {}", shell_quote(image)),
             CacheWrite::CopyDir { from, to } => {
-                let (from, to) = (quote_path(from), quote_path(&partial_path(to)));
-                let dir = quote_path(to_path(self));
+                let (from, partial, dir) = (quote_path(from), quote_path(&partial_path(to)), quote_path(to));
                 format!(
-                    "rm -rf {to} && mkdir -p {to} && {{ cp -al {from}/. {to} 2>/dev/null || {{ rm -rf {to} && mkdir -p {to} && cp -a {from}/. {to}; }}; }} && rm -rf {dir} && mv {to} {dir}"
+                    "rm -rf {partial} && mkdir -p {partial} && {{ cp -al {from}/. {partial} 2>/dev/null || {{ rm -rf {partial} && mkdir -p {partial} && cp -a {from}/. {partial}; }}; }} && rm -rf {dir} && mv {partial} {dir}"
                 )
             }
             CacheWrite::Pack { from, to } => {
@@ -206,13 +205,6 @@ impl CacheWrite {
                 format!("mkdir -p {parent} && tar -cf {partial} -C {} . && mv {partial} {file}", quote_path(from))
             }
         }
-    }
-}
-
-fn to_path(write: &CacheWrite) -> &Path {
-    match write {
-        CacheWrite::CopyDir { to, .. } | CacheWrite::Pack { to, .. } => to,
-        _ => Path::new(""),
     }
 }
 
@@ -645,22 +637,15 @@ impl Plan {
                     vec![CacheWrite::CopyTag { from: primary.location.to_string(), to }]
                 }
             }
-            Backend::Local { .. } => all
+            Backend::Local { .. } | Backend::Tarball { .. } => all
                 .iter()
-                .filter_map(|write| match &write.location {
-                    CacheLocation::Directory(dir) => {
-                        Some(CacheWrite::CopyDir { from: self.staging_dir(&stage.name), to: dir.clone() })
+                .filter_map(|write| {
+                    let from = self.staging_dir(&stage.name);
+                    match &write.location {
+                        CacheLocation::Directory(dir) => Some(CacheWrite::CopyDir { from, to: dir.clone() }),
+                        CacheLocation::TarFile(file) => Some(CacheWrite::Pack { from, to: file.clone() }),
+                        _ => None,
                     }
-                    _ => None,
-                })
-                .collect(),
-            Backend::Tarball { .. } => all
-                .iter()
-                .filter_map(|write| match &write.location {
-                    CacheLocation::TarFile(file) => {
-                        Some(CacheWrite::Pack { from: self.staging_dir(&stage.name), to: file.clone() })
-                    }
-                    _ => None,
                 })
                 .collect(),
             // BuildKit writes every name itself (see `build_command`).
@@ -735,14 +720,7 @@ impl Plan {
         if let Some(primary) = self.primary_write(stage) {
             let exports: Vec<CacheLocation> = match &self.backend {
                 // Every name in one export: BuildKit writes the blobs once.
-                Backend::S3 { .. } => {
-                    let names: Vec<String> = self
-                        .covered_by(stage)
-                        .flat_map(|covered| covered.cache_to.iter())
-                        .map(|write| write.location.to_string())
-                        .collect();
-                    vec![CacheLocation::Named(names.join(";"))]
-                }
+                Backend::S3 { .. } => vec![CacheLocation::Named(self.written_by(stage).join(";"))],
                 Backend::Gha { .. } => self
                     .covered_by(stage)
                     .flat_map(|covered| covered.cache_to.iter())
@@ -766,10 +744,12 @@ impl Plan {
             let flag = arg.split('=').next().unwrap_or(arg);
             matches!(flag, "-o" | "--output" | "--load" | "--iidfile" | "--metadata-file")
         });
-        if self.builder == Builder::Buildx && self.backend.needs_cache_export() && !user_output {
-            if !stage.is_target || self.tags.is_empty() {
-                args.extend(["--output".into(), "type=cacheonly".into()]);
-            }
+        if self.builder == Builder::Buildx
+            && self.backend.needs_cache_export()
+            && !user_output
+            && (!stage.is_target || self.tags.is_empty())
+        {
+            args.extend(["--output".into(), "type=cacheonly".into()]);
         }
         if self.pushes_in_build(stage) {
             args.push("--push".into());

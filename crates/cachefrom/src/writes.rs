@@ -94,15 +94,18 @@ fn copy_dir(from: &Path, dir: &Path, timeout: Duration) -> Result<()> {
 
 fn copy_into(from: &Path, partial: &Path, timeout: Duration) -> Result<()> {
     empty_dir(partial)?;
-    // Blobs are content-addressed and never change: hard links (same file system) cost nothing.
-    let purpose = format!("copying the cache to {}", partial.display());
-    let linked = vec!["-al".to_string(), format!("{}/.", from.display()), partial.display().to_string()];
-    if run_program("cp", &linked, &purpose, timeout).is_err() {
-        empty_dir(partial)?;
-        let copied = vec!["-a".to_string(), format!("{}/.", from.display()), partial.display().to_string()];
-        run_program("cp", &copied, &purpose, timeout)?;
+    link_or_copy(&from.join("."), partial, timeout)
+}
+
+/// `cp -al FROM DIR`, else `cp -a FROM DIR`: blobs are content-addressed and never change, so hard
+/// links (on the same file system) cost nothing; a copy where links cannot be made.
+pub(crate) fn link_or_copy(from: &Path, dir: &Path, timeout: Duration) -> Result<()> {
+    let purpose = format!("copying {} into {}", from.display(), dir.display());
+    let args = |flags: &str| vec![flags.to_string(), from.display().to_string(), dir.display().to_string()];
+    if run_program("cp", &args("-alf"), &purpose, timeout).is_ok() {
+        return Ok(());
     }
-    Ok(())
+    run_program("cp", &args("-af"), &purpose, timeout).map(|_| ())
 }
 
 /// Removes `dir` and what it holds, if it exists.
