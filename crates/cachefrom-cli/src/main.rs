@@ -237,8 +237,16 @@ fn copy_tag(args: &CopyTagArgs) -> std::result::Result<(), Failure> {
     let (repository, _) = split_image(&args.source).map_err(usage)?;
     let write = cachefrom::plan::CacheWrite::CopyTag { from: args.source.clone(), to: args.targets.clone() };
     let ctx = Context::from_environment();
-    cachefrom::writes::perform(&write, &ctx.docker, &ctx.registry, &repository, ctx.docker.timeouts.transfer)
-        .map_err(|error| Failure { code: EXIT_ENVIRONMENT, error })
+    let no_annotations = BTreeMap::new();
+    cachefrom::writes::perform(
+        &write,
+        &ctx.docker,
+        &ctx.registry,
+        &repository,
+        &no_annotations,
+        ctx.docker.timeouts.transfer,
+    )
+    .map_err(|error| Failure { code: EXIT_ENVIRONMENT, error })
 }
 
 /// `REGISTRY/NAME:TAG` → its repository and tag.

@@ -13,8 +13,9 @@ use crate::plan::Builder;
 pub struct Engine {
     /// The daemon's version.
     pub server_version: String,
-    /// buildx's version, if the plugin is installed and works.
-    pub buildx_version: Option<String>,
+    /// The builder's BuildKit version, when docker buildx is installed and answers (`unknown`
+    /// when it does not say).
+    pub buildkit_version: Option<String>,
     /// True when the daemon stores images in containerd (`containerd-snapshotter`).
     pub containerd_store: bool,
     /// The selected builder's driver (`docker`, `docker-container`, `remote`, …).
@@ -32,56 +33,53 @@ pub enum BackendFallback {
 }
 
 impl Engine {
-    /// Asks the engine, in parallel: `docker version`, `docker buildx version`, `docker info`,
-    /// `docker buildx inspect [BUILDER]`.
+    /// Asks the engine, two questions in parallel (each docker call costs a CLI start):
+    /// `docker info` (the daemon's version and image store) and `docker buildx inspect [BUILDER]`
+    /// (buildx present, the builder's driver and BuildKit version).
     pub fn probe(docker: &Docker, builder_name: Option<&str>) -> Result<Engine> {
         let timeout = docker.timeouts.probe;
         let args = |words: &[&str]| words.iter().map(|w| w.to_string()).collect::<Vec<String>>();
-        let version_args = args(&["version", "--format", "{{.Server.Version}}"]);
-        let buildx_args = args(&["buildx", "version"]);
-        let info_args = args(&["info", "--format", "{{json .DriverStatus}}"]);
+        let info_args = args(&["info", "--format", "{{.ServerVersion}}\t{{json .DriverStatus}}"]);
         let mut inspect_args = args(&["buildx", "inspect"]);
         inspect_args.extend(builder_name.map(str::to_string));
-        let (version, buildx, info, inspect) = std::thread::scope(|scope| {
-            let version =
-                scope.spawn(|| docker.run("asking the Docker daemon for its version", &version_args, timeout));
-            let buildx = scope.spawn(|| docker.run("checking for docker buildx", &buildx_args, timeout));
-            let info = scope.spawn(|| docker.run("asking the Docker daemon for its image store", &info_args, timeout));
+        let (info, inspect) = std::thread::scope(|scope| {
+            let info = scope
+                .spawn(|| docker.run("asking the Docker daemon for its version and image store", &info_args, timeout));
             let inspect = scope.spawn(|| docker.run("asking buildx for its builder", &inspect_args, timeout));
-            (version.join(), buildx.join(), info.join(), inspect.join())
+            (info.join(), inspect.join())
         });
         let joined = |result: std::thread::Result<Result<crate::docker::Output>>| {
             result.unwrap_or_else(|_| Err(anyhow::anyhow!("a probe thread panicked")))
         };
-        let version = joined(version)?;
-        if !version.success || version.stdout.trim().is_empty() {
+        let info = joined(info)?;
+        let (server_version, driver_status) = info.stdout.trim().split_once('\t').unwrap_or((info.stdout.trim(), ""));
+        if !info.success || server_version.is_empty() {
             let host = std::env::var("DOCKER_HOST").unwrap_or_else(|_| "unix:///var/run/docker.sock".to_string());
             bail!(
                 "the Docker daemon does not answer at {host}: start it (in this repository: cargo xtask stack up), or set DOCKER_HOST; docker said: {}",
-                last_lines(&version.stderr, 3)
+                last_lines(&info.stderr, 3)
             );
         }
-        let buildx = joined(buildx)?;
-        let buildx_version =
-            buildx.success.then(|| buildx.stdout.split_whitespace().nth(1).unwrap_or("unknown").to_string());
-        let info = joined(info)?;
-        let containerd_store = info.stdout.contains("io.containerd.snapshotter");
         let inspect = joined(inspect)?;
-        let driver = inspect
-            .success
-            .then(|| {
-                inspect
-                    .stdout
-                    .lines()
-                    .find_map(|line| line.trim().strip_prefix("Driver:").map(|driver| driver.trim().to_string()))
-            })
-            .flatten();
-        Ok(Engine { server_version: version.stdout.trim().to_string(), buildx_version, containerd_store, driver })
+        let field = |name: &str| {
+            inspect.stdout.lines().find_map(|line| line.trim().strip_prefix(name).map(|value| value.trim().to_string()))
+        };
+        let (buildkit_version, driver) = if inspect.success {
+            (Some(field("BuildKit version:").unwrap_or_else(|| "unknown".to_string())), field("Driver:"))
+        } else {
+            (None, None)
+        };
+        Ok(Engine {
+            server_version: server_version.to_string(),
+            buildkit_version,
+            containerd_store: driver_status.contains("io.containerd.snapshotter"),
+            driver,
+        })
     }
 
     /// The docker front end to use.
     pub fn builder(&self) -> Builder {
-        if self.buildx_version.is_some() {
+        if self.buildkit_version.is_some() {
             Builder::Buildx
         } else {
             Builder::Classic
@@ -91,7 +89,7 @@ impl Engine {
     /// Checks `backend` against the engine. Returns the backend to use and, when it differs,
     /// the reason (for the report). Fails when the backend cannot be served and `fallback` refuses.
     pub fn check_backend(&self, backend: &Backend, fallback: BackendFallback) -> Result<(Backend, Option<String>)> {
-        let problem = if self.buildx_version.is_none() && *backend != Backend::Inline {
+        let problem = if self.buildkit_version.is_none() && *backend != Backend::Inline {
             Some(format!(
                 "the {} backend needs docker buildx, which is not installed (install the docker-buildx package), or use --backend inline",
                 backend.name()
@@ -121,7 +119,7 @@ mod tests {
     fn engine(buildx: bool, containerd_store: bool, driver: &str) -> Engine {
         Engine {
             server_version: "26.1.5".into(),
-            buildx_version: buildx.then(|| "v0.13.1".into()),
+            buildkit_version: buildx.then(|| "v0.12.5".into()),
             containerd_store,
             driver: Some(driver.into()),
         }

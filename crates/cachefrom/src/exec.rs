@@ -12,6 +12,7 @@ use crate::backend::{Backend, CacheLocation};
 use crate::ci::{step_summary_path, CiSystem, Environment};
 use crate::docker::{last_lines, run_program, Docker};
 use crate::engine::{BackendFallback, Engine};
+use crate::inputs::CacheRecord;
 use crate::plan::{
     render_command, Builder, CacheErrors, CacheRef, CacheWrite, Execution, Level, Plan, PlanOptions, StagePlan, Step,
 };
@@ -105,6 +106,10 @@ pub struct Resolution {
     /// The manifest digest of each location found, where the registry said: locations with the
     /// same digest hold the same cache, and are passed to BuildKit once.
     pub digests: BTreeMap<String, String>,
+    /// The hash of this run's inputs ([`crate::inputs::fingerprint`]), where one can be had.
+    pub inputs: Option<String>,
+    /// The record on the cache this run would export to, if it carries one.
+    pub record: Option<CacheRecord>,
 }
 
 impl Resolution {
@@ -138,7 +143,15 @@ pub fn pull_cached(ctx: &Context, plan: &Plan) -> Result<Resolution> {
     let mut stages: BTreeMap<String, Choice> =
         plan.stages.iter().map(|stage| (stage.name.clone(), Choice { chosen: None, checked: Vec::new() })).collect();
     if !plan.backend.can_check_existence() {
-        return Ok(Resolution { stages, level: None, warnings, seconds: 0.0, digests: BTreeMap::new() });
+        return Ok(Resolution {
+            stages,
+            level: None,
+            warnings,
+            seconds: 0.0,
+            digests: BTreeMap::new(),
+            inputs: None,
+            record: None,
+        });
     }
 
     let candidates: Vec<(String, CacheRef)> = plan
@@ -152,7 +165,13 @@ pub fn pull_cached(ctx: &Context, plan: &Plan) -> Result<Resolution> {
         .map(|(_, candidate)| (plan.repository.clone(), candidate.tag.clone()))
         .collect();
     let mut digests = BTreeMap::new();
-    let mut image_answers = ctx.registry.check_all_with_digests(&image_checks).into_iter();
+    // The hash of the inputs asks the registry for base image digests: beside the checks.
+    let (checked, inputs) = std::thread::scope(|scope| {
+        let inputs = scope.spawn(|| input_fingerprint(ctx, plan));
+        let checked = ctx.registry.check_all_with_digests(&image_checks);
+        (checked, inputs.join().ok().flatten())
+    });
+    let mut image_answers = checked.into_iter();
     let answers: Vec<Existence> = candidates
         .iter()
         .map(|(_, candidate)| match &candidate.location {
@@ -190,6 +209,7 @@ pub fn pull_cached(ctx: &Context, plan: &Plan) -> Result<Resolution> {
         stages.get_mut(&stage).expect("every stage has a choice").checked.push((candidate, answer));
     }
     let level = choose_sources(&plan.chain, &mut stages);
+    let record = if inputs.is_some() { read_record(ctx, plan, &stages) } else { None };
 
     for stage in &plan.stages {
         let Some(chosen) = stages[&stage.name].chosen.clone() else { continue };
@@ -211,7 +231,60 @@ pub fn pull_cached(ctx: &Context, plan: &Plan) -> Result<Resolution> {
             _ => {}
         }
     }
-    Ok(Resolution { stages, level, warnings, seconds: started.elapsed().as_secs_f64(), digests })
+    Ok(Resolution { stages, level, warnings, seconds: started.elapsed().as_secs_f64(), digests, inputs, record })
+}
+
+/// The hash of the run's inputs, for a one-build registry run that writes its cache: every
+/// image the Dockerfile reads must answer with a digest, else there is none.
+fn input_fingerprint(ctx: &Context, plan: &Plan) -> Option<String> {
+    if plan.execution != Execution::OneBuild || !matches!(plan.backend, Backend::Registry { .. }) {
+        return None;
+    }
+    let target = plan.stages.iter().find(|stage| stage.is_target)?;
+    plan.primary_write(target)?;
+    let mut lookups = Vec::new();
+    let mut image_digests = Vec::new();
+    for image in &plan.external_images {
+        let (repository, reference) = crate::inputs::image_reference(image)?;
+        if crate::inputs::is_digest(&reference) {
+            image_digests.push((image.clone(), reference));
+        } else {
+            lookups.push((image.clone(), (repository, reference)));
+        }
+    }
+    let refs: Vec<_> = lookups.iter().map(|(_, lookup)| lookup.clone()).collect();
+    for ((image, _), (answer, digest)) in lookups.iter().zip(ctx.registry.check_all_with_digests(&refs)) {
+        match (answer, digest) {
+            (Existence::Exists, Some(digest)) => image_digests.push((image.clone(), digest)),
+            _ => return None,
+        }
+    }
+    image_digests.sort();
+    let inputs = crate::inputs::Inputs {
+        context: &plan.context,
+        dockerfile: &plan.dockerfile,
+        target: &plan.target,
+        build_args: plan.build_args.iter().map(|(name, value)| (name.as_str(), value.as_str())).collect(),
+        docker_args: &plan.docker_args,
+        image_digests,
+    };
+    crate::inputs::fingerprint(&inputs).ok()
+}
+
+/// The record on the target's cache at the tag this run exports to, when that cache exists.
+fn read_record(ctx: &Context, plan: &Plan, stages: &BTreeMap<String, Choice>) -> Option<CacheRecord> {
+    let target = plan.stages.iter().find(|stage| stage.is_target)?;
+    let primary = plan.primary_write(target)?;
+    let found = stages
+        .get(&target.name)?
+        .checked
+        .iter()
+        .any(|(candidate, answer)| candidate.location == primary.location && *answer == Existence::Exists);
+    if !found {
+        return None;
+    }
+    let manifest = ctx.registry.manifest(&plan.repository, &primary.tag).ok()?;
+    CacheRecord::from_annotations(&manifest.annotations())
 }
 
 /// Sets each stage's `chosen` cache from what was found: every stage from the most specific level
@@ -304,6 +377,11 @@ pub fn build_unit(ctx: &Context, plan: &Plan, stage_name: &str, resolution: &Res
     let sources = resolution.sources(plan, stage);
     if matches!(plan.backend, Backend::Tarball { .. } | Backend::Local { .. }) {
         seed_export_dir(plan, stage, &sources, ctx.docker.timeouts.transfer)?;
+    }
+    if plan.pushes_in_build(stage) {
+        std::fs::create_dir_all(&plan.work_dir)
+            .with_context(|| format!("creating the work directory {}", plan.work_dir.display()))?;
+        let _ = std::fs::remove_file(plan.metadata_file());
     }
     let progress = if plan.builder == Builder::Buildx { "rawjson" } else { "plain" };
     let args = plan.build_command(stage, &sources, progress);
@@ -550,13 +628,19 @@ pub struct PushOutcome {
 /// BuildKit during the build.
 pub fn push_cached(ctx: &Context, plan: &Plan, stage_name: &str) -> Result<PushOutcome> {
     let stage = plan.stage(stage_name).with_context(|| format!("the plan has no stage `{stage_name}`"))?;
-    perform_writes(ctx, plan, &plan.writes_after(stage))
+    perform_writes(ctx, plan, &plan.writes_after(stage), &BTreeMap::new())
 }
 
-fn perform_writes(ctx: &Context, plan: &Plan, writes: &[CacheWrite]) -> Result<PushOutcome> {
+fn perform_writes(
+    ctx: &Context,
+    plan: &Plan,
+    writes: &[CacheWrite],
+    annotations: &BTreeMap<String, String>,
+) -> Result<PushOutcome> {
     let mut outcome = PushOutcome::default();
     for write in writes {
-        match writes::perform(write, &ctx.docker, &ctx.registry, &plan.repository, ctx.docker.timeouts.transfer) {
+        let timeout = ctx.docker.timeouts.transfer;
+        match writes::perform(write, &ctx.docker, &ctx.registry, &plan.repository, annotations, timeout) {
             Ok(()) => outcome.pushed.extend(write.destinations()),
             Err(error) if plan.cache_errors == CacheErrors::Warn => outcome.warnings.push(format!("{error:#}")),
             Err(error) => {
@@ -794,13 +878,27 @@ pub fn execute_checked(
         }
     }
 
-    // Walk the plan's steps; a failed build stops the walk after recovering what it finished.
     let mut stage_reports: BTreeMap<String, StageReport> = BTreeMap::new();
+    let mut unchanged = None;
+    if let Some(record) = unchanged_record(plan, &resolution) {
+        match reuse_unchanged(ctx, plan, &resolution, record) {
+            Ok(reports) => {
+                unchanged = plan.stages.iter().find(|s| s.is_target).and_then(|target| plan.primary_write(target));
+                stage_reports = reports.into_iter().map(|report| (report.name.clone(), report)).collect();
+            }
+            Err(error) => ctx.warn(&format!("reusing the unchanged build failed, building: {error:#}")),
+        }
+    }
+    let steps: &[Step] = if unchanged.is_some() { &[] } else { &plan.steps };
+    // The record written on the exported cache, once the target's build has succeeded.
+    let mut annotations: BTreeMap<String, String> = BTreeMap::new();
+
+    // Walk the plan's steps; a failed build stops the walk after recovering what it finished.
     let mut build_error: Option<anyhow::Error> = None;
     let mut write_warnings: Vec<(String, String)> = Vec::new();
     let mut write_error: Option<String> = None;
     let mut not_exported: BTreeSet<String> = BTreeSet::new();
-    for step in &plan.steps {
+    for step in steps {
         match step {
             Step::Build { stage } => {
                 let outcome = build_unit(ctx, plan, stage, &resolution)?;
@@ -817,19 +915,24 @@ pub fn execute_checked(
                     }
                     break;
                 }
+                annotations = record_of(plan, stage, &resolution, &stage_reports)
+                    .map(|record| record.to_annotations())
+                    .unwrap_or_default();
             }
             // The export failed (its warning is in the report): copying it would copy an older cache.
             Step::Write { stage, .. } if not_exported.contains(stage) => {}
-            Step::Write { stage, write } => match perform_writes(ctx, plan, std::slice::from_ref(write)) {
-                Ok(outcome) => {
-                    credit_writes(plan, stage_reports.values_mut(), &outcome.pushed);
-                    write_warnings.extend(outcome.warnings.into_iter().map(|w| (stage.clone(), w)));
+            Step::Write { stage, write } => {
+                match perform_writes(ctx, plan, std::slice::from_ref(write), &annotations) {
+                    Ok(outcome) => {
+                        credit_writes(plan, stage_reports.values_mut(), &outcome.pushed);
+                        write_warnings.extend(outcome.warnings.into_iter().map(|w| (stage.clone(), w)));
+                    }
+                    Err(error) => {
+                        write_error = Some(format!("{error:#}"));
+                        break;
+                    }
                 }
-                Err(error) => {
-                    write_error = Some(format!("{error:#}"));
-                    break;
-                }
-            },
+            }
             Step::PushImage { image } => {
                 let args = vec!["push".to_string(), "--quiet".to_string(), image.clone()];
                 if let Err(error) =
@@ -889,12 +992,96 @@ pub fn execute_checked(
         success: message.is_none(),
         error: message.clone(),
         warnings: run_warnings,
+        unchanged: unchanged.map(|primary| {
+            format!(
+                "the inputs are those recorded on {}: nothing to build, its cache and image reused",
+                primary.location
+            )
+        }),
     };
     publish_report(ctx, &report, report_file)?;
     match message {
         None => Ok(report),
         Some(message) => Err(anyhow::Error::new(BuildFailed { report, message })),
     }
+}
+
+/// The record on the cache this run exports to, when it says the run has nothing to build: the
+/// same inputs, and an output the record can stand for (the cache alone, or images pushed to the
+/// cache's repository, whose digest it names).
+fn unchanged_record<'a>(plan: &Plan, resolution: &'a Resolution) -> Option<&'a CacheRecord> {
+    let record = resolution.record.as_ref()?;
+    if resolution.inputs.as_deref() != Some(record.inputs.as_str()) || plan.wants_local_image() {
+        return None;
+    }
+    let tags_in_repository = plan.tags.iter().all(|tag| writes::tag_of(&plan.repository, tag).is_ok());
+    match (plan.tags.is_empty(), plan.push_tags) {
+        (true, _) => Some(record),
+        (false, true) if tags_in_repository && record.image.is_some() => Some(record),
+        _ => None,
+    }
+}
+
+/// Nothing to build: tags the recorded image and writes the recorded cache's further tags, and
+/// reports each stage as the record has it.
+fn reuse_unchanged(
+    ctx: &Context,
+    plan: &Plan,
+    resolution: &Resolution,
+    record: &CacheRecord,
+) -> Result<Vec<StageReport>> {
+    let target = plan.stages.iter().find(|stage| stage.is_target).context("the plan has a target")?;
+    let primary = plan.primary_write(target).context("the run writes a cache")?;
+    if let (Some(image), true) = (&record.image, plan.push_tags) {
+        let tags = plan.tags.iter().map(|tag| writes::tag_of(&plan.repository, tag)).collect::<Result<Vec<_>>>()?;
+        ctx.registry
+            .copy_tag(&plan.repository, image, &tags)
+            .with_context(|| format!("tagging the image {image} built from the same inputs"))?;
+    }
+    let written = perform_writes(ctx, plan, &plan.writes_after(target), &BTreeMap::new())?;
+    let mut reports: Vec<StageReport> = plan
+        .stages
+        .iter()
+        .map(|stage| {
+            let steps = record.steps.get(&stage.name).copied().unwrap_or(0);
+            let source = resolution.stages.get(&stage.name).and_then(|choice| choice.chosen.clone());
+            StageReport {
+                name: stage.name.clone(),
+                cache_source: source.as_ref().map(|s| s.location.to_string()),
+                cache_level: source.as_ref().map(|s| s.level),
+                cache_from: vec![primary.location.to_string()],
+                steps_cached: steps,
+                steps_total: steps,
+                seconds: 0.0,
+                pushed: Vec::new(),
+                status: "unchanged".to_string(),
+                steps: Vec::new(),
+                warnings: written.warnings.clone(),
+            }
+        })
+        .collect();
+    credit_writes(plan, reports.iter_mut(), &written.pushed);
+    Ok(reports)
+}
+
+/// The record of a successful build of `stage`, when it is the target and the inputs are known.
+fn record_of(
+    plan: &Plan,
+    stage: &str,
+    resolution: &Resolution,
+    reports: &BTreeMap<String, StageReport>,
+) -> Option<CacheRecord> {
+    let target = plan.stage(stage).filter(|stage| stage.is_target)?;
+    let inputs = resolution.inputs.clone()?;
+    let image = if plan.pushes_in_build(target) { pushed_digest(&plan.metadata_file()) } else { None };
+    let steps = reports.values().map(|report| (report.name.clone(), report.steps_total)).collect();
+    Some(CacheRecord { inputs, image, steps })
+}
+
+/// `containerimage.digest` from buildx's `--metadata-file`.
+fn pushed_digest(file: &Path) -> Option<String> {
+    let value: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(file).ok()?).ok()?;
+    value.get("containerimage.digest")?.as_str().filter(|digest| crate::inputs::is_digest(digest)).map(str::to_string)
 }
 
 /// After a failed one-build run: exports and writes the cache of every stage the build finished
@@ -1020,7 +1207,15 @@ mod tests {
             ("app".to_string(), choice(&[(Level::Branch, true)])),
         ]);
         let level = choose_sources(&[Level::Branch], &mut stages);
-        let resolution = Resolution { stages, level, warnings: vec![], seconds: 0.0, digests: BTreeMap::new() };
+        let resolution = Resolution {
+            stages,
+            level,
+            warnings: vec![],
+            seconds: 0.0,
+            digests: BTreeMap::new(),
+            inputs: None,
+            record: None,
+        };
         let sources: Vec<String> =
             resolution.sources(&plan, plan.stage("app").unwrap()).into_iter().map(|(name, _)| name).collect();
         assert_eq!(sources, ["app", "deps"]);

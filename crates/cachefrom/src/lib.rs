@@ -73,6 +73,7 @@ pub mod dockerfile;
 pub mod engine;
 pub mod exec;
 pub mod git;
+pub mod inputs;
 pub mod plan;
 mod progress;
 pub mod refs;

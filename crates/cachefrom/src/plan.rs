@@ -397,6 +397,8 @@ pub struct Plan {
     pub work_dir: PathBuf,
     /// Why parts of the chain or of the Dockerfile are not used.
     pub notes: Vec<String>,
+    /// The images outside the Dockerfile that the build reads (`FROM`, `COPY --from`, mounts).
+    pub external_images: Vec<String>,
     /// How the stages are built.
     pub execution: Execution,
     /// What runs, in order.
@@ -555,6 +557,12 @@ impl Plan {
             docker_args: options.docker_args.clone(),
             work_dir: options.work_dir.clone(),
             notes,
+            external_images: order
+                .iter()
+                .flat_map(|stage| stage.external_images.iter().cloned())
+                .collect::<BTreeSet<String>>()
+                .into_iter()
+                .collect(),
             execution,
             steps: Vec::new(),
             recovery: Vec::new(),
@@ -653,6 +661,25 @@ impl Plan {
         }
     }
 
+    /// True when the options after `--` choose the build's output themselves.
+    fn user_output(&self) -> bool {
+        self.docker_args.iter().any(|arg| {
+            let flag = arg.split('=').next().unwrap_or(arg);
+            matches!(flag, "-o" | "--output" | "--load" | "--iidfile" | "--metadata-file")
+        })
+    }
+
+    /// True when the run leaves an image in the local engine (tags not pushed, or an output the
+    /// user chose): such a run always builds.
+    pub fn wants_local_image(&self) -> bool {
+        self.user_output() || (!self.tags.is_empty() && !self.push_tags)
+    }
+
+    /// Where the target's build writes buildx's metadata (the pushed image's digest).
+    pub fn metadata_file(&self) -> PathBuf {
+        self.work_dir.join("build-metadata.json")
+    }
+
     /// True when the build of `stage` pushes its tags itself (`docker buildx build --push`).
     pub fn pushes_in_build(&self, stage: &StagePlan) -> bool {
         self.builder == Builder::Buildx && stage.is_target && self.push_tags && !self.tags.is_empty()
@@ -740,10 +767,7 @@ impl Plan {
         // A stage that only feeds later ones, or a target with no tag to keep it by, needs no
         // image: with its cache exported by BuildKit, `cacheonly` skips downloading and unpacking
         // its layers when every step is a hit.
-        let user_output = self.docker_args.iter().any(|arg| {
-            let flag = arg.split('=').next().unwrap_or(arg);
-            matches!(flag, "-o" | "--output" | "--load" | "--iidfile" | "--metadata-file")
-        });
+        let user_output = self.user_output();
         if self.builder == Builder::Buildx
             && self.backend.needs_cache_export()
             && !user_output
@@ -753,6 +777,10 @@ impl Plan {
         }
         if self.pushes_in_build(stage) {
             args.push("--push".into());
+            if !user_output {
+                // Where buildx says which image it pushed (recorded on the cache).
+                args.extend(["--metadata-file".into(), self.metadata_file().display().to_string()]);
+            }
         }
         args.extend(self.docker_args.iter().cloned());
         args.push(self.context.display().to_string());

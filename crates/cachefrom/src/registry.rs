@@ -40,6 +40,38 @@ impl Default for RegistryClient {
     }
 }
 
+/// A manifest as the registry holds it: its media type and its bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Manifest {
+    /// `Content-Type` (e.g. `application/vnd.oci.image.manifest.v1+json`).
+    pub content_type: String,
+    /// The bytes, which the digest is taken of.
+    pub body: Vec<u8>,
+}
+
+impl Manifest {
+    /// The `annotations` of an OCI manifest (empty when it has none or is not JSON).
+    pub fn annotations(&self) -> BTreeMap<String, String> {
+        serde_json::from_slice::<serde_json::Value>(&self.body)
+            .ok()
+            .and_then(|value| value.get("annotations").cloned())
+            .and_then(|value| serde_json::from_value(value).ok())
+            .unwrap_or_default()
+    }
+
+    /// The same manifest with `annotations` set (others kept); its digest changes, its layers do not.
+    pub fn with_annotations(&self, annotations: &BTreeMap<String, String>) -> Result<Manifest> {
+        let mut value: serde_json::Value = serde_json::from_slice(&self.body).context("a manifest is JSON")?;
+        let object = value.as_object_mut().context("a manifest is a JSON object")?;
+        let entry = object.entry("annotations").or_insert_with(|| serde_json::json!({}));
+        let map = entry.as_object_mut().context("a manifest's annotations are an object")?;
+        for (key, text) in annotations {
+            map.insert(key.clone(), serde_json::Value::String(text.clone()));
+        }
+        Ok(Manifest { content_type: self.content_type.clone(), body: serde_json::to_vec(&value)? })
+    }
+}
+
 /// What the requests of one call share.
 struct Session {
     agent: ureq::Agent,
@@ -117,15 +149,30 @@ impl RegistryClient {
         self.exists_in(&self.session(), repository, tag).0
     }
 
-    /// Gives the manifest of `repository:from` the further tags `to`: one `GET` and a `PUT` a tag,
-    /// byte for byte, so the digest stays the same and no layer moves.
+    /// Gives the manifest of `repository:from` (a tag or a digest) the further tags `to`: one
+    /// `GET` and a `PUT` a tag, byte for byte, so the digest stays the same and no layer moves.
     pub fn copy_tag(&self, repository: &Repository, from: &str, to: &[String]) -> Result<()> {
         if to.is_empty() {
             return Ok(());
         }
         let session = self.session();
-        let url = manifest_url(repository, from);
-        let mut response = self.send(&session, repository, Access::Pull, |agent, authorization| {
+        let manifest = self.manifest_in(&session, repository, from)?;
+        self.put_manifest_in(&session, repository, &manifest, to)
+    }
+
+    /// The manifest of `repository:reference` (a tag or a digest).
+    pub fn manifest(&self, repository: &Repository, reference: &str) -> Result<Manifest> {
+        self.manifest_in(&self.session(), repository, reference)
+    }
+
+    /// Writes `manifest` under each of `tags`.
+    pub fn put_manifest(&self, repository: &Repository, manifest: &Manifest, tags: &[String]) -> Result<()> {
+        self.put_manifest_in(&self.session(), repository, manifest, tags)
+    }
+
+    fn manifest_in(&self, session: &Session, repository: &Repository, reference: &str) -> Result<Manifest> {
+        let url = manifest_url(repository, reference);
+        let mut response = self.send(session, repository, Access::Pull, |agent, authorization| {
             let mut request = agent.get(&url).header("Accept", MANIFEST_TYPES);
             if let Some(authorization) = authorization {
                 request = request.header("Authorization", authorization);
@@ -133,12 +180,9 @@ impl RegistryClient {
             request.call()
         })?;
         let status = response.status().as_u16();
+        let shown = format!("{}/{}@{reference}", repository.registry, repository.path);
         if status != 200 {
-            bail!(
-                "reading the manifest of {}: registry {} answered HTTP {status}",
-                repository.with_tag(from),
-                repository.registry
-            );
+            bail!("reading the manifest of {shown}: registry {} answered HTTP {status}", repository.registry);
         }
         let content_type = response
             .headers()
@@ -151,21 +195,29 @@ impl RegistryClient {
             .with_config()
             .limit(MAX_MANIFEST_BYTES)
             .read_to_vec()
-            .with_context(|| format!("reading the manifest of {}", repository.with_tag(from)))?;
-        let session = &session;
+            .with_context(|| format!("reading the manifest of {shown}"))?;
+        Ok(Manifest { content_type, body })
+    }
+
+    fn put_manifest_in(
+        &self,
+        session: &Session,
+        repository: &Repository,
+        manifest: &Manifest,
+        tags: &[String],
+    ) -> Result<()> {
         let results: Vec<Result<()>> = std::thread::scope(|scope| {
-            let handles: Vec<_> = to
+            let handles: Vec<_> = tags
                 .iter()
                 .map(|tag| {
-                    let (body, content_type) = (&body, &content_type);
                     scope.spawn(move || {
                         let url = manifest_url(repository, tag);
                         let response = self.send(session, repository, Access::Push, |agent, authorization| {
-                            let mut request = agent.put(&url).header("Content-Type", content_type.as_str());
+                            let mut request = agent.put(&url).header("Content-Type", manifest.content_type.as_str());
                             if let Some(authorization) = authorization {
                                 request = request.header("Authorization", authorization);
                             }
-                            request.send(&body[..])
+                            request.send(&manifest.body[..])
                         })?;
                         match response.status().as_u16() {
                             200..=299 => Ok(()),
@@ -176,7 +228,11 @@ impl RegistryClient {
                                 response.status().as_u16(),
                                 repository.registry
                             ),
-                            other => bail!("writing {}: registry {} answered HTTP {other}", repository.with_tag(tag), repository.registry),
+                            other => bail!(
+                                "writing {}: registry {} answered HTTP {other}",
+                                repository.with_tag(tag),
+                                repository.registry
+                            ),
                         }
                     })
                 })

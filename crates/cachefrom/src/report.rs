@@ -395,6 +395,10 @@ pub struct RunReport {
     pub error: Option<String>,
     /// Run-wide warnings (registry unreachable, …).
     pub warnings: Vec<String>,
+    /// Set when nothing was built: the inputs were those recorded on the cache this run writes,
+    /// so the cache and the image it pushed were reused (says which cache).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unchanged: Option<String>,
 }
 
 /// The tag of an image reference, or the file name of a path: what tells locations apart in a table.
@@ -455,6 +459,9 @@ impl RunReport {
             self.backend_fallback.as_ref().map(|why| format!(", {why}")).unwrap_or_default(),
             if self.success { String::new() } else { ": FAILED".to_string() }
         );
+        if let Some(unchanged) = &self.unchanged {
+            let _ = writeln!(out, "cachefrom: {unchanged}");
+        }
         for warning in self.warnings.iter().chain(self.stages.iter().flat_map(|s| s.warnings.iter())) {
             let _ = writeln!(out, "cachefrom: warning: {warning}");
         }
@@ -660,6 +667,7 @@ Step 5/5 : RUN echo two > /two
             success: true,
             error: None,
             warnings: vec!["registry slow".into()],
+            unchanged: None,
         };
         let table = report.table();
         assert!(table.starts_with("stage  cached  seconds  source"), "{table}");

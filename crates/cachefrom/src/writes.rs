@@ -1,5 +1,6 @@
 //! Carrying out a [`CacheWrite`]: the same value the script renders with [`CacheWrite::shell`].
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
@@ -10,21 +11,30 @@ use crate::plan::{partial_path, CacheWrite};
 use crate::refs::Repository;
 use crate::registry::RegistryClient;
 
-/// Carries out `write`. `repository` is where `CopyTag` copies within.
+/// Carries out `write`. `repository` is where `CopyTag` copies within; non-empty `annotations`
+/// are set on the copied manifest, the source tag included (the record of the build).
 pub fn perform(
     write: &CacheWrite,
     docker: &Docker,
     registry: &RegistryClient,
     repository: &Repository,
+    annotations: &BTreeMap<String, String>,
     timeout: Duration,
 ) -> Result<()> {
     match write {
         CacheWrite::CopyTag { from, to } => {
             let from_tag = tag_of(repository, from)?;
-            let to_tags = to.iter().map(|image| tag_of(repository, image)).collect::<Result<Vec<_>>>()?;
-            registry
-                .copy_tag(repository, &from_tag, &to_tags)
-                .with_context(|| format!("copying the cache {from} to {} more tag(s)", to_tags.len()))
+            let mut to_tags = to.iter().map(|image| tag_of(repository, image)).collect::<Result<Vec<_>>>()?;
+            let copied = if annotations.is_empty() {
+                registry.copy_tag(repository, &from_tag, &to_tags)
+            } else {
+                to_tags.push(from_tag.clone());
+                registry
+                    .manifest(repository, &from_tag)
+                    .and_then(|manifest| manifest.with_annotations(annotations))
+                    .and_then(|manifest| registry.put_manifest(repository, &manifest, &to_tags))
+            };
+            copied.with_context(|| format!("copying the cache {from} to {} more tag(s)", to.len()))
         }
         CacheWrite::PushImage { image } => {
             let args = vec!["push".to_string(), "--quiet".to_string(), image.clone()];
@@ -36,7 +46,7 @@ pub fn perform(
 }
 
 /// The tag of `image`, which must be `repository:TAG`.
-fn tag_of(repository: &Repository, image: &str) -> Result<String> {
+pub(crate) fn tag_of(repository: &Repository, image: &str) -> Result<String> {
     let prefix = format!("{}:", repository.with_tag("").trim_end_matches(':'));
     match image.strip_prefix(&prefix) {
         Some(tag) if !tag.is_empty() => Ok(tag.to_string()),
