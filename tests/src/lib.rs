@@ -81,6 +81,43 @@ pub fn registry_tags(address: &str, repository: &str) -> Result<Vec<String>> {
     Ok(tags)
 }
 
+/// The manifest digest of `repository:reference` in the registry at `address`, if it has it.
+pub fn registry_digest(address: &str, repository: &str, reference: &str) -> Option<String> {
+    let response = http_agent(Duration::from_secs(5))
+        .head(&format!("http://{address}/v2/{repository}/manifests/{reference}"))
+        .header("Accept", "application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json, application/vnd.docker.distribution.manifest.v2+json")
+        .call()
+        .ok()?;
+    if response.status().as_u16() != 200 {
+        return None;
+    }
+    response.headers().get("docker-content-digest")?.to_str().ok().map(str::to_string)
+}
+
+/// The manifest of `repository:reference` in the registry at `address`, as JSON.
+pub fn registry_manifest(address: &str, repository: &str, reference: &str) -> Result<serde_json::Value> {
+    let mut response = http_agent(Duration::from_secs(5))
+        .get(&format!("http://{address}/v2/{repository}/manifests/{reference}"))
+        .header("Accept", "application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json")
+        .call()
+        .with_context(|| format!("reading the manifest of {repository}:{reference}"))?;
+    Ok(serde_json::from_str(&response.body_mut().read_to_string()?)?)
+}
+
+/// A small project on the stack's runtime base (builds in seconds, no network): `Dockerfile`,
+/// `deps.txt` and `src/main.txt`, in its own git repository with `c0` committed on `main`.
+pub fn synthetic_project(dockerfile: &str) -> Result<tempfile::TempDir> {
+    let dir = tempfile::tempdir()?;
+    std::fs::write(dir.path().join("Dockerfile"), dockerfile)?;
+    std::fs::write(dir.path().join("deps.txt"), "serde 1\n")?;
+    std::fs::create_dir_all(dir.path().join("src"))?;
+    std::fs::write(dir.path().join("src/main.txt"), "fn main\n")?;
+    git(dir.path(), &["init", "-q", "-b", "main"])?;
+    git(dir.path(), &["add", "."])?;
+    git(dir.path(), &["commit", "-q", "-m", "c0"])?;
+    Ok(dir)
+}
+
 /// Fails with a clear message when the stack is not up. Outside CI a caller may skip instead;
 /// in CI (`CI=true`) a missing stack is always a failure.
 pub fn require_stack() -> Result<()> {

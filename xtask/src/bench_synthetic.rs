@@ -105,19 +105,6 @@ fn best(runs: &[Run]) -> Run {
     *runs.iter().min_by(|a, b| a.seconds.total_cmp(&b.seconds)).expect("at least one run")
 }
 
-/// A project directory with `dockerfile`, a deps file and a source file, committed on `main`.
-fn project(dockerfile: &str) -> Result<tempfile::TempDir> {
-    let dir = tempfile::tempdir()?;
-    std::fs::write(dir.path().join("Dockerfile"), dockerfile)?;
-    std::fs::write(dir.path().join("deps.txt"), "serde 1\n")?;
-    std::fs::create_dir_all(dir.path().join("src"))?;
-    std::fs::write(dir.path().join("src/main.txt"), "fn main\n")?;
-    git(dir.path(), &["init", "-q", "-b", "main"])?;
-    git(dir.path(), &["add", "."])?;
-    git(dir.path(), &["commit", "-q", "-m", "c0"])?;
-    Ok(dir)
-}
-
 fn run_checked(command: &mut Command, what: &str) -> Result<()> {
     let output = command.output().with_context(|| format!("starting {what}"))?;
     if !output.status.success() {
@@ -175,7 +162,7 @@ fn scenarios(dockerfile: &str, list: &[&str], reps: usize) -> Result<Vec<Row>> {
     for (tool_name, tool) in TOOLS {
         let mut per_scenario: Vec<Vec<Run>> = vec![Vec::new(); list.len()];
         for rep in 0..reps {
-            let dir = project(dockerfile)?;
+            let dir = cachefrom_tests::synthetic_project(dockerfile)?;
             let dir = dir.path();
             let image = unique_repository(&format!("bench-{tool_name}"));
             let mut branch = "main".to_string();

@@ -1,0 +1,101 @@
+//! End-to-end: a rerun whose inputs are those recorded on the cache it would write builds
+//! nothing; it tags the image that was built from them and copies the cache's tags. Any change
+//! docker would send (a source edit) builds again; a change `.dockerignore` leaves out does not;
+//! a run that wants a local image always builds.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use cachefrom_tests::*;
+
+const DOCKERFILE: &str = "\
+ARG BASE
+FROM ${BASE} AS deps
+COPY deps.txt /deps.txt
+RUN cat /deps.txt > /deps
+FROM deps AS app
+COPY src /src
+RUN cat /src/main.txt > /app
+";
+
+fn build(dir: &Path, image: &str, extra: &[&str]) -> (Output, serde_json::Value) {
+    let report = dir.join("report.json");
+    let _ = std::fs::remove_file(&report);
+    let output = Command::new(cachefrom_binary())
+        .args(["build", "--image", image, "--branch", "main", "--default-branch", "main"])
+        .args(["--build-arg", &format!("BASE={RUNTIME_BASE_IMAGE}"), "--report"])
+        .arg(&report)
+        .args(extra)
+        .arg(dir)
+        .args(["--", "--network=none"])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let report = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    (output, report)
+}
+
+#[test]
+fn a_rerun_with_the_same_inputs_builds_nothing_and_any_change_builds() {
+    let _serial = serial();
+    if !stack_ready("a_rerun_with_the_same_inputs_builds_nothing_and_any_change_builds") {
+        return;
+    }
+    let project = synthetic_project(DOCKERFILE).unwrap();
+    let dir = project.path();
+    std::fs::write(dir.join(".dockerignore"), "*.log\n").unwrap();
+    let image = unique_repository("unchanged");
+    let path = image.strip_prefix(&format!("{REGISTRY}/")).unwrap().to_string();
+    let tag = format!("{image}:v1");
+    let push = ["--tag", tag.as_str(), "--push"];
+
+    // The first run builds, and records its inputs and image on the cache it exports.
+    let (_, first) = build(dir, &image, &push);
+    assert!(first.get("unchanged").is_none(), "{first:#}");
+    let manifest = registry_manifest(REGISTRY, &path, "cache-app-main").unwrap();
+    let annotations = &manifest["annotations"];
+    assert!(annotations["dev.cachefrom.inputs"].as_str().unwrap().starts_with("sha256:"), "{manifest:#}");
+    let built = registry_digest(REGISTRY, &path, "v1").unwrap();
+    assert_eq!(annotations["dev.cachefrom.image"], built.as_str());
+
+    // A fresh runner, nothing changed: nothing is built, the same image keeps its tag, a new tag
+    // points at it, and the cache's tags are written.
+    fresh_runner().unwrap();
+    let second_tag = format!("{image}:v2");
+    let (output, second) = build(dir, &image, &["--tag", &tag, "--tag", &second_tag, "--push"]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(second["unchanged"].as_str().unwrap().contains("cache-app-main"), "{second:#}");
+    assert!(!stderr.contains("docker buildx build"), "nothing was built:\n{stderr}");
+    for stage in second["stages"].as_array().unwrap() {
+        assert_eq!(stage["status"], "unchanged", "{second:#}");
+        assert_eq!(stage["steps_cached"], stage["steps_total"], "{second:#}");
+    }
+    assert_eq!(registry_digest(REGISTRY, &path, "v1").as_deref(), Some(built.as_str()));
+    assert_eq!(registry_digest(REGISTRY, &path, "v2").as_deref(), Some(built.as_str()));
+    let content = duct::cmd!("timeout", "120", "docker", "run", "--rm", "--network=none", &second_tag, "cat", "/app")
+        .read()
+        .unwrap();
+    assert_eq!(content, "fn main");
+
+    // A file .dockerignore leaves out changes nothing docker sends.
+    std::fs::write(dir.join("build.log"), "noise\n").unwrap();
+    fresh_runner().unwrap();
+    let (_, ignored) = build(dir, &image, &push);
+    assert!(ignored["unchanged"].is_string(), "{ignored:#}");
+
+    // A run that wants a local image (tags, no push) builds.
+    fresh_runner().unwrap();
+    let (_, local) = build(dir, &image, &["--tag", &tag]);
+    assert!(local.get("unchanged").is_none(), "{local:#}");
+
+    // A source edit builds again: the dependency stage from the cache, the app stage anew.
+    std::fs::write(dir.join("src/main.txt"), "fn main2\n").unwrap();
+    fresh_runner().unwrap();
+    let (_, edited) = build(dir, &image, &push);
+    assert!(edited.get("unchanged").is_none(), "{edited:#}");
+    let app = edited["stages"].as_array().unwrap().iter().find(|stage| stage["name"] == "app").unwrap();
+    assert!(app["steps_cached"].as_u64() < app["steps_total"].as_u64(), "{edited:#}");
+    let deps = edited["stages"].as_array().unwrap().iter().find(|stage| stage["name"] == "deps").unwrap();
+    assert_eq!(deps["steps_cached"], deps["steps_total"], "{edited:#}");
+    assert_ne!(registry_digest(REGISTRY, &path, "v1").as_deref(), Some(built.as_str()));
+}
