@@ -111,6 +111,9 @@ fn hash_tree(root: &Path, dir: &Path, ignore: &IgnoreRules, field: &mut impl FnM
     Ok(())
 }
 
+/// The most `**` one `.dockerignore` pattern may hold.
+const MAX_DOUBLE_STARS: usize = 3;
+
 /// The patterns of a `.dockerignore`, read as Docker reads them (moby's patternmatcher): the last
 /// pattern that matches a path or one of its parent directories decides, `!` lets a path back in.
 #[derive(Debug, Default)]
@@ -156,6 +159,10 @@ impl IgnoreRules {
             if segments.iter().any(|segment| segment == "..") {
                 bail!("the pattern `{pattern}` climbs out of the context");
             }
+            // Each `**` tries every depth: a few keep matching linear enough.
+            if segments.iter().filter(|segment| *segment == "**").count() > MAX_DOUBLE_STARS {
+                bail!("the pattern `{pattern}` has more than {MAX_DOUBLE_STARS} `**`");
+            }
             if !segments.is_empty() {
                 patterns.push((exception, segments));
             }
@@ -184,20 +191,35 @@ fn matches_segments(pattern: &[String], parts: &[&str]) -> bool {
         None => parts.is_empty(),
         Some((first, rest)) if first == "**" => (0..=parts.len()).any(|skip| matches_segments(rest, &parts[skip..])),
         Some((first, rest)) => match parts.split_first() {
-            Some((part, others)) => matches_glob(first.as_bytes(), part.as_bytes()) && matches_segments(rest, others),
+            Some((part, others)) => matches_glob(first, part) && matches_segments(rest, others),
             None => false,
         },
     }
 }
 
-/// One segment against a pattern of literals, `*` and `?`.
-fn matches_glob(pattern: &[u8], text: &[u8]) -> bool {
-    match pattern.split_first() {
-        None => text.is_empty(),
-        Some((b'*', rest)) => (0..=text.len()).any(|skip| matches_glob(rest, &text[skip..])),
-        Some((b'?', rest)) => !text.is_empty() && matches_glob(rest, &text[1..]),
-        Some((c, rest)) => text.first() == Some(c) && matches_glob(rest, &text[1..]),
+/// One segment against a pattern of literals, `*` (any characters) and `?` (one character):
+/// the greedy match that goes back only to the last `*`, so any input is answered in time
+/// proportional to the product of the lengths.
+fn matches_glob(pattern: &str, text: &str) -> bool {
+    let (pattern, text): (Vec<char>, Vec<char>) = (pattern.chars().collect(), text.chars().collect());
+    let (mut p, mut t) = (0, 0);
+    let mut last_star: Option<(usize, usize)> = None;
+    while t < text.len() {
+        if p < pattern.len() && (pattern[p] == '?' || pattern[p] == text[t]) {
+            p += 1;
+            t += 1;
+        } else if p < pattern.len() && pattern[p] == '*' {
+            last_star = Some((p, t));
+            p += 1;
+        } else if let Some((star, matched)) = last_star {
+            p = star + 1;
+            t = matched + 1;
+            last_star = Some((star, matched + 1));
+        } else {
+            return false;
+        }
     }
+    pattern[p..].iter().all(|c| *c == '*')
 }
 
 #[cfg(test)]
@@ -326,6 +348,43 @@ pub fn image_reference(text: &str) -> Option<(crate::refs::Repository, String)> 
 #[cfg(test)]
 mod record_tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn any_annotations_read_as_a_record_only_when_well_formed(inputs in any::<String>(), image in any::<String>(), steps in any::<String>()) {
+            let annotations = [(INPUTS_KEY.to_string(), inputs.clone()), (IMAGE_KEY.to_string(), image.clone()), (STEPS_KEY.to_string(), steps)].into();
+            match CacheRecord::from_annotations(&annotations) {
+                Some(record) => {
+                    prop_assert!(is_digest(&record.inputs));
+                    prop_assert!(record.image.as_deref().is_none_or(is_digest));
+                }
+                None => prop_assert!(!is_digest(&inputs)),
+            }
+        }
+
+        #[test]
+        fn any_dockerignore_and_path_are_answered(text in any::<String>(), path in any::<String>()) {
+            if let Ok(rules) = IgnoreRules::parse(&text) {
+                let _ = rules.excludes(&path);
+            }
+        }
+
+        #[test]
+        fn globs_agree_with_a_plain_reading(pattern in "[ab*?]{0,12}", text in "[ab]{0,12}") {
+            // The reference: `*` any run, `?` one character, by exhaustive recursion.
+            fn reference(p: &[char], t: &[char]) -> bool {
+                match p.split_first() {
+                    None => t.is_empty(),
+                    Some(('*', rest)) => (0..=t.len()).any(|skip| reference(rest, &t[skip..])),
+                    Some(('?', rest)) => !t.is_empty() && reference(rest, &t[1..]),
+                    Some((c, rest)) => t.first() == Some(c) && reference(rest, &t[1..]),
+                }
+            }
+            let (p, t): (Vec<char>, Vec<char>) = (pattern.chars().collect(), text.chars().collect());
+            prop_assert_eq!(matches_glob(&pattern, &text), reference(&p, &t));
+        }
+    }
 
     #[test]
     fn records_round_trip_and_refuse_what_is_not_a_digest() {

@@ -149,12 +149,12 @@ fn the_script_for_the_registry_backend() {
     let script = plan.to_string();
     let expected = format!(
         r#"#!/usr/bin/env bash
+set -euo pipefail
 # cachefrom plan: app/Dockerfile (target app), registry backend, buildx builder, one build
 # branch main (from git); default branch main
 # commit {SHA_HEAD}; parent {SHA_PARENT}; merge-base none
 # cache sources, most specific first: branch > unprefixed
 # writes: branch, commit, unprefixed
-set -euo pipefail
 
 # Stages, in build order: deps -> app
 # deps cache candidates:

@@ -93,12 +93,6 @@ fn manifest_url(repository: &Repository, reference: &str) -> String {
     format!("{}/v2/{}/manifests/{reference}", registry_base_url(repository), repository.path)
 }
 
-/// `sha256:` and 64 lowercase hex digits.
-fn is_digest(text: &str) -> bool {
-    text.strip_prefix("sha256:")
-        .is_some_and(|hex| hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
-}
-
 struct Credentials {
     username: String,
     secret: String,
@@ -267,7 +261,7 @@ impl RegistryClient {
             .headers()
             .get("docker-content-digest")
             .and_then(|value| value.to_str().ok())
-            .filter(|digest| is_digest(digest))
+            .filter(|digest| crate::inputs::is_digest(digest))
             .map(str::to_string);
         match interpret(response.status().as_u16(), repository) {
             Ok(true) => (Existence::Exists, digest),

@@ -70,6 +70,7 @@ impl Plan {
     fn write_header(&self, out: &mut String) -> fmt::Result {
         let git = &self.git;
         writeln!(out, "#!/usr/bin/env bash")?;
+        writeln!(out, "set -euo pipefail")?;
         let execution = match self.execution {
             Execution::OneBuild => "one build",
             Execution::StageByStage => "stage by stage",
@@ -105,7 +106,6 @@ impl Plan {
         for folded in &self.folded_stages {
             writeln!(out, "# note: {}", comment_text(&folded.why))?;
         }
-        writeln!(out, "set -euo pipefail")?;
 
         let stage_names: Vec<String> = self.stages.iter().map(|stage| comment_text(&stage.name)).collect();
         writeln!(out, "\n# Stages, in build order: {}", stage_names.join(" -> "))?;
@@ -294,5 +294,134 @@ mod tests {
         assert!(!dir.path().join("pwned").exists(), "{script}");
         let calls = std::fs::read_to_string(&record).unwrap();
         assert_eq!(calls, "docker\ncachefrom\n");
+    }
+}
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use crate::dockerfile::parse_dockerfile_text;
+    use crate::git::GitFacts;
+    use crate::plan::{CacheWrite, PlanOptions};
+    use crate::refs::Repository;
+    use proptest::prelude::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    /// Stand-ins for `docker` and `cachefrom` that record each call: program, count, arguments,
+    /// NUL-separated (no argument can hold a NUL).
+    fn stubs(dir: &std::path::Path) -> std::path::PathBuf {
+        let bin = dir.join("bin");
+        std::fs::create_dir_all(&bin).unwrap();
+        for program in ["docker", "cachefrom"] {
+            let stub = bin.join(program);
+            let record = dir.join("calls");
+            std::fs::write(
+                &stub,
+                format!(
+                    "#!/bin/sh\n{{ printf '%s\\0' {program} \"$#\"; for a in \"$@\"; do printf '%s\\0' \"$a\"; done; }} >> '{}'\n",
+                    record.display()
+                ),
+            )
+            .unwrap();
+            std::fs::set_permissions(&stub, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        bin
+    }
+
+    fn recorded(dir: &std::path::Path) -> Vec<Vec<String>> {
+        let bytes = std::fs::read(dir.join("calls")).unwrap_or_default();
+        let mut fields = bytes.split(|b| *b == 0).map(|field| String::from_utf8_lossy(field).into_owned());
+        let mut calls = Vec::new();
+        while let Some(program) = fields.next().filter(|program| !program.is_empty()) {
+            let count: usize = fields.next().unwrap().parse().unwrap();
+            let mut call = vec![program];
+            call.extend(fields.by_ref().take(count));
+            calls.push(call);
+        }
+        calls
+    }
+
+    /// What the plan says runs, call by call, when every build succeeds.
+    fn planned(plan: &Plan) -> Vec<Vec<String>> {
+        plan.steps
+            .iter()
+            .map(|step| match step {
+                Step::Build { stage } => {
+                    let stage = plan.stage(stage).unwrap();
+                    let args = plan.build_command(stage, &plan.all_candidate_sources(stage), "plain");
+                    std::iter::once("docker".to_string()).chain(args).collect()
+                }
+                Step::Write { write: CacheWrite::CopyTag { from, to }, .. } => {
+                    ["cachefrom", "copy-tag", from].iter().map(|s| s.to_string()).chain(to.iter().cloned()).collect()
+                }
+                Step::Write { write: CacheWrite::PushImage { image }, .. } | Step::PushImage { image } => {
+                    vec!["docker".into(), "push".into(), image.clone()]
+                }
+                Step::Write { write, .. } => panic!("not a registry or inline write: {write:?}"),
+            })
+            .collect()
+    }
+
+    /// Arbitrary text, and text carrying the payloads that end a comment or a quote.
+    fn text() -> impl Strategy<Value = String> {
+        let any_text = any::<String>().prop_map(|s| s.replace('\0', ""));
+        prop_oneof![
+            any_text.clone(),
+            any_text.clone().prop_map(|s| format!("{s}\ntouch pwned\n")),
+            any_text.clone().prop_map(|s| format!("$(touch pwned){s}")),
+            any_text.prop_map(|s| format!("{s}'; touch pwned; '`touch pwned`\r\u{2028}")),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+        #[test]
+        fn the_script_runs_exactly_the_planned_commands_for_any_values(
+            branch in text(),
+            default_branch in text(),
+            commit in text(),
+            dockerfile in text(),
+            context in text(),
+            build_arg in text(),
+            first in "[a-zA-Z0-9][a-zA-Z0-9._-]{0,8}",
+            second in "[a-zA-Z0-9][a-zA-Z0-9._-]{0,8}",
+            inline in any::<bool>(),
+        ) {
+            prop_assume!(first.to_lowercase() != second.to_lowercase());
+            prop_assume!(!context.is_empty() && !context.starts_with('-'));
+            let git = GitFacts {
+                branch: Some(branch),
+                default_branch,
+                commit: Some(commit),
+                ..Default::default()
+            };
+            let mut options = PlanOptions::new(&context, Repository::parse("127.0.0.1:5000/app").unwrap(), git);
+            options.backend = if inline { Backend::Inline } else { Backend::parse("registry", None).unwrap() };
+            options.build_args.insert("VERSION".into(), build_arg);
+            options.tags = vec!["127.0.0.1:5000/app:v1".into()];
+            options.push_tags = true;
+            let text = format!("FROM alpine AS {first}\nFROM {} AS {second}\n", first.to_lowercase());
+            let parsed = parse_dockerfile_text(&text, &Default::default()).unwrap();
+            let plan = Plan::from_dockerfile(&options, std::path::Path::new(&dockerfile), &parsed).unwrap();
+            let script = plan.to_string();
+
+            let dir = tempfile::tempdir().unwrap();
+            let bin = stubs(dir.path());
+            let syntax = std::process::Command::new("bash").args(["-n", "-c", &script]).status().unwrap();
+            prop_assert!(syntax.success(), "{}", script);
+            let status = std::process::Command::new("bash")
+                .args(["-c", &script])
+                .current_dir(dir.path())
+                .env("PATH", format!("{}:/usr/bin:/bin", bin.display()))
+                .status()
+                .unwrap();
+            prop_assert!(status.success(), "{}", script);
+            prop_assert_eq!(recorded(dir.path()), planned(&plan), "{}", script);
+            let entries: Vec<String> = std::fs::read_dir(dir.path())
+                .unwrap()
+                .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            prop_assert_eq!(entries.len(), 2, "the script made files: {:?}", entries);
+        }
     }
 }
