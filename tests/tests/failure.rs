@@ -163,3 +163,67 @@ fn a_registry_that_goes_away_mid_run_leaves_a_build_without_cache() {
     assert!(report.warnings[0].contains("cannot check caches in 127.0.0.1:5001/gone/app"), "{}", report.warnings[0]);
     assert!(report.warnings[0].contains("did not answer"), "{}", report.warnings[0]);
 }
+
+/// One build of the target (registry backend): when its last stage fails, the stages it finished
+/// are exported from BuildKit's local cache and written; the next run, on a fresh runner, reads
+/// them whole.
+#[test]
+fn a_failed_one_build_writes_the_stages_it_finished() {
+    let _serial = serial();
+    if !stack_ready("a_failed_one_build_writes_the_stages_it_finished") {
+        return;
+    }
+    let dockerfile = "\
+ARG BASE
+FROM ${BASE} AS deps
+COPY deps.txt /deps.txt
+RUN cat /deps.txt > /deps
+FROM deps AS builder
+COPY src /src
+RUN cat /src/main.txt > /app
+FROM ${BASE} AS runtime
+COPY --from=builder /app /app
+ARG FAIL=
+RUN test -z \"$FAIL\"
+";
+    let project = synthetic_project(dockerfile).unwrap();
+    let image = unique_repository("one-build-failing");
+    let report_file = project.path().join("report.json");
+    let run = |extra: &[&str]| {
+        Command::new(cachefrom_binary())
+            .args(["build", "--image", &image, "--branch", "main", "--default-branch", "main"])
+            .args(["--build-arg", &format!("BASE={RUNTIME_BASE_IMAGE}"), "--report"])
+            .arg(&report_file)
+            .args(extra)
+            .arg(project.path())
+            .args(["--", "--network=none"])
+            .output()
+            .unwrap()
+    };
+    let failed = run(&["--build-arg", "FAIL=1"]);
+    let stderr = String::from_utf8_lossy(&failed.stderr);
+    assert_eq!(failed.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("cachefrom: writing the cache of builder, which the build finished"), "{stderr}");
+    let tags = registry_tags(REGISTRY, path_of(&image)).unwrap();
+    for tag in ["cache-builder-main", "cache-deps-main", "cache-builder", "cache-deps"] {
+        assert!(tags.contains(&tag.to_string()), "{tag}: {tags:?}");
+    }
+    assert!(!tags.iter().any(|tag| tag.starts_with("cache-runtime")), "{tags:?}");
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report_file).unwrap()).unwrap();
+    assert_eq!(report["stages"][0]["status"], "built", "{report:#}");
+    assert_eq!(report["stages"][1]["status"], "built", "{report:#}");
+    assert_eq!(report["stages"][2]["status"], "failed", "{report:#}");
+
+    fresh_runner().unwrap();
+    let next = run(&[]);
+    assert!(next.status.success(), "{}", String::from_utf8_lossy(&next.stderr));
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report_file).unwrap()).unwrap();
+    for index in [0, 1] {
+        let stage = &report["stages"][index];
+        assert_eq!(stage["steps_cached"], stage["steps_total"], "{report:#}");
+        assert_ne!(stage["steps_total"], 0, "{report:#}");
+    }
+    // The success overwrote the stage tags the failure wrote: they hold the new, whole cache.
+    let runtime = registry_digest(REGISTRY, path_of(&image), "cache-runtime-main").unwrap();
+    assert_eq!(registry_digest(REGISTRY, path_of(&image), "cache-builder-main").unwrap(), runtime);
+}

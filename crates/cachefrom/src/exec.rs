@@ -208,7 +208,11 @@ pub fn pull_cached(ctx: &Context, plan: &Plan) -> Result<Resolution> {
     for ((stage, candidate), answer) in candidates.into_iter().zip(answers) {
         stages.get_mut(&stage).expect("every stage has a choice").checked.push((candidate, answer));
     }
-    let level = choose_sources(&plan.chain, &mut stages);
+    let covering = match plan.execution {
+        Execution::OneBuild => plan.stages.iter().find(|stage| stage.is_target).map(|stage| stage.name.as_str()),
+        Execution::StageByStage => None,
+    };
+    let level = choose_sources(&plan.chain, &mut stages, covering);
     let record = if inputs.is_some() { read_record(ctx, plan, &stages) } else { None };
 
     for stage in &plan.stages {
@@ -287,10 +291,15 @@ fn read_record(ctx: &Context, plan: &Plan, stages: &BTreeMap<String, Choice>) ->
     CacheRecord::from_annotations(&manifest.annotations())
 }
 
-/// Sets each stage's `chosen` cache from what was found: every stage from the most specific level
-/// that serves them all (as seed 004 takes builder and runtime from one level), else each stage
-/// from its own first hit in chain order. Returns the shared level, if there is one.
-pub fn choose_sources(chain: &[Level], stages: &mut BTreeMap<String, Choice>) -> Option<Level> {
+/// Sets each stage's `chosen` cache from what was found.
+///
+/// With `covering` (the target of a one-build run, whose cache holds every stage's layers): the
+/// most specific level where the target has a cache serves every stage; a stage that has a cache
+/// of its own at that level or a more specific one (written after a failed run) reads that too.
+/// Without: every stage from the most specific level that serves them all (as seed 004 takes
+/// builder and runtime from one level), else each stage from its own first hit in chain order.
+/// Returns the level that serves them all, if there is one.
+pub fn choose_sources(chain: &[Level], stages: &mut BTreeMap<String, Choice>, covering: Option<&str>) -> Option<Level> {
     let exists_at = |choice: &Choice, level: Level| {
         choice
             .checked
@@ -298,6 +307,16 @@ pub fn choose_sources(chain: &[Level], stages: &mut BTreeMap<String, Choice>) ->
             .find(|(candidate, answer)| candidate.level == level && *answer == Existence::Exists)
             .map(|(candidate, _)| candidate.clone())
     };
+    if let Some(target) = covering.and_then(|name| stages.get(name)).cloned() {
+        let level = chain.iter().copied().find(|level| exists_at(&target, *level).is_some());
+        let shared = level.and_then(|level| exists_at(&target, level));
+        let reach = level.and_then(|level| chain.iter().position(|l| *l == level)).unwrap_or(chain.len());
+        for choice in stages.values_mut() {
+            let own = chain.iter().take(reach + 1).find_map(|level| exists_at(choice, *level));
+            choice.chosen = own.or_else(|| shared.clone());
+        }
+        return level;
+    }
     let level = chain.iter().copied().find(|level| stages.values().all(|choice| exists_at(choice, *level).is_some()));
     for choice in stages.values_mut() {
         choice.chosen = match level {
@@ -583,15 +602,18 @@ fn seed_export_dir(
 }
 
 /// Adds each written location to the report of the stage that owns it.
+/// The cache of a one-build target holds every stage's layers: its locations are every stage's.
 fn credit_writes<'a>(plan: &Plan, reports: impl IntoIterator<Item = &'a mut StageReport>, written: &[String]) {
     let owner_of = |location: &String| {
-        plan.stages
-            .iter()
-            .find(|stage| stage.cache_to.iter().any(|write| write.location.to_string() == *location))
-            .map(|stage| stage.name.as_str())
+        plan.stages.iter().find(|stage| stage.cache_to.iter().any(|write| write.location.to_string() == *location))
+    };
+    let holds = |location: &String, stage: &str| match owner_of(location) {
+        Some(owner) if owner.is_target && plan.execution == Execution::OneBuild => true,
+        Some(owner) => owner.name == stage,
+        None => false,
     };
     for report in reports {
-        for location in written.iter().filter(|location| owner_of(location) == Some(report.name.as_str())) {
+        for location in written.iter().filter(|location| holds(location, &report.name)) {
             if !report.pushed.contains(location) {
                 report.pushed.push(location.clone());
             }
@@ -898,6 +920,7 @@ pub fn execute_checked(
     let mut write_warnings: Vec<(String, String)> = Vec::new();
     let mut write_error: Option<String> = None;
     let mut not_exported: BTreeSet<String> = BTreeSet::new();
+    let mut refresh: Vec<CacheWrite> = Vec::new();
     for step in steps {
         match step {
             Step::Build { stage } => {
@@ -918,6 +941,9 @@ pub fn execute_checked(
                 annotations = record_of(plan, stage, &resolution, &stage_reports)
                     .map(|record| record.to_annotations())
                     .unwrap_or_default();
+                if !outcome.export_failed {
+                    refresh = stale_stage_writes(plan, stage, &resolution);
+                }
             }
             // The export failed (its warning is in the report): copying it would copy an older cache.
             Step::Write { stage, .. } if not_exported.contains(stage) => {}
@@ -942,6 +968,15 @@ pub fn execute_checked(
                     break;
                 }
             }
+        }
+    }
+    if build_error.is_none() && write_error.is_none() && !refresh.is_empty() {
+        match perform_writes(ctx, plan, &refresh, &annotations) {
+            Ok(outcome) => {
+                credit_writes(plan, stage_reports.values_mut(), &outcome.pushed);
+                write_warnings.extend(outcome.warnings.into_iter().map(|w| (plan.target.clone(), w)));
+            }
+            Err(error) => write_error = Some(format!("{error:#}")),
         }
     }
     for (stage, warning) in write_warnings {
@@ -1064,6 +1099,33 @@ fn reuse_unchanged(
     Ok(reports)
 }
 
+/// After a successful one build of the target: the tags of other stages that a failed run wrote
+/// at the levels this run writes (the checks found them), overwritten with the new cache so that
+/// they are not read as older caches beside it.
+fn stale_stage_writes(plan: &Plan, stage: &str, resolution: &Resolution) -> Vec<CacheWrite> {
+    let Some(target) = plan.stage(stage).filter(|stage| stage.is_target && plan.execution == Execution::OneBuild)
+    else {
+        return Vec::new();
+    };
+    let stale: Vec<&CacheRef> = plan
+        .stages
+        .iter()
+        .filter(|other| !other.is_target)
+        .flat_map(|other| other.cache_to.iter())
+        .filter(|write| {
+            resolution
+                .stages
+                .values()
+                .flat_map(|choice| choice.checked.iter())
+                .any(|(candidate, answer)| candidate.location == write.location && *answer == Existence::Exists)
+        })
+        .collect();
+    if stale.is_empty() {
+        return Vec::new();
+    }
+    plan.writes_to(target, &stale)
+}
+
 /// The record of a successful build of `stage`, when it is the target and the inputs are known.
 fn record_of(
     plan: &Plan,
@@ -1165,7 +1227,7 @@ mod tests {
                 choice(&[(Level::Branch, false), (Level::DefaultBranch, true), (Level::Unprefixed, true)]),
             ),
         ]);
-        assert_eq!(choose_sources(&CHAIN, &mut stages), Some(Level::DefaultBranch));
+        assert_eq!(choose_sources(&CHAIN, &mut stages, None), Some(Level::DefaultBranch));
         for choice in stages.values() {
             assert_eq!(choice.chosen.as_ref().unwrap().level, Level::DefaultBranch);
         }
@@ -1187,7 +1249,7 @@ mod tests {
                 choice(&[(Level::Branch, false), (Level::DefaultBranch, false), (Level::Unprefixed, false)]),
             ),
         ]);
-        assert_eq!(choose_sources(&CHAIN, &mut stages), None);
+        assert_eq!(choose_sources(&CHAIN, &mut stages, None), None);
         assert_eq!(stages["deps"].chosen.as_ref().unwrap().level, Level::Branch);
         assert_eq!(stages["builder"].chosen.as_ref().unwrap().level, Level::Unprefixed);
         assert_eq!(stages["runtime"].chosen, None);
@@ -1206,7 +1268,7 @@ mod tests {
             ("deps".to_string(), choice(&[(Level::Branch, true)])),
             ("app".to_string(), choice(&[(Level::Branch, true)])),
         ]);
-        let level = choose_sources(&[Level::Branch], &mut stages);
+        let level = choose_sources(&[Level::Branch], &mut stages, None);
         let resolution = Resolution {
             stages,
             level,

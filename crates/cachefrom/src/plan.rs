@@ -606,9 +606,15 @@ impl Plan {
             .collect()
     }
 
-    /// The stages a build of `stage` exports the cache of: itself, then those it reads from.
-    fn covered_by<'a>(&'a self, stage: &'a StagePlan) -> impl Iterator<Item = &'a StagePlan> {
-        std::iter::once(stage).chain(stage.depends_on.iter().filter_map(|name| self.stage(name)))
+    /// The stages whose tags a build of `stage` writes: the target of a one-build run writes its
+    /// own tags (its cache holds every stage's layers, and the other stages read it from there);
+    /// a stage exported alone (after a failure, or built on its own) writes its own tags and
+    /// those of the stages it reads from.
+    fn written_stages<'a>(&'a self, stage: &'a StagePlan) -> Vec<&'a StagePlan> {
+        if stage.is_target && self.execution == Execution::OneBuild {
+            return vec![stage];
+        }
+        std::iter::once(stage).chain(stage.depends_on.iter().filter_map(|name| self.stage(name))).collect()
     }
 
     /// Where the build of `stage` exports: the first tag `stage` writes. The other tags of the
@@ -618,10 +624,16 @@ impl Plan {
     }
 
     /// The writes that follow a successful build of `stage`: the tags it did not export to
-    /// itself, for it and (one build exporting `mode=max`) for every stage it read from.
+    /// itself, of the stages it writes (see `written_stages`).
     pub fn writes_after(&self, stage: &StagePlan) -> Vec<CacheWrite> {
+        let all: Vec<&CacheRef> =
+            self.written_stages(stage).into_iter().flat_map(|written| written.cache_to.iter()).collect();
+        self.writes_to(stage, &all)
+    }
+
+    /// The writes that put the cache the build of `stage` exported at each of `locations`.
+    pub fn writes_to(&self, stage: &StagePlan, all: &[&CacheRef]) -> Vec<CacheWrite> {
         let Some(primary) = self.primary_write(stage) else { return Vec::new() };
-        let all: Vec<&CacheRef> = self.covered_by(stage).flat_map(|covered| covered.cache_to.iter()).collect();
         match &self.backend {
             // The build pushes every tag it was given already.
             Backend::Inline if self.pushes_in_build(stage) => Vec::new(),
@@ -690,8 +702,9 @@ impl Plan {
         match self.backend {
             Backend::Inline => stage.cache_to.iter().map(|write| write.location.to_string()).collect(),
             _ => self
-                .covered_by(stage)
-                .flat_map(|covered| covered.cache_to.iter())
+                .written_stages(stage)
+                .into_iter()
+                .flat_map(|written| written.cache_to.iter())
                 .map(|w| w.location.to_string())
                 .collect(),
         }
@@ -749,8 +762,9 @@ impl Plan {
                 // Every name in one export: BuildKit writes the blobs once.
                 Backend::S3 { .. } => vec![CacheLocation::Named(self.written_by(stage).join(";"))],
                 Backend::Gha { .. } => self
-                    .covered_by(stage)
-                    .flat_map(|covered| covered.cache_to.iter())
+                    .written_stages(stage)
+                    .into_iter()
+                    .flat_map(|written| written.cache_to.iter())
                     .map(|write| write.location.clone())
                     .collect(),
                 _ => vec![primary.location.clone()],

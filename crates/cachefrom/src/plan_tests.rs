@@ -208,7 +208,9 @@ docker buildx build \
   --output type=cacheonly \
   --network=host \
   app 2>&1 | tee "$log"
-cachefrom copy-tag 127.0.0.1:5000/app:cache-app-main 127.0.0.1:5000/app:cache-app-{SHA_HEAD} 127.0.0.1:5000/app:cache-app 127.0.0.1:5000/app:cache-deps-main 127.0.0.1:5000/app:cache-deps-{SHA_HEAD} 127.0.0.1:5000/app:cache-deps
+cachefrom copy-tag 127.0.0.1:5000/app:cache-app-main 127.0.0.1:5000/app:cache-app-{SHA_HEAD} 127.0.0.1:5000/app:cache-app
+# The other stages read their layers from this cache. Their own tags, which only a failed
+# run writes, get this cache too where cachefrom found them (so they are not read as older).
 "#,
         awk = crate::script::STAGE_FINISHED_AWK_FOR_TESTS
     );

@@ -208,6 +208,13 @@ impl fmt::Display for Plan {
                 Step::PushImage { image } => writeln!(out, "docker push {}", shell_quote(image))?,
             }
         }
+        if !self.recovery.is_empty() {
+            writeln!(out, "# The other stages read their layers from this cache. Their own tags, which only a failed")?;
+            writeln!(
+                out,
+                "# run writes, get this cache too where cachefrom found them (so they are not read as older)."
+            )?;
+        }
         f.write_str(&out)
     }
 }
