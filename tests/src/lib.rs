@@ -104,6 +104,37 @@ pub fn registry_manifest(address: &str, repository: &str, reference: &str) -> Re
     Ok(serde_json::from_str(&response.body_mut().read_to_string()?)?)
 }
 
+/// A three-stage Dockerfile on the stack's runtime base, in seconds and with no network: `deps`
+/// (from `deps.txt`), `builder` (from `src/`), and `runtime`, whose last step fails when the
+/// build argument `FAIL` is set.
+pub const SYNTHETIC_DOCKERFILE: &str = "\
+ARG BASE
+FROM ${BASE} AS deps
+COPY deps.txt /deps.txt
+RUN cat /deps.txt > /deps
+FROM deps AS builder
+COPY src /src
+RUN cat /src/main.txt > /app
+FROM ${BASE} AS runtime
+COPY --from=builder /app /app
+ARG FAIL=
+RUN test -z \"$FAIL\"
+";
+
+/// `cachefrom build` of a synthetic project on `main` (`--network=none`, the runtime base), with
+/// the report written to `report`.
+pub fn cachefrom_build(dir: &Path, image: &str, report: &Path, extra: &[&str]) -> std::process::Output {
+    std::process::Command::new(cachefrom_binary())
+        .args(["build", "--image", image, "--branch", "main", "--default-branch", "main"])
+        .args(["--build-arg", &format!("BASE={RUNTIME_BASE_IMAGE}"), "--report"])
+        .arg(report)
+        .args(extra)
+        .arg(dir)
+        .args(["--", "--network=none"])
+        .output()
+        .expect("the cachefrom binary runs")
+}
+
 /// A small project on the stack's runtime base (builds in seconds, no network): `Dockerfile`,
 /// `deps.txt` and `src/main.txt`, in its own git repository with `c0` committed on `main`.
 pub fn synthetic_project(dockerfile: &str) -> Result<tempfile::TempDir> {

@@ -173,33 +173,10 @@ fn a_failed_one_build_writes_the_stages_it_finished() {
     if !stack_ready("a_failed_one_build_writes_the_stages_it_finished") {
         return;
     }
-    let dockerfile = "\
-ARG BASE
-FROM ${BASE} AS deps
-COPY deps.txt /deps.txt
-RUN cat /deps.txt > /deps
-FROM deps AS builder
-COPY src /src
-RUN cat /src/main.txt > /app
-FROM ${BASE} AS runtime
-COPY --from=builder /app /app
-ARG FAIL=
-RUN test -z \"$FAIL\"
-";
-    let project = synthetic_project(dockerfile).unwrap();
+    let project = synthetic_project(SYNTHETIC_DOCKERFILE).unwrap();
     let image = unique_repository("one-build-failing");
     let report_file = project.path().join("report.json");
-    let run = |extra: &[&str]| {
-        Command::new(cachefrom_binary())
-            .args(["build", "--image", &image, "--branch", "main", "--default-branch", "main"])
-            .args(["--build-arg", &format!("BASE={RUNTIME_BASE_IMAGE}"), "--report"])
-            .arg(&report_file)
-            .args(extra)
-            .arg(project.path())
-            .args(["--", "--network=none"])
-            .output()
-            .unwrap()
-    };
+    let run = |extra: &[&str]| cachefrom_build(project.path(), &image, &report_file, extra);
     let failed = run(&["--build-arg", "FAIL=1"]);
     let stderr = String::from_utf8_lossy(&failed.stderr);
     assert_eq!(failed.status.code(), Some(1), "{stderr}");

@@ -4,32 +4,14 @@
 //! a run that wants a local image always builds.
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 
 use cachefrom_tests::*;
-
-const DOCKERFILE: &str = "\
-ARG BASE
-FROM ${BASE} AS deps
-COPY deps.txt /deps.txt
-RUN cat /deps.txt > /deps
-FROM deps AS app
-COPY src /src
-RUN cat /src/main.txt > /app
-";
 
 fn build(dir: &Path, image: &str, extra: &[&str]) -> (Output, serde_json::Value) {
     let report = dir.join("report.json");
     let _ = std::fs::remove_file(&report);
-    let output = Command::new(cachefrom_binary())
-        .args(["build", "--image", image, "--branch", "main", "--default-branch", "main"])
-        .args(["--build-arg", &format!("BASE={RUNTIME_BASE_IMAGE}"), "--report"])
-        .arg(&report)
-        .args(extra)
-        .arg(dir)
-        .args(["--", "--network=none"])
-        .output()
-        .unwrap();
+    let output = cachefrom_build(dir, image, &report, extra);
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     let report = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
     (output, report)
@@ -41,7 +23,7 @@ fn a_rerun_with_the_same_inputs_builds_nothing_and_any_change_builds() {
     if !stack_ready("a_rerun_with_the_same_inputs_builds_nothing_and_any_change_builds") {
         return;
     }
-    let project = synthetic_project(DOCKERFILE).unwrap();
+    let project = synthetic_project(SYNTHETIC_DOCKERFILE).unwrap();
     let dir = project.path();
     std::fs::write(dir.join(".dockerignore"), "*.log\n").unwrap();
     let image = unique_repository("unchanged");
@@ -52,7 +34,7 @@ fn a_rerun_with_the_same_inputs_builds_nothing_and_any_change_builds() {
     // The first run builds, and records its inputs and image on the cache it exports.
     let (_, first) = build(dir, &image, &push);
     assert!(first.get("unchanged").is_none(), "{first:#}");
-    let manifest = registry_manifest(REGISTRY, &path, "cache-app-main").unwrap();
+    let manifest = registry_manifest(REGISTRY, &path, "cache-runtime-main").unwrap();
     let annotations = &manifest["annotations"];
     assert!(annotations["dev.cachefrom.inputs"].as_str().unwrap().starts_with("sha256:"), "{manifest:#}");
     let built = registry_digest(REGISTRY, &path, "v1").unwrap();
@@ -64,7 +46,7 @@ fn a_rerun_with_the_same_inputs_builds_nothing_and_any_change_builds() {
     let second_tag = format!("{image}:v2");
     let (output, second) = build(dir, &image, &["--tag", &tag, "--tag", &second_tag, "--push"]);
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(second["unchanged"].as_str().unwrap().contains("cache-app-main"), "{second:#}");
+    assert!(second["unchanged"].as_str().unwrap().contains("cache-runtime-main"), "{second:#}");
     assert!(!stderr.contains("docker buildx build"), "nothing was built:\n{stderr}");
     for stage in second["stages"].as_array().unwrap() {
         assert_eq!(stage["status"], "unchanged", "{second:#}");
@@ -88,13 +70,13 @@ fn a_rerun_with_the_same_inputs_builds_nothing_and_any_change_builds() {
     let (_, local) = build(dir, &image, &["--tag", &tag]);
     assert!(local.get("unchanged").is_none(), "{local:#}");
 
-    // A source edit builds again: the dependency stage from the cache, the app stage anew.
+    // A source edit builds again: the dependency stage from the cache, the builder stage anew.
     std::fs::write(dir.join("src/main.txt"), "fn main2\n").unwrap();
     fresh_runner().unwrap();
     let (_, edited) = build(dir, &image, &push);
     assert!(edited.get("unchanged").is_none(), "{edited:#}");
-    let app = edited["stages"].as_array().unwrap().iter().find(|stage| stage["name"] == "app").unwrap();
-    assert!(app["steps_cached"].as_u64() < app["steps_total"].as_u64(), "{edited:#}");
+    let builder = edited["stages"].as_array().unwrap().iter().find(|stage| stage["name"] == "builder").unwrap();
+    assert!(builder["steps_cached"].as_u64() < builder["steps_total"].as_u64(), "{edited:#}");
     let deps = edited["stages"].as_array().unwrap().iter().find(|stage| stage["name"] == "deps").unwrap();
     assert_eq!(deps["steps_cached"], deps["steps_total"], "{edited:#}");
     assert_ne!(registry_digest(REGISTRY, &path, "v1").as_deref(), Some(built.as_str()));

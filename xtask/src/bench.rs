@@ -261,7 +261,7 @@ fn rebuilds(sh: &Shell) -> Result<String> {
     }
 
     let mut out = String::from("## Rebuilds of example-project on a fresh runner\n\n");
-    out.push_str("Each rebuild starts with no local image and no build cache (`docker image prune -af`, `docker buildx prune -af`), the caches in the local registry. The seed recipe: pull the branch's `builder` and final images (falling back to main's), build both with inline cache and `--cache-from`, push both (seeds 001 and 004). cachefrom: `registry` backend (BuildKit `mode=max`), every stage (deps, builder, runtime) cached on its own.\n\n");
+    out.push_str("Each rebuild starts with no local image and no build cache (`docker image prune -af`, `docker buildx prune -af`), the caches in the local registry. The seed recipe: pull the branch's `builder` and final images (falling back to main's), build both with inline cache and `--cache-from`, push both (seeds 001 and 004). cachefrom: `registry` backend, one build of the target with one BuildKit `mode=max` cache that holds every stage (deps, builder, runtime); its no-change run finds its inputs recorded on that cache and builds nothing.\n\n");
     out.push_str("| scenario | seed recipe | cachefrom | speed-up |\n|---|---|---|---|\n");
     for (what, recipe, ours) in rows.values() {
         let _ = writeln!(

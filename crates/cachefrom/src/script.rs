@@ -260,48 +260,6 @@ mod tests {
     fn comments_cannot_be_ended_by_a_value() {
         assert_eq!(comment_text("x\ntouch pwned\r\u{7}"), "x\\ntouch pwned\\r\\u{7}");
     }
-
-    #[test]
-    fn the_script_is_valid_bash_and_runs_only_docker_and_cachefrom() {
-        use crate::dockerfile::parse_dockerfile_text;
-        use crate::git::GitFacts;
-        use crate::plan::PlanOptions;
-        use crate::refs::Repository;
-        let git = GitFacts {
-            branch: Some("x\ntouch pwned\n".into()),
-            default_branch: "main\n$(touch pwned)".into(),
-            commit: Some("4444444444444444444444444444444444444444".into()),
-            ..Default::default()
-        };
-        let mut options = PlanOptions::new("ctx dir", Repository::parse("127.0.0.1:5000/app").unwrap(), git);
-        options.backend = Backend::parse("registry", None).unwrap();
-        let dockerfile = parse_dockerfile_text("FROM alpine AS deps\nFROM deps AS app\n", &Default::default()).unwrap();
-        let plan =
-            Plan::from_dockerfile(&options, std::path::Path::new("a'b\n;touch pwned/Dockerfile"), &dockerfile).unwrap();
-        let script = plan.to_string();
-        let dir = tempfile::tempdir().unwrap();
-        let bin = dir.path().join("bin");
-        std::fs::create_dir_all(&bin).unwrap();
-        let record = dir.path().join("calls");
-        for program in ["docker", "cachefrom"] {
-            let stub = bin.join(program);
-            std::fs::write(&stub, format!("#!/bin/sh\necho {program} >> {}\n", record.display())).unwrap();
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(&stub, std::fs::Permissions::from_mode(0o755)).unwrap();
-        }
-        let syntax = std::process::Command::new("bash").args(["-n", "-c", &script]).status().unwrap();
-        assert!(syntax.success(), "{script}");
-        let status = std::process::Command::new("bash")
-            .args(["-c", &script])
-            .current_dir(dir.path())
-            .env("PATH", format!("{}:/usr/bin:/bin", bin.display()))
-            .status()
-            .unwrap();
-        assert!(status.success());
-        assert!(!dir.path().join("pwned").exists(), "{script}");
-        let calls = std::fs::read_to_string(&record).unwrap();
-        assert_eq!(calls, "docker\ncachefrom\n");
-    }
 }
 
 #[cfg(test)]
