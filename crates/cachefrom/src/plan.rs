@@ -778,15 +778,12 @@ impl Plan {
         for tag in &stage.image_tags {
             args.extend(["-t".into(), tag.clone()]);
         }
-        // A stage that only feeds later ones, or a target with no tag to keep it by, needs no
-        // image: with its cache exported by BuildKit, `cacheonly` skips downloading and unpacking
-        // its layers when every step is a hit.
+        // A stage that only feeds later ones needs no image: with its cache exported by BuildKit,
+        // `cacheonly` skips downloading and unpacking its layers when every step is a hit. Never
+        // the target: measured here, a cold build of the target with `cacheonly` exported a cache
+        // in which the next run missed a step whose inputs had all hit.
         let user_output = self.user_output();
-        if self.builder == Builder::Buildx
-            && self.backend.needs_cache_export()
-            && !user_output
-            && (!stage.is_target || self.tags.is_empty())
-        {
+        if self.builder == Builder::Buildx && self.backend.needs_cache_export() && !user_output && !stage.is_target {
             args.extend(["--output".into(), "type=cacheonly".into()]);
         }
         if self.pushes_in_build(stage) {

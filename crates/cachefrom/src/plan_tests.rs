@@ -205,7 +205,6 @@ docker buildx build \
   --cache-from type=registry,ref=127.0.0.1:5000/app:cache-app \
   --cache-from type=registry,ref=127.0.0.1:5000/app:cache-deps \
   --cache-to type=registry,ref=127.0.0.1:5000/app:cache-app-main,mode=max,image-manifest=true,oci-mediatypes=true,ignore-error=true \
-  --output type=cacheonly \
   --network=host \
   app 2>&1 | tee "$log"
 cachefrom copy-tag 127.0.0.1:5000/app:cache-app-main 127.0.0.1:5000/app:cache-app-{SHA_HEAD} 127.0.0.1:5000/app:cache-app
