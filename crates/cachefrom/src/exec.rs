@@ -13,6 +13,7 @@ use crate::ci::{step_summary_path, CiSystem, Environment};
 use crate::docker::{last_lines, run_program, Docker};
 use crate::engine::{BackendFallback, Engine};
 use crate::inputs::CacheRecord;
+use crate::output::{Output, StandardStreams};
 use crate::plan::{
     render_command, Builder, CacheErrors, CacheRef, CacheWrite, Execution, Level, Plan, PlanOptions, StagePlan, Step,
 };
@@ -56,6 +57,8 @@ pub struct Context {
     pub registry: RegistryClient,
     /// How progress is shown.
     pub style: OutputStyle,
+    /// Where everything shown goes (the library prints nothing itself).
+    pub output: std::sync::Arc<dyn Output>,
     /// The environment (CI detection, step summary).
     pub env: Environment,
 }
@@ -68,18 +71,19 @@ impl Context {
             docker: Docker::default(),
             registry: RegistryClient::default(),
             style: OutputStyle::detect(&env),
+            output: std::sync::Arc::new(StandardStreams),
             env,
         }
     }
 
     fn say(&self, line: &str) {
         if self.style != OutputStyle::Quiet {
-            eprintln!("{line}");
+            self.output.line(line);
         }
     }
 
     fn warn(&self, line: &str) {
-        eprintln!("cachefrom: warning: {line}");
+        self.output.line(&format!("cachefrom: warning: {line}"));
     }
 }
 
@@ -424,7 +428,7 @@ pub fn build_unit(ctx: &Context, plan: &Plan, stage_name: &str, resolution: &Res
         }
     };
     match ctx.style {
-        OutputStyle::GithubActions => println!("::group::{title}"),
+        OutputStyle::GithubActions => ctx.output.ci_line(&format!("::group::{title}")),
         OutputStyle::Plain => ctx.say(&format!("==> {title}")),
         _ => {}
     }
@@ -438,7 +442,7 @@ pub fn build_unit(ctx: &Context, plan: &Plan, stage_name: &str, resolution: &Res
     let started = Instant::now();
     let mut record = ProgressRecord::default();
     let mut classic_record = ClassicRecord::default();
-    let mut renderer = Renderer::new(ctx.style, &stage.name, shown);
+    let mut renderer = Renderer::new(ctx.style, &*ctx.output, &stage.name, shown);
     let mut text_lines: Vec<String> = Vec::new();
     let mut env_docker = ctx.docker.clone();
     if plan.builder == Builder::Classic {
@@ -457,7 +461,7 @@ pub fn build_unit(ctx: &Context, plan: &Plan, stage_name: &str, resolution: &Res
     });
     renderer.finish(started.elapsed().as_secs_f64());
     if ctx.style == OutputStyle::GithubActions {
-        println!("::endgroup::");
+        ctx.output.ci_line("::endgroup::");
     }
     let seconds = started.elapsed().as_secs_f64();
     let succeeded = matches!(exit, Ok(Some(0)));
@@ -1177,7 +1181,10 @@ fn recover(
 /// Prints the report's table on stderr, writes its JSON to `report_file`, and appends its markdown
 /// to GitHub's step summary when there is one.
 pub fn publish_report(ctx: &Context, report: &RunReport, report_file: Option<&Path>) -> Result<()> {
-    eprint!("\n{}", report.table());
+    ctx.output.line("");
+    for line in report.table().lines() {
+        ctx.output.line(line);
+    }
     if let Some(file) = report_file {
         if let Some(parent) = file.parent().filter(|parent| !parent.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;

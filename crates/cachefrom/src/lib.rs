@@ -61,6 +61,9 @@
 //! # }
 //! ```
 //!
+//! The library prints nothing itself: what a run shows goes through [`output::Output`] in the
+//! [`exec::Context`] ([`output::StandardStreams`] by default; [`output::Silent`], or your own).
+//!
 //! The data flows one way: options → [`plan`] → [`exec`] → [`report`]. The modules below `exec`
 //! are pure except [`docker`] and [`registry`], the only ones that touch the outside world.
 
@@ -74,6 +77,7 @@ pub mod engine;
 pub mod exec;
 pub mod git;
 pub mod inputs;
+pub mod output;
 pub mod plan;
 mod progress;
 pub mod refs;

@@ -4,10 +4,12 @@
 use std::collections::BTreeMap;
 
 use crate::exec::OutputStyle;
+use crate::output::Output;
 use crate::report::ProgressEvent;
 
 /// Shows progress events in the chosen style.
-pub(crate) struct Renderer {
+pub(crate) struct Renderer<'a> {
+    output: &'a dyn Output,
     style: OutputStyle,
     stage: String,
     own_prefixes: Vec<String>,
@@ -19,10 +21,16 @@ pub(crate) struct Renderer {
     live: bool,
 }
 
-impl Renderer {
-    pub(crate) fn new(style: OutputStyle, stage: &str, own_stages: Vec<String>) -> Renderer {
+impl<'a> Renderer<'a> {
+    pub(crate) fn new(
+        style: OutputStyle,
+        output: &'a dyn Output,
+        stage: &str,
+        own_stages: Vec<String>,
+    ) -> Renderer<'a> {
         let own_prefixes = own_stages.iter().map(|name| format!("[{name} ")).collect();
         Renderer {
+            output,
             style,
             stage: stage.to_string(),
             own_prefixes,
@@ -44,7 +52,7 @@ impl Renderer {
         match self.style {
             OutputStyle::Quiet => {
                 if let ProgressEvent::Text(text) = event {
-                    eprintln!("{text}");
+                    self.output.line(text);
                 }
             }
             OutputStyle::Plain | OutputStyle::GithubActions => self.show_plain(event),
@@ -57,25 +65,25 @@ impl Renderer {
             ProgressEvent::Started { name } => {
                 let n = self.number(name);
                 if self.named.insert(name.clone()) {
-                    eprintln!("#{n} {name}");
+                    self.output.line(&format!("#{n} {name}"));
                 }
             }
             ProgressEvent::Log { vertex, line } => {
                 let n = self.number(vertex);
-                eprintln!("#{n} {line}");
+                self.output.line(&format!("#{n} {line}"));
             }
             ProgressEvent::Finished { name, cached, seconds, error } => {
                 let n = self.number(name);
                 if self.named.insert(name.clone()) {
-                    eprintln!("#{n} {name}");
+                    self.output.line(&format!("#{n} {name}"));
                 }
                 match (error, cached) {
-                    (Some(error), _) => eprintln!("#{n} ERROR: {error}"),
-                    (None, true) => eprintln!("#{n} CACHED"),
-                    (None, false) => eprintln!("#{n} DONE {:.1}s", seconds.unwrap_or(0.0)),
+                    (Some(error), _) => self.output.line(&format!("#{n} ERROR: {error}")),
+                    (None, true) => self.output.line(&format!("#{n} CACHED")),
+                    (None, false) => self.output.line(&format!("#{n} DONE {:.1}s", seconds.unwrap_or(0.0))),
                 }
             }
-            ProgressEvent::Text(text) => eprintln!("{text}"),
+            ProgressEvent::Text(text) => self.output.line(text),
         }
     }
 
@@ -92,13 +100,13 @@ impl Renderer {
                 }
                 if let Some(error) = error {
                     self.clear();
-                    eprintln!("ERROR {name}: {error}");
+                    self.output.line(&format!("ERROR {name}: {error}"));
                 }
             }
             ProgressEvent::Started { name } => self.current = name.clone(),
             ProgressEvent::Text(text) => {
                 self.clear();
-                eprintln!("{text}");
+                self.output.line(text);
             }
             ProgressEvent::Log { .. } => {}
         }
@@ -106,23 +114,26 @@ impl Renderer {
         if self.current.chars().count() > 60 {
             current.push('…');
         }
-        eprint!(
+        self.output.live(&format!(
             "\r\x1b[2K[{}] {} steps done, {} cached, {:.1}s  {}",
             self.stage, self.steps_done, self.steps_cached, elapsed, current
-        );
+        ));
         self.live = true;
     }
 
     fn clear(&mut self) {
         if self.live {
-            eprint!("\r\x1b[2K");
+            self.output.live("\r\x1b[2K");
         }
     }
 
     pub(crate) fn finish(&mut self, elapsed: f64) {
         if self.style == OutputStyle::Terminal {
             self.clear();
-            eprintln!("[{}] {} steps done, {} cached, {:.1}s", self.stage, self.steps_done, self.steps_cached, elapsed);
+            self.output.line(&format!(
+                "[{}] {} steps done, {} cached, {:.1}s",
+                self.stage, self.steps_done, self.steps_cached, elapsed
+            ));
         }
     }
 }
