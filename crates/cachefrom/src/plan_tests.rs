@@ -165,6 +165,9 @@ set -euo pipefail
 #   unprefixed      127.0.0.1:5000/app:cache-app
 # cachefrom checks which candidates exist (no layer download) and passes only those,
 # from one level of the chain for every stage where it can, each cache once.
+# When the hash of the inputs matches the record on the cache this run exports to, and no
+# local image is wanted, cachefrom builds nothing: it tags the recorded image and copies
+# the cache's tags. The copies below record this run's hash and image on the cache.
 
 log="$(mktemp)"
 # stage_finished STAGE: the build's record shows every step of STAGE done or cached.

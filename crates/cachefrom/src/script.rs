@@ -119,6 +119,11 @@ impl Plan {
             writeln!(out, "# cachefrom checks which candidates exist (no layer download) and passes only those,")?;
             writeln!(out, "# from one level of the chain for every stage where it can, each cache once.")?;
         }
+        if self.execution == Execution::OneBuild && matches!(self.backend, Backend::Registry { .. }) {
+            writeln!(out, "# When the hash of the inputs matches the record on the cache this run exports to, and no")?;
+            writeln!(out, "# local image is wanted, cachefrom builds nothing: it tags the recorded image and copies")?;
+            writeln!(out, "# the cache's tags. The copies below record this run's hash and image on the cache.")?;
+        }
         let unpack_needed = matches!(self.backend, Backend::Tarball { .. });
         if self.builder == Builder::Classic || unpack_needed {
             writeln!(out, "\n# Fetch the first cache that exists, level by level.")?;
