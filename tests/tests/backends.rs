@@ -76,7 +76,7 @@ fn scenario(backend_name: &str, backend: &str) {
     // Inline builds stage by stage, each read from its own tag; the others build once, and every
     // stage reads its layers from the target's cache.
     let reader = if backend_name == "inline" { "deps" } else { "runtime" };
-    assert!(stage(&same, "deps").cache_source.as_deref().unwrap().contains(&format!("cache-{reader}-main")));
+    assert!(stage(&same, "deps").cache_source.as_deref().unwrap().contains(&format!("cache-{reader}.main")));
     assert_image_runs(&format!("{image}:e2e"));
 
     // 2. Source-only change, fresh runner: the dependency steps still come from the cache.
@@ -95,7 +95,7 @@ fn scenario(backend_name: &str, backend: &str) {
     let new_branch = build(dir, &image, backend, "feature/from-c0");
     assert_eq!(new_branch.level, Some(Level::DefaultBranch), "{backend_name}: {new_branch:#?}");
     assert_deps_cached(&new_branch, &format!("{backend_name}, new branch"));
-    assert!(stage(&new_branch, "deps").cache_source.as_deref().unwrap().contains(&format!("cache-{reader}-main")));
+    assert!(stage(&new_branch, "deps").cache_source.as_deref().unwrap().contains(&format!("cache-{reader}.main")));
 
     // 4. A branch from c1, whose merge-base commit was built on main: served from that commit.
     git(dir, &["checkout", "-q", "-b", "feature/from-c1", &c1]).unwrap();
@@ -105,11 +105,11 @@ fn scenario(backend_name: &str, backend: &str) {
     let merge_base = build(dir, &image, backend, "feature/from-c1");
     assert_eq!(merge_base.level, Some(Level::MergeBase), "{backend_name}: {merge_base:#?}");
     assert_deps_cached(&merge_base, &format!("{backend_name}, merge-base"));
-    assert!(stage(&merge_base, "deps").cache_source.as_deref().unwrap().contains(&format!("cache-{reader}-{c1}")));
+    assert!(stage(&merge_base, "deps").cache_source.as_deref().unwrap().contains(&format!("cache-{reader}.{c1}")));
 
     // A branch writes its own tags, never the default branch's.
     let deps_writes = &stage(&merge_base, "deps").pushed;
-    assert!(deps_writes.iter().any(|w| w.contains(&format!("cache-{reader}-feature-from-c1-"))), "{deps_writes:?}");
+    assert!(deps_writes.iter().any(|w| w.contains(&format!("cache-{reader}.feature-from-c1--"))), "{deps_writes:?}");
     assert!(!deps_writes.iter().any(|w| w.contains("-main")), "{deps_writes:?}");
 }
 

@@ -69,7 +69,7 @@ fn the_github_actions_step_runs_with_github_variables() {
     let tags = registry_tags(REGISTRY, path).unwrap();
     assert!(tags.contains(&sha), "the final image was pushed as {sha}: {tags:?}");
     // One build: the target's cache holds every stage, and only its tags are written.
-    assert!(tags.contains(&"cache-runtime-main".to_string()), "{tags:?}");
+    assert!(tags.contains(&"cache-runtime.main".to_string()), "{tags:?}");
     assert!(!tags.iter().any(|tag| tag.starts_with("cache-deps")), "{tags:?}");
     assert!(repo.path().join("cachefrom-report.json").is_file());
 }

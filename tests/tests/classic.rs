@@ -45,6 +45,6 @@ fn the_classic_builder_pulls_the_chosen_caches_and_hits_them() {
     let again = execute_plan(&ctx, &Plan::new(&options).unwrap(), None, None, Instant::now()).unwrap();
     for stage in &again.stages {
         assert_eq!((stage.steps_cached, stage.steps_total), (1, 1), "{stage:#?}");
-        assert!(stage.cache_source.as_deref().unwrap().contains(&format!("cache-{}-feature-classic-", stage.name)));
+        assert!(stage.cache_source.as_deref().unwrap().contains(&format!("cache-{}.feature-classic--", stage.name)));
     }
 }

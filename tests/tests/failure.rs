@@ -62,13 +62,13 @@ fn a_failed_final_stage_still_pushes_the_stages_before_it() {
     assert!(stderr.contains("cachefrom: error: building stage runtime failed"), "{stderr}");
     assert!(stderr.contains("did not complete successfully"), "{stderr}");
     let tags = registry_tags(REGISTRY, path_of(&image)).unwrap();
-    assert!(tags.contains(&"cache-deps-main".to_string()), "{tags:?}");
-    assert!(tags.contains(&"cache-builder-main".to_string()), "{tags:?}");
+    assert!(tags.contains(&"cache-deps.main".to_string()), "{tags:?}");
+    assert!(tags.contains(&"cache-builder.main".to_string()), "{tags:?}");
     assert!(!tags.iter().any(|tag| tag.starts_with("cache-runtime")), "{tags:?}");
     let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report_file).unwrap()).unwrap();
     assert_eq!(report["success"], false);
     assert_eq!(report["stages"][2]["status"], "failed");
-    assert!(report["stages"][0]["pushed"][0].as_str().unwrap().ends_with(":cache-deps-main"));
+    assert!(report["stages"][0]["pushed"][0].as_str().unwrap().ends_with(":cache-deps.main"));
 
     // The next run, on a fresh runner, reads what the failed run pushed.
     fresh_runner().unwrap();
@@ -108,7 +108,7 @@ fn an_early_return_and_a_panic_still_push() {
     let error = release_tooling_that_gives_up(&ctx, &plan).unwrap_err();
     assert_eq!(error.to_string(), "release tooling gave up after deps");
     let tags = registry_tags(REGISTRY, path_of(&image)).unwrap();
-    assert!(tags.contains(&"cache-deps-main".to_string()), "after `?`: {tags:?}");
+    assert!(tags.contains(&"cache-deps.main".to_string()), "after `?`: {tags:?}");
 
     let image = unique_repository("panic");
     let mut options = plan_options(repo.path(), &image, "inline");
@@ -123,7 +123,7 @@ fn an_early_return_and_a_panic_still_push() {
     }));
     assert!(outcome.is_err());
     let tags = registry_tags(REGISTRY, path_of(&image)).unwrap();
-    assert!(tags.contains(&"cache-deps-main".to_string()), "after a panic: {tags:?}");
+    assert!(tags.contains(&"cache-deps.main".to_string()), "after a panic: {tags:?}");
 }
 
 #[test]
@@ -182,7 +182,7 @@ fn a_failed_one_build_writes_the_stages_it_finished() {
     assert_eq!(failed.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("cachefrom: writing the cache of builder, which the build finished"), "{stderr}");
     let tags = registry_tags(REGISTRY, path_of(&image)).unwrap();
-    for tag in ["cache-builder-main", "cache-deps-main", "cache-builder", "cache-deps"] {
+    for tag in ["cache-builder.main", "cache-deps.main", "cache-builder", "cache-deps"] {
         assert!(tags.contains(&tag.to_string()), "{tag}: {tags:?}");
     }
     assert!(!tags.iter().any(|tag| tag.starts_with("cache-runtime")), "{tags:?}");
@@ -201,6 +201,6 @@ fn a_failed_one_build_writes_the_stages_it_finished() {
         assert_ne!(stage["steps_total"], 0, "{report:#}");
     }
     // The success overwrote the stage tags the failure wrote: they hold the new, whole cache.
-    let runtime = registry_digest(REGISTRY, path_of(&image), "cache-runtime-main").unwrap();
-    assert_eq!(registry_digest(REGISTRY, path_of(&image), "cache-builder-main").unwrap(), runtime);
+    let runtime = registry_digest(REGISTRY, path_of(&image), "cache-runtime.main").unwrap();
+    assert_eq!(registry_digest(REGISTRY, path_of(&image), "cache-builder.main").unwrap(), runtime);
 }

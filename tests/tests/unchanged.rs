@@ -34,7 +34,7 @@ fn a_rerun_with_the_same_inputs_builds_nothing_and_any_change_builds() {
     // The first run builds, and records its inputs and image on the cache it exports.
     let (_, first) = build(dir, &image, &push);
     assert!(first.get("unchanged").is_none(), "{first:#}");
-    let manifest = registry_manifest(REGISTRY, &path, "cache-runtime-main").unwrap();
+    let manifest = registry_manifest(REGISTRY, &path, "cache-runtime.main").unwrap();
     let annotations = &manifest["annotations"];
     assert!(annotations["dev.cachefrom.inputs"].as_str().unwrap().starts_with("sha256:"), "{manifest:#}");
     let built = registry_digest(REGISTRY, &path, "v1").unwrap();
@@ -46,7 +46,7 @@ fn a_rerun_with_the_same_inputs_builds_nothing_and_any_change_builds() {
     let second_tag = format!("{image}:v2");
     let (output, second) = build(dir, &image, &["--tag", &tag, "--tag", &second_tag, "--push"]);
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(second["unchanged"].as_str().unwrap().contains("cache-runtime-main"), "{second:#}");
+    assert!(second["unchanged"].as_str().unwrap().contains("cache-runtime.main"), "{second:#}");
     assert!(!stderr.contains("docker buildx build"), "nothing was built:\n{stderr}");
     for stage in second["stages"].as_array().unwrap() {
         assert_eq!(stage["status"], "unchanged", "{second:#}");

@@ -120,7 +120,7 @@ fn existence_checks(sh: &Shell) -> Result<String> {
         for (level, exists) in
             [("feature-x", false), ("0123456789abcdef0123456789abcdef01234567", true), ("main", true), ("", false)]
         {
-            let tag = if level.is_empty() { format!("cache-{stage}") } else { format!("cache-{stage}-{level}") };
+            let tag = if level.is_empty() { format!("cache-{stage}") } else { format!("cache-{stage}.{level}") };
             if exists {
                 let target = repository.with_tag(&tag);
                 cmd!(sh, "timeout 120 docker tag {base} {target}").quiet().run()?;

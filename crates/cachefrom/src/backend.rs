@@ -262,27 +262,27 @@ mod tests {
     fn docker_arguments_of_each_backend() {
         let staging = Path::new("/work/stage");
         let registry = Backend::parse("registry", None).unwrap();
-        let location = registry.location(&repo(), "cache-deps-main");
-        assert_eq!(registry.cache_from_arg(&location, staging), "type=registry,ref=127.0.0.1:5000/app:cache-deps-main");
+        let location = registry.location(&repo(), "cache-deps.main");
+        assert_eq!(registry.cache_from_arg(&location, staging), "type=registry,ref=127.0.0.1:5000/app:cache-deps.main");
         assert_eq!(
             registry.cache_to_arg(&location, staging, true).unwrap(),
-            "type=registry,ref=127.0.0.1:5000/app:cache-deps-main,mode=max,image-manifest=true,oci-mediatypes=true,ignore-error=true"
+            "type=registry,ref=127.0.0.1:5000/app:cache-deps.main,mode=max,image-manifest=true,oci-mediatypes=true,ignore-error=true"
         );
 
         let inline = Backend::Inline;
-        let location = inline.location(&repo(), "cache-deps-main");
-        assert_eq!(inline.cache_from_arg(&location, staging), "127.0.0.1:5000/app:cache-deps-main");
+        let location = inline.location(&repo(), "cache-deps.main");
+        assert_eq!(inline.cache_from_arg(&location, staging), "127.0.0.1:5000/app:cache-deps.main");
         assert_eq!(inline.cache_to_arg(&location, staging, true), None);
 
         let local = Backend::parse("local,dir=/c", None).unwrap();
-        let location = local.location(&repo(), "cache-deps-main");
-        assert_eq!(location, CacheLocation::Directory("/c/127.0.0.1-5000-app/cache-deps-main".into()));
-        assert_eq!(local.cache_from_arg(&location, staging), "type=local,src=/c/127.0.0.1-5000-app/cache-deps-main");
+        let location = local.location(&repo(), "cache-deps.main");
+        assert_eq!(location, CacheLocation::Directory("/c/127.0.0.1-5000-app/cache-deps.main".into()));
+        assert_eq!(local.cache_from_arg(&location, staging), "type=local,src=/c/127.0.0.1-5000-app/cache-deps.main");
         assert_eq!(local.cache_to_arg(&location, staging, false).unwrap(), "type=local,dest=/work/stage,mode=max");
 
         let tarball = Backend::parse("tarball,dir=/t", None).unwrap();
-        let location = tarball.location(&repo(), "cache-deps-main");
-        assert_eq!(location, CacheLocation::TarFile("/t/127.0.0.1-5000-app/cache-deps-main.tar".into()));
+        let location = tarball.location(&repo(), "cache-deps.main");
+        assert_eq!(location, CacheLocation::TarFile("/t/127.0.0.1-5000-app/cache-deps.main.tar".into()));
         assert_eq!(tarball.cache_from_arg(&location, staging), "type=local,src=/work/stage");
         assert_eq!(
             tarball.cache_to_arg(&location, staging, true).unwrap(),
@@ -290,18 +290,18 @@ mod tests {
         );
 
         let s3 = Backend::parse("s3,bucket=b,region=r", None).unwrap();
-        let location = s3.location(&repo(), "cache-deps-main");
+        let location = s3.location(&repo(), "cache-deps.main");
         assert_eq!(
             s3.cache_from_arg(&location, staging),
-            "type=s3,bucket=b,region=r,name=127.0.0.1-5000-app-cache-deps-main"
+            "type=s3,bucket=b,region=r,name=127.0.0.1-5000-app-cache-deps.main"
         );
         assert_eq!(
             s3.cache_to_arg(&location, staging, false).unwrap(),
-            "type=s3,bucket=b,region=r,name=127.0.0.1-5000-app-cache-deps-main,mode=max"
+            "type=s3,bucket=b,region=r,name=127.0.0.1-5000-app-cache-deps.main,mode=max"
         );
         let gha = Backend::parse("gha", None).unwrap();
-        let location = gha.location(&repo(), "cache-deps-main");
-        assert_eq!(gha.cache_from_arg(&location, staging), "type=gha,scope=127.0.0.1-5000-app-cache-deps-main");
+        let location = gha.location(&repo(), "cache-deps.main");
+        assert_eq!(gha.cache_from_arg(&location, staging), "type=gha,scope=127.0.0.1-5000-app-cache-deps.main");
     }
 
     #[test]

@@ -13,7 +13,12 @@ pub struct Environment {
 impl Environment {
     /// The current process's environment.
     pub fn from_process() -> Environment {
-        Environment { variables: std::env::vars().collect() }
+        // Not `std::env::vars()`, which panics on a value that is not UTF-8: such a value is kept
+        // with its bad bytes replaced, so that checking it gives an error instead.
+        let variables = std::env::vars_os()
+            .filter_map(|(name, value)| Some((name.into_string().ok()?, value.to_string_lossy().into_owned())))
+            .collect();
+        Environment { variables }
     }
 
     /// An environment holding exactly `pairs`.
@@ -68,7 +73,8 @@ impl CiSystem {
 
 /// The branch being built, from the CI's variables: for a pull or merge request, its source branch.
 ///
-/// Returns the value and the variable it came from. Checked in this order:
+/// Returns the value and the variable it came from, as given: [`crate::git::check_branch`]
+/// normalises and checks it. Checked in this order:
 /// `GITHUB_HEAD_REF`, `GITHUB_REF_NAME`, `CI_MERGE_REQUEST_SOURCE_BRANCH_NAME`, `CI_COMMIT_REF_NAME`,
 /// `CIRCLE_BRANCH`, `BUILDKITE_BRANCH`, `CHANGE_BRANCH`, `BRANCH_NAME`, `SYSTEM_PULLREQUEST_SOURCEBRANCH`,
 /// `BUILD_SOURCEBRANCHNAME`, `bamboo_planRepository_branchName`.
@@ -86,17 +92,15 @@ pub fn branch_from_ci(env: &Environment) -> Option<(String, &'static str)> {
         "BUILD_SOURCEBRANCHNAME",
         "bamboo_planRepository_branchName",
     ];
-    VARIABLES.iter().find_map(|name| {
-        let value = env.get(name)?;
-        let value = value.strip_prefix("refs/heads/").unwrap_or(value);
-        Some((value.to_string(), *name))
-    })
+    VARIABLES.iter().find_map(|name| Some((env.get(name)?.to_string(), *name)))
 }
 
 /// The default branch, where the CI says it: GitLab's `CI_DEFAULT_BRANCH`, Buildkite's
 /// `BUILDKITE_PIPELINE_DEFAULT_BRANCH`.
-pub fn default_branch_from_ci(env: &Environment) -> Option<String> {
-    ["CI_DEFAULT_BRANCH", "BUILDKITE_PIPELINE_DEFAULT_BRANCH"].iter().find_map(|name| env.get(name).map(str::to_string))
+pub fn default_branch_from_ci(env: &Environment) -> Option<(String, &'static str)> {
+    ["CI_DEFAULT_BRANCH", "BUILDKITE_PIPELINE_DEFAULT_BRANCH"]
+        .iter()
+        .find_map(|name| Some((env.get(name)?.to_string(), *name)))
 }
 
 /// The file GitHub Actions renders as the job summary (`GITHUB_STEP_SUMMARY`).
@@ -141,11 +145,5 @@ mod tests {
         let env = Environment::from_pairs([("GITHUB_HEAD_REF", ""), ("GITHUB_REF_NAME", "main")]);
         assert_eq!(branch_from_ci(&env).unwrap().0, "main");
         assert_eq!(CiSystem::detect(&Environment::default()), None);
-    }
-
-    #[test]
-    fn refs_heads_prefix_is_removed() {
-        let env = Environment::from_pairs([("BUILDKITE_BRANCH", "refs/heads/topic")]);
-        assert_eq!(branch_from_ci(&env).unwrap(), ("topic".to_string(), "BUILDKITE_BRANCH"));
     }
 }

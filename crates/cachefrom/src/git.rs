@@ -5,6 +5,7 @@
 
 use std::path::Path;
 
+use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::ci::{branch_from_ci, default_branch_from_ci, Environment};
@@ -46,7 +47,11 @@ impl GitFacts {
     }
 
     /// Reads the facts for the repository that contains `dir`, with `overrides` and the CI's `env` first.
-    pub fn discover(dir: &Path, overrides: &GitOverrides, env: &Environment) -> GitFacts {
+    ///
+    /// Every branch name, whichever source gave it, is normalised and checked the same way
+    /// ([`check_branch`]), and a given commit must be a commit id ([`check_commit`]); a value that
+    /// cannot be used is an error that names its source.
+    pub fn discover(dir: &Path, overrides: &GitOverrides, env: &Environment) -> Result<GitFacts> {
         let mut facts = GitFacts::default();
         let repository = match git2::Repository::discover(dir) {
             Ok(repository) => Some(repository),
@@ -60,11 +65,13 @@ impl GitFacts {
             }
         };
 
-        facts.branch = overrides.branch.clone();
-        facts.branch_source = facts.branch.as_ref().map(|_| "--branch".to_string());
+        if let Some(branch) = &overrides.branch {
+            facts.branch = Some(check_branch(branch, "--branch")?);
+            facts.branch_source = Some("--branch".to_string());
+        }
         if facts.branch.is_none() {
             if let Some((branch, variable)) = branch_from_ci(env) {
-                facts.branch = Some(branch);
+                facts.branch = Some(check_branch(&branch, variable)?);
                 facts.branch_source = Some(variable.to_string());
             }
         }
@@ -81,26 +88,49 @@ impl GitFacts {
             );
         }
 
-        facts.default_branch = overrides
-            .default_branch
-            .clone()
-            .or_else(|| default_branch_from_ci(env))
-            .or_else(|| repository.as_ref().and_then(default_branch_from_git))
-            .unwrap_or_else(|| "main".to_string());
-
-        let Some(repository) = repository else {
-            facts.commit = overrides.commit.clone();
-            return facts;
+        facts.default_branch = match (&overrides.default_branch, default_branch_from_ci(env)) {
+            (Some(branch), _) => check_branch(branch, "--default-branch")?,
+            (None, Some((branch, variable))) => check_branch(&branch, variable)?,
+            (None, None) => repository
+                .as_ref()
+                .and_then(default_branch_from_git)
+                .map(|branch| check_branch(&branch, "git's origin/HEAD"))
+                .transpose()?
+                .unwrap_or_else(|| "main".to_string()),
         };
-        let head = repository.head().ok().and_then(|head| head.peel_to_commit().ok());
-        facts.commit = overrides.commit.clone().or_else(|| head.as_ref().map(|commit| commit.id().to_string()));
+
+        let given = overrides.commit.as_deref().map(|commit| check_commit(commit, "--commit")).transpose()?;
+        let Some(repository) = repository else {
+            if given.as_ref().is_some_and(|commit| !crate::refs::is_commit_id(commit)) {
+                bail!(
+                    "--commit: an abbreviated commit id needs the git repository to expand it; give all 40 hex digits"
+                );
+            }
+            facts.commit = given;
+            return Ok(facts);
+        };
+        // The commit being built: the one given (its parent and merge-base are its own), else HEAD.
+        let head = match &given {
+            Some(commit) => match repository.revparse_single(commit).and_then(|object| object.peel_to_commit()) {
+                Ok(found) => Some(found),
+                Err(_) if crate::refs::is_commit_id(commit) => {
+                    facts.notes.push(format!(
+                        "the commit {commit} given with --commit is not in this clone: no parent or merge-base (fetch it, or fetch more history)"
+                    ));
+                    None
+                }
+                Err(error) => bail!("--commit {commit} names no commit in this clone: {}", error.message()),
+            },
+            None => repository.head().ok().and_then(|head| head.peel_to_commit().ok()),
+        };
+        facts.commit = head.as_ref().map(|commit| commit.id().to_string()).or(given.clone());
         if let Some(head) = &head {
             facts.parent = head.parent_ids().next().map(|id| id.to_string());
             if facts.parent.is_none() {
-                let why = if repository.is_shallow() { "the clone is shallow" } else { "HEAD is the first commit" };
+                let why = if repository.is_shallow() { "the clone is shallow" } else { "it is the first commit" };
                 facts.notes.push(format!("no parent commit: {why}"));
             }
-        } else {
+        } else if given.is_none() {
             facts.notes.push("HEAD names no commit yet: commit tags are not used".to_string());
         }
 
@@ -123,8 +153,50 @@ impl GitFacts {
                 }
             }
         }
-        facts
+        Ok(facts)
     }
+}
+
+/// Checks a branch name from `source` (an option or a variable): `refs/heads/` is removed, and
+/// what is left must be a branch name by git's rules (`git check-ref-format --branch`): not
+/// empty, no spaces or control characters, none of `~^:?*[\`, no `..`, `@{`, `//`, no part
+/// starting with `.` or ending with `.lock`, not starting with `-`. The error shows the value
+/// escaped, never raw.
+pub fn check_branch(value: &str, source: &str) -> Result<String> {
+    let name = value.strip_prefix("refs/heads/").unwrap_or(value);
+    if name.is_empty() {
+        bail!("the branch from {source} is empty; pass --branch NAME");
+    }
+    let valid =
+        !name.starts_with('-') && name != "HEAD" && git2::Reference::is_valid_name(&format!("refs/heads/{name}"));
+    if !valid {
+        bail!(
+            "the branch from {source}, {}, is not a branch name git accepts (no spaces or control characters, none of ~^:?*[\\, no `..` or `@{{`, no part starting with `.`); pass --branch NAME",
+            escaped(name)
+        );
+    }
+    Ok(name.to_string())
+}
+
+/// Checks a commit id from `source`: 4 to 64 hex digits, returned in lowercase.
+pub fn check_commit(value: &str, source: &str) -> Result<String> {
+    let valid = (4..=64).contains(&value.len()) && value.chars().all(|c| c.is_ascii_hexdigit());
+    if !valid {
+        bail!("{source} must be a commit id (4 to 64 hex digits); got {}", escaped(value));
+    }
+    Ok(value.to_ascii_lowercase())
+}
+
+/// `value` quoted, with control characters and non-ASCII escaped, cut to 80 characters: safe in
+/// an error line.
+pub(crate) fn escaped(value: &str) -> String {
+    let quoted = format!("{:?}", value.chars().take(80).collect::<String>());
+    let mut out: String =
+        quoted.chars().map(|c| if c.is_ascii() { c.to_string() } else { c.escape_unicode().to_string() }).collect();
+    if value.chars().count() > 80 {
+        out.push_str("...");
+    }
+    out
 }
 
 fn current_branch(repository: &git2::Repository) -> Option<String> {
@@ -200,7 +272,7 @@ pub(crate) mod tests {
     #[test]
     fn a_branch_has_commit_parent_and_merge_base() {
         let (dir, c2, c3, c4) = repository_with_a_branch();
-        let facts = GitFacts::discover(dir.path(), &GitOverrides::default(), &Environment::default());
+        let facts = GitFacts::discover(dir.path(), &GitOverrides::default(), &Environment::default()).unwrap();
         assert_eq!(facts.branch.as_deref(), Some("feature/login"));
         assert_eq!(facts.branch_source.as_deref(), Some("git"));
         assert_eq!(facts.default_branch, "main");
@@ -214,7 +286,7 @@ pub(crate) mod tests {
     fn the_default_branch_has_no_merge_base() {
         let (dir, c2, _, _) = repository_with_a_branch();
         git(dir.path(), &["checkout", "-q", "main"]);
-        let facts = GitFacts::discover(dir.path(), &GitOverrides::default(), &Environment::default());
+        let facts = GitFacts::discover(dir.path(), &GitOverrides::default(), &Environment::default()).unwrap();
         assert!(facts.on_default_branch());
         assert_eq!(facts.commit.as_deref(), Some(c2.as_str()));
         assert_eq!(facts.merge_base, None);
@@ -225,13 +297,13 @@ pub(crate) mod tests {
         let (dir, c2, _, c4) = repository_with_a_branch();
         git(dir.path(), &["checkout", "-q", "--detach", "HEAD"]);
         let env = Environment::from_pairs([("GITHUB_ACTIONS", "true"), ("GITHUB_HEAD_REF", "feature/login")]);
-        let facts = GitFacts::discover(dir.path(), &GitOverrides::default(), &env);
+        let facts = GitFacts::discover(dir.path(), &GitOverrides::default(), &env).unwrap();
         assert_eq!(facts.branch.as_deref(), Some("feature/login"));
         assert_eq!(facts.branch_source.as_deref(), Some("GITHUB_HEAD_REF"));
         assert_eq!(facts.commit.as_deref(), Some(c4.as_str()));
         assert_eq!(facts.merge_base.as_deref(), Some(c2.as_str()));
 
-        let without_ci = GitFacts::discover(dir.path(), &GitOverrides::default(), &Environment::default());
+        let without_ci = GitFacts::discover(dir.path(), &GitOverrides::default(), &Environment::default()).unwrap();
         assert_eq!(without_ci.branch, None);
         assert!(without_ci.notes.iter().any(|note| note.contains("HEAD is detached")), "{:?}", without_ci.notes);
     }
@@ -244,7 +316,7 @@ pub(crate) mod tests {
         let url = format!("file://{}", origin.path().display());
         git(clones.path(), &["clone", "-q", "--depth", "1", "--branch", "feature/login", &url, "shallow"]);
         let shallow = clones.path().join("shallow");
-        let facts = GitFacts::discover(&shallow, &GitOverrides::default(), &Environment::default());
+        let facts = GitFacts::discover(&shallow, &GitOverrides::default(), &Environment::default()).unwrap();
         assert_eq!(facts.commit.as_deref(), Some(c4.as_str()));
         assert_eq!(facts.merge_base, None);
         assert!(facts.notes.iter().any(|note| note.contains("no merge-base")), "{:?}", facts.notes);
@@ -258,17 +330,80 @@ pub(crate) mod tests {
             default_branch: Some("trunk".to_string()),
             commit: Some("f".repeat(40)),
         };
-        let facts = GitFacts::discover(dir.path(), &overrides, &Environment::default());
+        let facts = GitFacts::discover(dir.path(), &overrides, &Environment::default()).unwrap();
         assert_eq!(facts.branch.as_deref(), Some("release"));
         assert_eq!(facts.default_branch, "trunk");
         assert_eq!(facts.commit, Some("f".repeat(40)));
-        assert!(facts.notes.iter().any(|note| note.contains("`trunk` is not in this clone")), "{:?}", facts.notes);
+        assert_eq!(facts.parent, None);
+        assert!(facts.notes.iter().any(|note| note.contains("is not in this clone: no parent")), "{:?}", facts.notes);
+    }
+
+    #[test]
+    fn a_given_commit_has_its_own_parent_and_merge_base() {
+        let (dir, c2, c3, _) = repository_with_a_branch();
+        let upper = c3[..12].to_uppercase();
+        let overrides = GitOverrides { commit: Some(upper), ..Default::default() };
+        let facts = GitFacts::discover(dir.path(), &overrides, &Environment::default()).unwrap();
+        assert_eq!(facts.commit.as_deref(), Some(c3.as_str()), "abbreviated, upper case: expanded");
+        assert_eq!(facts.parent.as_deref(), Some(c2.as_str()));
+        assert_eq!(facts.merge_base.as_deref(), Some(c2.as_str()));
+    }
+
+    #[test]
+    fn unusable_branches_and_commits_are_errors_that_name_their_source() {
+        let dir = tempfile::tempdir().unwrap();
+        let discover = |overrides: GitOverrides, env: Environment| {
+            GitFacts::discover(dir.path(), &overrides, &env).map_err(|error| error.to_string())
+        };
+        let branch = |value: &str| GitOverrides { branch: Some(value.to_string()), ..Default::default() };
+        for bad in ["", "main ", "x\ntouch pwned\n", "-x", "a..b", "a b", "x:y", "refs/heads/", "HEAD", "a//b", ".x"] {
+            let error = discover(branch(bad), Environment::default()).unwrap_err();
+            assert!(error.contains("--branch"), "{bad:?}: {error}");
+            assert!(!error.contains('\n') && !error.contains("touch pwned\n"), "{error}");
+        }
+        let env = Environment::from_pairs([("CI_DEFAULT_BRANCH", "ma in")]);
+        assert!(discover(GitOverrides::default(), env).unwrap_err().contains("CI_DEFAULT_BRANCH"));
+        let env = Environment::from_pairs([("GITHUB_HEAD_REF", "x\u{7}")]);
+        assert!(discover(GitOverrides::default(), env).unwrap_err().contains("GITHUB_HEAD_REF"));
+        for bad in ["xyz", "12", "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef0", "$(id)"] {
+            let overrides = GitOverrides { commit: Some(bad.to_string()), ..Default::default() };
+            assert!(discover(overrides, Environment::default()).unwrap_err().contains("--commit"), "{bad}");
+        }
+    }
+
+    #[test]
+    fn refs_heads_is_removed_from_every_source() {
+        let dir = tempfile::tempdir().unwrap();
+        let overrides = GitOverrides {
+            branch: Some("refs/heads/topic".into()),
+            default_branch: Some("refs/heads/trunk".into()),
+            ..Default::default()
+        };
+        let facts = GitFacts::discover(dir.path(), &overrides, &Environment::default()).unwrap();
+        assert_eq!((facts.branch.as_deref(), facts.default_branch.as_str()), (Some("topic"), "trunk"));
+        let env = Environment::from_pairs([("BUILDKITE_BRANCH", "refs/heads/topic")]);
+        let facts = GitFacts::discover(dir.path(), &GitOverrides::default(), &env).unwrap();
+        assert_eq!(facts.branch.as_deref(), Some("topic"));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn every_source_checks_a_branch_alike(value in proptest::prelude::any::<String>()) {
+            let by_option = check_branch(&value, "--branch").ok();
+            let by_variable = check_branch(&value, "GITHUB_HEAD_REF").ok();
+            proptest::prop_assert_eq!(&by_option, &by_variable);
+            if let Some(name) = by_option {
+                proptest::prop_assert!(!name.is_empty() && !name.chars().any(|c| c.is_control() || c == ' '));
+                let reference = format!("refs/heads/{}", name);
+                proptest::prop_assert!(git2::Reference::is_valid_name(&reference));
+            }
+        }
     }
 
     #[test]
     fn outside_a_repository_nothing_breaks() {
         let dir = tempfile::tempdir().unwrap();
-        let facts = GitFacts::discover(dir.path(), &GitOverrides::default(), &Environment::default());
+        let facts = GitFacts::discover(dir.path(), &GitOverrides::default(), &Environment::default()).unwrap();
         assert_eq!((facts.branch, facts.commit), (None, None));
         assert_eq!(facts.default_branch, "main");
     }

@@ -12,21 +12,21 @@ use serde::{Deserialize, Serialize, Serializer};
 use crate::backend::{Backend, CacheLocation};
 use crate::dockerfile::{read_dockerfile, Dockerfile};
 use crate::git::GitFacts;
-use crate::refs::{cache_tag, Repository};
+use crate::refs::{cache_tag, Repository, TagKey};
 
 /// One level of the cache-source chain.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Level {
-    /// The branch being built: `cache-<stage>-<branch>`.
+    /// The branch being built: `cache-<stage>.<branch>`.
     Branch,
-    /// The commit being built: `cache-<stage>-<sha>` (a re-run of the same commit).
+    /// The commit being built: `cache-<stage>.<sha>` (a re-run of the same commit).
     Commit,
-    /// The merge-base of the branch with the default branch: `cache-<stage>-<sha>`.
+    /// The merge-base of the branch with the default branch: `cache-<stage>.<sha>`.
     MergeBase,
-    /// The default branch: `cache-<stage>-<default branch>`.
+    /// The default branch: `cache-<stage>.<default branch>`.
     DefaultBranch,
-    /// HEAD^1: `cache-<stage>-<sha>`.
+    /// HEAD^1: `cache-<stage>.<sha>`.
     Parent,
     /// No branch or commit: `cache-<stage>`.
     Unprefixed,
@@ -71,16 +71,17 @@ impl Level {
     }
 
     /// The tag key of this level for `git`, or `None` when the level does not apply, with why.
-    fn key(self, git: &GitFacts) -> std::result::Result<Option<String>, String> {
-        let known =
-            |value: &Option<String>, what: &str| value.clone().map(Some).ok_or_else(|| format!("{what} unknown"));
+    fn key(self, git: &GitFacts) -> std::result::Result<Option<TagKey>, String> {
+        let known = |value: &Option<String>, what: &str, key: fn(String) -> TagKey| {
+            value.clone().map(|value| Some(key(value))).ok_or_else(|| format!("{what} unknown"))
+        };
         match self {
-            Level::Branch => known(&git.branch, "branch"),
-            Level::Commit => known(&git.commit, "commit"),
+            Level::Branch => known(&git.branch, "branch", TagKey::Branch),
+            Level::Commit => known(&git.commit, "commit", TagKey::Commit),
             Level::MergeBase if git.on_default_branch() => Err("on the default branch".to_string()),
-            Level::MergeBase => known(&git.merge_base, "merge-base"),
-            Level::DefaultBranch => Ok(Some(git.default_branch.clone())),
-            Level::Parent => known(&git.parent, "parent commit"),
+            Level::MergeBase => known(&git.merge_base, "merge-base", TagKey::Commit),
+            Level::DefaultBranch => Ok(Some(TagKey::Branch(git.default_branch.clone()))),
+            Level::Parent => known(&git.parent, "parent commit", TagKey::Commit),
             Level::Unprefixed => Ok(None),
         }
     }
@@ -492,7 +493,7 @@ impl Plan {
                 .iter()
                 .filter_map(|level| {
                     let key = level.key(&options.git).ok()?;
-                    let tag = cache_tag(stage_key, key.as_deref());
+                    let tag = cache_tag(stage_key, key.as_ref());
                     let location = options.backend.location(&options.repository, &tag);
                     Some(CacheRef { level: *level, tag, location })
                 })

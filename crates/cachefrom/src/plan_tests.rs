@@ -65,17 +65,17 @@ fn the_chain_of_a_feature_branch() {
     assert_eq!(
         tags(&plan.stage("deps").unwrap().cache_from),
         [
-            format!("branch=cache-deps-{feature}"),
-            format!("merge-base=cache-deps-{SHA_BASE}"),
-            "default-branch=cache-deps-main".to_string(),
-            format!("parent=cache-deps-{SHA_PARENT}"),
+            format!("branch=cache-deps.{feature}"),
+            format!("merge-base=cache-deps.{SHA_BASE}"),
+            "default-branch=cache-deps.main".to_string(),
+            format!("parent=cache-deps.{SHA_PARENT}"),
             "unprefixed=cache-deps".to_string(),
         ]
     );
     // A branch writes its own tags only: never main's, never the unprefixed one.
     assert_eq!(
         tags(&plan.stage("deps").unwrap().cache_to),
-        [format!("branch=cache-deps-{feature}"), format!("commit=cache-deps-{SHA_HEAD}")]
+        [format!("branch=cache-deps.{feature}"), format!("commit=cache-deps.{SHA_HEAD}")]
     );
     assert!(plan.notes.iter().any(|n| n.contains("the default branch `main` writes its own")), "{:?}", plan.notes);
 }
@@ -87,8 +87,8 @@ fn the_default_branch_writes_its_tags_and_the_unprefixed_one() {
     assert_eq!(
         tags(&plan.stage("deps").unwrap().cache_to),
         [
-            "branch=cache-deps-main".to_string(),
-            format!("commit=cache-deps-{SHA_HEAD}"),
+            "branch=cache-deps.main".to_string(),
+            format!("commit=cache-deps.{SHA_HEAD}"),
             "unprefixed=cache-deps".to_string()
         ]
     );
@@ -117,7 +117,7 @@ fn the_chain_order_is_configurable() {
     let feature = crate::refs::sanitize_tag("feature/login");
     assert_eq!(
         tags(&plan.stage("deps").unwrap().cache_from),
-        ["default-branch=cache-deps-main".to_string(), format!("branch=cache-deps-{feature}")]
+        ["default-branch=cache-deps.main".to_string(), format!("branch=cache-deps.{feature}")]
     );
     assert!(plan.to_string().contains("# cache sources, most specific first: default-branch > branch"));
     assert!(Level::parse_chain("branch,nope").unwrap_err().to_string().contains("unknown cache level `nope`"));
@@ -134,7 +134,7 @@ fn sources_include_the_caches_of_the_stages_read_from() {
         plan.all_candidate_sources(runtime).iter().map(|(s, r)| format!("{s}:{}", r.tag)).collect();
     assert_eq!(
         sources[..3],
-        ["runtime:cache-runtime-main".to_string(), "deps:cache-deps-main".into(), "builder:cache-builder-main".into()]
+        ["runtime:cache-runtime.main".to_string(), "deps:cache-deps.main".into(), "builder:cache-builder.main".into()]
     );
 }
 
@@ -158,10 +158,10 @@ set -euo pipefail
 
 # Stages, in build order: deps -> app
 # deps cache candidates:
-#   branch          127.0.0.1:5000/app:cache-deps-main
+#   branch          127.0.0.1:5000/app:cache-deps.main
 #   unprefixed      127.0.0.1:5000/app:cache-deps
 # app cache candidates:
-#   branch          127.0.0.1:5000/app:cache-app-main
+#   branch          127.0.0.1:5000/app:cache-app.main
 #   unprefixed      127.0.0.1:5000/app:cache-app
 # cachefrom checks which candidates exist (no layer download) and passes only those,
 # from one level of the chain for every stage where it can, each cache once.
@@ -185,13 +185,13 @@ recover_caches() {{
       --target deps \
       -f app/Dockerfile \
       --provenance=false \
-      --cache-from type=registry,ref=127.0.0.1:5000/app:cache-deps-main \
+      --cache-from type=registry,ref=127.0.0.1:5000/app:cache-deps.main \
       --cache-from type=registry,ref=127.0.0.1:5000/app:cache-deps \
-      --cache-to type=registry,ref=127.0.0.1:5000/app:cache-deps-main,mode=max,image-manifest=true,oci-mediatypes=true,ignore-error=true \
+      --cache-to type=registry,ref=127.0.0.1:5000/app:cache-deps.main,mode=max,image-manifest=true,oci-mediatypes=true,ignore-error=true \
       --output type=cacheonly \
       --network=host \
       app
-    cachefrom copy-tag 127.0.0.1:5000/app:cache-deps-main 127.0.0.1:5000/app:cache-deps-{SHA_HEAD} 127.0.0.1:5000/app:cache-deps
+    cachefrom copy-tag 127.0.0.1:5000/app:cache-deps.main 127.0.0.1:5000/app:cache-deps.{SHA_HEAD} 127.0.0.1:5000/app:cache-deps
     covered+=deps' '
   fi
 }}
@@ -203,14 +203,14 @@ docker buildx build \
   --target app \
   -f app/Dockerfile \
   --provenance=false \
-  --cache-from type=registry,ref=127.0.0.1:5000/app:cache-app-main \
-  --cache-from type=registry,ref=127.0.0.1:5000/app:cache-deps-main \
+  --cache-from type=registry,ref=127.0.0.1:5000/app:cache-app.main \
+  --cache-from type=registry,ref=127.0.0.1:5000/app:cache-deps.main \
   --cache-from type=registry,ref=127.0.0.1:5000/app:cache-app \
   --cache-from type=registry,ref=127.0.0.1:5000/app:cache-deps \
-  --cache-to type=registry,ref=127.0.0.1:5000/app:cache-app-main,mode=max,image-manifest=true,oci-mediatypes=true,ignore-error=true \
+  --cache-to type=registry,ref=127.0.0.1:5000/app:cache-app.main,mode=max,image-manifest=true,oci-mediatypes=true,ignore-error=true \
   --network=host \
   app 2>&1 | tee "$log"
-cachefrom copy-tag 127.0.0.1:5000/app:cache-app-main 127.0.0.1:5000/app:cache-app-{SHA_HEAD} 127.0.0.1:5000/app:cache-app
+cachefrom copy-tag 127.0.0.1:5000/app:cache-app.main 127.0.0.1:5000/app:cache-app.{SHA_HEAD} 127.0.0.1:5000/app:cache-app
 # The other stages read their layers from this cache. Their own tags, which only a failed
 # run writes, get this cache too where cachefrom found them (so they are not read as older).
 "#,
@@ -231,12 +231,12 @@ fn the_inline_backend_builds_stage_by_stage_and_pushes_each_right_after() {
     assert_eq!(plan.execution, Execution::StageByStage);
     assert!(plan.recovery.is_empty());
     let script = plan.to_string();
-    assert!(script.contains("  app\ndocker push 127.0.0.1:5000/app:cache-deps-main\n"), "{script}");
+    assert!(script.contains("  app\ndocker push 127.0.0.1:5000/app:cache-deps.main\n"), "{script}");
     assert!(script.contains("  --cache-to type=inline \\\n"), "{script}");
-    assert!(script.contains("  -t 127.0.0.1:5000/app:cache-app-main \\\n"), "{script}");
+    assert!(script.contains("  -t 127.0.0.1:5000/app:cache-app.main \\\n"), "{script}");
     assert!(script.contains("  -t 127.0.0.1:5000/app:v1 \\\n  --push \\\n"), "{script}");
     // The target's build pushes its tags (cache tags included) itself.
-    assert!(!script.contains("docker push 127.0.0.1:5000/app:cache-app-main"), "{script}");
+    assert!(!script.contains("docker push 127.0.0.1:5000/app:cache-app.main"), "{script}");
     assert!(!script.contains("trap"), "{script}");
 }
 
@@ -246,9 +246,9 @@ fn the_tarball_backend_unpacks_before_and_packs_after() {
     options.chain = vec![Level::Branch];
     options.backend = Backend::parse("tarball,dir=/shared", None).unwrap();
     let script = plan("FROM alpine AS deps\n", &options).to_string();
-    assert!(script.contains("{ test -f /shared/127.0.0.1-5000-app/cache-deps-main.tar && mkdir -p /work/from/deps && tar -xf /shared/127.0.0.1-5000-app/cache-deps-main.tar -C /work/from/deps; } || true"), "{script}");
+    assert!(script.contains("{ test -f /shared/127.0.0.1-5000-app/cache-deps.main.tar && mkdir -p /work/from/deps && tar -xf /shared/127.0.0.1-5000-app/cache-deps.main.tar -C /work/from/deps; } || true"), "{script}");
     assert!(
-        script.contains("tar -cf /shared/127.0.0.1-5000-app/cache-deps-main.tar.partial -C /work/to/deps . && mv"),
+        script.contains("tar -cf /shared/127.0.0.1-5000-app/cache-deps.main.tar.partial -C /work/to/deps . && mv"),
         "{script}"
     );
     assert!(script.contains("--cache-from type=local,src=/work/from/deps"), "{script}");
@@ -263,7 +263,7 @@ fn the_classic_builder_pulls_in_chain_order() {
     let script = plan("FROM alpine AS deps\n", &options).to_string();
     let feature = crate::refs::sanitize_tag("feature/login");
     assert!(script.contains(&format!(
-        "docker pull 127.0.0.1:5000/app:cache-deps-{feature} ||\n  docker pull 127.0.0.1:5000/app:cache-deps-main || true"
+        "docker pull 127.0.0.1:5000/app:cache-deps.{feature} ||\n  docker pull 127.0.0.1:5000/app:cache-deps.main || true"
     )), "{script}");
     assert!(script.contains("docker build \\\n  --target deps"), "{script}");
     // The classic builder takes cache from pulled images and needs no inline metadata.
@@ -375,10 +375,10 @@ fn a_detached_head_with_a_ci_branch_variable() {
     run(&["commit", "-q", "-m", "one"]);
     run(&["checkout", "-q", "--detach"]);
     let env = crate::ci::Environment::from_pairs([("GITLAB_CI", "true"), ("CI_COMMIT_REF_NAME", "topic")]);
-    let git = GitFacts::discover(dir.path(), &Default::default(), &env);
+    let git = GitFacts::discover(dir.path(), &Default::default(), &env).unwrap();
     let options = PlanOptions::new(dir.path(), Repository::parse("127.0.0.1:5000/app").unwrap(), git);
     let plan = Plan::new(&options).unwrap();
-    assert_eq!(plan.stages[0].cache_from[0].tag, "cache-app-topic");
+    assert_eq!(plan.stages[0].cache_from[0].tag, "cache-app.topic");
     assert!(plan.to_string().contains("# branch topic (from CI_COMMIT_REF_NAME); default branch main"));
 }
 

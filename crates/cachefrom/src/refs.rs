@@ -1,15 +1,23 @@
 //! Image references and the tag scheme of cache images.
 //!
-//! Every cache tag has the form `cache-<stage>-<key>` (or `cache-<stage>` for the unprefixed level):
+//! A cache tag names its owner: a stage, and the branch or commit whose cache it is.
 //!
-//! | level            | tag                           |
-//! |------------------|-------------------------------|
-//! | branch           | `cache-<stage>-<branch>`      |
-//! | commit, parent, merge-base | `cache-<stage>-<40-hex sha>` |
-//! | default branch   | `cache-<stage>-<default branch>` |
-//! | unprefixed       | `cache-<stage>`               |
+//! | level                      | tag                            |
+//! |----------------------------|--------------------------------|
+//! | branch, default branch     | `cache-<stage>.<branch>`       |
+//! | commit, parent, merge-base | `cache-<stage>.<40-hex sha>`   |
+//! | unprefixed                 | `cache-<stage>`                |
 //!
-//! Branch and stage names are mapped onto Docker's tag grammar by [`sanitize_tag`].
+//! Ordinary names are kept as they are (`cache-deps.main`, `cache-build-env.feature-x`). Any
+//! other name becomes `<readable hint>--<hash of the name>` (`feature/Login` →
+//! `feature-login--<20 hex>`): a stage with a `.` or `--` or longer than 40 characters; a branch
+//! with `/`, upper case or `--`, longer than 81 characters, or that looks like a commit id.
+//!
+//! The scheme is one-to-one. The stage part never holds a `.`, so a tag splits at its first `.`
+//! into stage part and key part, and a tag without `.` is unprefixed. Within a part, a kept name
+//! never holds `--` and a hashed one always does, with a hash of the kind (stage, branch, commit)
+//! and the name; a key part is a commit id exactly when it is 40 or 64 hex digits, which no kept
+//! branch is. So no owner can write another's tag (short of a collision of an 80-bit hash).
 
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
@@ -18,8 +26,21 @@ use sha2::{Digest, Sha256};
 /// The longest tag Docker accepts.
 pub const MAX_TAG_LEN: usize = 128;
 
-/// Hex digits of the hash suffix added when a name had to be changed to fit the tag grammar.
-const HASH_SUFFIX_LEN: usize = 10;
+/// Hex digits of the hash in a hashed name (80 bits: finding two names that share one is out of reach).
+const HASH_LEN: usize = 20;
+/// The longest stage part of a tag.
+const STAGE_ROOM: usize = 40;
+/// The longest key part: what the prefix, the stage part and the `.` leave of 128 characters.
+const KEY_ROOM: usize = MAX_TAG_LEN - "cache-".len() - STAGE_ROOM - 1;
+
+/// What a cache tag is keyed by besides its stage.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum TagKey {
+    /// A branch name (the branch and default-branch levels).
+    Branch(String),
+    /// A commit id (the commit, parent and merge-base levels).
+    Commit(String),
+}
 
 /// True when `tag` matches Docker's tag grammar `[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}`.
 pub fn is_valid_tag(tag: &str) -> bool {
@@ -30,63 +51,79 @@ pub fn is_valid_tag(tag: &str) -> bool {
         && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
 }
 
-/// Maps any string onto a valid, lowercase tag.
+/// True for a full commit id: 40 (SHA-1) or 64 (SHA-256) lowercase hex digits.
+pub fn is_commit_id(text: &str) -> bool {
+    matches!(text.len(), 40 | 64) && text.chars().all(|c| matches!(c, '0'..='9' | 'a'..='f'))
+}
+
+/// A stage name kept as it is: lowercase letters, digits, `_` and `-`, starting with a letter
+/// or digit, without `--`.
+fn is_readable_stage(stage: &str) -> bool {
+    stage.len() <= STAGE_ROOM
+        && stage.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
+        && stage.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '_' | '-'))
+        && !stage.contains("--")
+}
+
+/// A branch name kept as it is: a lowercase tag without `--` that does not look like a commit id.
+fn is_readable_branch(branch: &str) -> bool {
+    branch.len() <= KEY_ROOM
+        && is_valid_tag(branch)
+        && !branch.chars().any(|c| c.is_ascii_uppercase())
+        && !branch.contains("--")
+        && !is_commit_id(branch)
+}
+
+/// Maps a branch name (or any string) onto a valid, lowercase tag of at most 81 characters,
+/// one-to-one: the key part of the branch's cache tags.
 ///
-/// A string that already is a valid lowercase tag is kept as it is. Any other string is lowercased,
-/// every character outside `[a-z0-9_.-]` becomes `-`, and a hash of the original is appended
-/// (`feature/Login` → `feature-login-<10 hex>`), cut so the whole fits in 128 characters; so two
-/// different strings never share a tag by accident.
+/// A readable name is kept as it is; any other becomes `<hint>--<hash>`
+/// (`feature/Login` → `feature-login--<20 hex>`).
 pub fn sanitize_tag(text: &str) -> String {
-    if is_valid_tag(text) && !text.chars().any(|c| c.is_ascii_uppercase()) {
+    if is_readable_branch(text) {
         return text.to_string();
     }
-    let mut mapped: String = text
-        .chars()
-        .map(|c| {
-            let c = c.to_ascii_lowercase();
-            if c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-') {
-                c
-            } else {
-                '-'
-            }
-        })
-        .collect();
-    if mapped.starts_with(['.', '-']) {
-        mapped.insert(0, '_');
-    }
-    let hash = short_hash(text);
-    let room = MAX_TAG_LEN - HASH_SUFFIX_LEN - 1;
-    mapped.truncate(room);
-    if mapped.is_empty() {
-        mapped.push('_');
-    }
-    format!("{mapped}-{hash}")
+    hashed("branch", text, KEY_ROOM, true)
 }
 
-fn short_hash(text: &str) -> String {
-    let digest = Sha256::digest(text.as_bytes());
-    digest.iter().map(|byte| format!("{byte:02x}")).collect::<String>()[..HASH_SUFFIX_LEN].to_string()
-}
-
-/// The cache tag of `stage` at a level whose key is `key` (`None`: the unprefixed tag).
-pub fn cache_tag(stage: &str, key: Option<&str>) -> String {
-    let raw = match key {
-        Some(key) => format!("cache-{}-{}", sanitize_tag(stage), sanitize_tag(key)),
-        None => format!("cache-{}", sanitize_tag(stage)),
+/// The cache tag of `stage` at a level keyed by `key` (`None`: the unprefixed tag).
+pub fn cache_tag(stage: &str, key: Option<&TagKey>) -> String {
+    let stage_part =
+        if is_readable_stage(stage) { stage.to_string() } else { hashed("stage", stage, STAGE_ROOM, false) };
+    let key_part = match key {
+        None => return format!("cache-{stage_part}"),
+        Some(TagKey::Branch(branch)) => sanitize_tag(branch),
+        Some(TagKey::Commit(commit)) if is_commit_id(commit) => commit.clone(),
+        Some(TagKey::Commit(commit)) => hashed("commit", commit, KEY_ROOM, true),
     };
-    if raw.len() <= MAX_TAG_LEN {
-        raw
-    } else {
-        sanitize_tag_cut(&raw)
-    }
+    format!("cache-{stage_part}.{key_part}")
 }
 
-/// A tag longer than 128 characters, cut with a hash of the whole so that distinct tags stay distinct.
-fn sanitize_tag_cut(tag: &str) -> String {
-    let hash = short_hash(tag);
-    let mut cut = tag.to_string();
-    cut.truncate(MAX_TAG_LEN - HASH_SUFFIX_LEN - 1);
-    format!("{cut}-{hash}")
+/// `<hint>--<hash of kind and name>`, at most `room` characters; dots in the hint only when `dots`.
+fn hashed(kind: &str, name: &str, room: usize, dots: bool) -> String {
+    let digest = Sha256::digest(format!("{kind}:{name}").as_bytes());
+    let hash: String = digest.iter().map(|byte| format!("{byte:02x}")).collect();
+    let hint = hint(name, room - 2 - HASH_LEN, dots);
+    let hint = if hint.is_empty() { "_" } else { hint.as_str() };
+    format!("{hint}--{}", &hash[..HASH_LEN])
+}
+
+/// A readable stand-in for `text`, at most `room` characters: lowercase, anything outside
+/// `[a-z0-9_.-]` (and `.` unless `dots`) as one `-`, starting with a letter, digit or `_`, no
+/// `--`, ending with a letter, digit or `_`.
+fn hint(text: &str, room: usize, dots: bool) -> String {
+    let mut out = String::new();
+    for c in text.chars().map(|c| c.to_ascii_lowercase()) {
+        let c = if c.is_ascii_alphanumeric() || c == '_' || (dots && c == '.') { c } else { '-' };
+        if (c == '-' || c == '.') && (out.is_empty() || out.ends_with(['-', '.'])) {
+            continue;
+        }
+        if out.len() == room {
+            break;
+        }
+        out.push(c);
+    }
+    out.trim_end_matches(['-', '.']).to_string()
 }
 
 /// An image repository without a tag: `[REGISTRY[:PORT]/]NAME`, e.g. `127.0.0.1:5000/team/app`.
@@ -174,36 +211,53 @@ mod tests {
     use proptest::prelude::*;
 
     #[test]
-    fn clean_names_stay_as_they_are() {
+    fn ordinary_names_stay_readable() {
+        assert_eq!(cache_tag("deps", Some(&TagKey::Branch("main".to_string()))), "cache-deps.main");
+        assert_eq!(
+            cache_tag("build-env", Some(&TagKey::Branch("release-1.2_x".to_string()))),
+            "cache-build-env.release-1.2_x"
+        );
+        assert_eq!(cache_tag("deps", None), "cache-deps");
+        let sha = "0123456789abcdef0123456789abcdef01234567";
+        assert_eq!(cache_tag("builder", Some(&TagKey::Commit(sha.to_string()))), format!("cache-builder.{sha}"));
         assert_eq!(sanitize_tag("main"), "main");
-        assert_eq!(sanitize_tag("release-1.2_x"), "release-1.2_x");
     }
 
     #[test]
-    fn slashes_and_case_map_to_dashes_with_a_hash() {
-        let tag = sanitize_tag("feature/Login");
-        assert!(tag.starts_with("feature-login-"), "{tag}");
-        assert_eq!(tag.len(), "feature-login-".len() + HASH_SUFFIX_LEN);
-        assert_ne!(sanitize_tag("feature/login"), sanitize_tag("feature-login"));
+    fn other_names_get_a_readable_hint_and_a_hash() {
+        let tag = cache_tag("deps", Some(&TagKey::Branch("feature/Login".to_string())));
+        let sanitized = sanitize_tag("feature/Login");
+        assert!(sanitized.starts_with("feature-login--"), "{sanitized}");
+        assert_eq!(sanitized.len(), "feature-login--".len() + HASH_LEN);
+        assert_eq!(tag, format!("cache-deps.{sanitized}"), "the same branch reads the same in every stage");
+        let stage = cache_tag("a.b", None);
+        assert!(stage.starts_with("cache-a-b--") && !stage.contains('.'), "{stage}");
+    }
+
+    #[test]
+    fn the_collisions_of_the_old_scheme_are_gone() {
+        let branch = |stage: &str, branch: &str| cache_tag(stage, Some(&TagKey::Branch(branch.to_string())));
+        // A branch literally named like another's sanitised form.
+        let slashed = branch("deps", "feature/x");
+        let literal = slashed.strip_prefix("cache-deps.").unwrap();
+        assert_ne!(branch("deps", literal), slashed);
+        // Stage and branch meeting at a `-`.
+        assert_ne!(branch("deps", "feature-x"), branch("deps-feature", "x"));
+        assert_ne!(branch("deps", "main"), cache_tag("deps-main", None));
+        // A branch named like a commit.
+        let sha = "0123456789abcdef0123456789abcdef01234567";
+        assert_ne!(branch("deps", sha), cache_tag("deps", Some(&TagKey::Commit(sha.to_string()))));
     }
 
     #[test]
     fn a_300_character_branch_with_slashes_and_unicode_fits() {
         let branch = format!("{}/ünïcode-{}", "team/feature/".repeat(20), "x".repeat(50));
         assert!(branch.chars().count() >= 300);
-        let tag = cache_tag("builder", Some(&branch));
+        let tag = cache_tag("builder", Some(&TagKey::Branch(branch.clone())));
         assert!(is_valid_tag(&tag), "{tag}");
-        assert_eq!(tag.len(), MAX_TAG_LEN);
-        let other = cache_tag("builder", Some(&format!("{branch}2")));
+        assert!(tag.starts_with("cache-builder.team-feature-team"), "{tag}");
+        let other = cache_tag("builder", Some(&TagKey::Branch(format!("{branch}2"))));
         assert_ne!(tag, other);
-    }
-
-    #[test]
-    fn the_tag_scheme() {
-        assert_eq!(cache_tag("deps", Some("main")), "cache-deps-main");
-        assert_eq!(cache_tag("deps", None), "cache-deps");
-        let sha = "0123456789abcdef0123456789abcdef01234567";
-        assert_eq!(cache_tag("builder", Some(sha)), format!("cache-builder-{sha}"));
     }
 
     #[test]
@@ -221,23 +275,86 @@ mod tests {
         assert!(Repository::parse("").is_err());
     }
 
+    /// An owner of a cache tag: stage and key.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    enum Owner {
+        Unprefixed(String),
+        Branch(String, String),
+        Commit(String, String),
+    }
+
+    impl Owner {
+        fn tag(&self) -> String {
+            match self {
+                Owner::Unprefixed(stage) => cache_tag(stage, None),
+                Owner::Branch(stage, branch) => cache_tag(stage, Some(&TagKey::Branch(branch.to_string()))),
+                Owner::Commit(stage, commit) => cache_tag(stage, Some(&TagKey::Commit(commit.to_string()))),
+            }
+        }
+    }
+
+    /// Names of every shape: arbitrary text, tag-like text, commit ids and hash-like suffixes.
+    fn name() -> impl Strategy<Value = String> {
+        prop_oneof![
+            any::<String>(),
+            "[a-z0-9][a-z0-9_.-]{0,12}",
+            "[a-z0-9_./-]{0,12}(--[0-9a-f]{20})?",
+            "[0-9a-f]{40}",
+            "[0-9a-f]{64}",
+            "[a-zA-Z0-9_.-]{100,140}",
+        ]
+    }
+
+    fn owner() -> impl Strategy<Value = Owner> {
+        prop_oneof![
+            name().prop_map(Owner::Unprefixed),
+            (name(), name()).prop_map(|(stage, branch)| Owner::Branch(stage, branch)),
+            (name(), name()).prop_map(|(stage, commit)| Owner::Commit(stage, commit)),
+        ]
+    }
+
+    /// Owners made from the pieces of `tag`: whatever an attacker would try to reach it with.
+    fn lookalikes(tag: &str) -> Vec<Owner> {
+        let body = tag.strip_prefix("cache-").unwrap_or(tag);
+        let mut owners = vec![Owner::Unprefixed(body.to_string())];
+        for (i, _) in body.char_indices().skip(1) {
+            let (stage, rest) = body.split_at(i);
+            for key in [&rest[1..], rest] {
+                owners.push(Owner::Branch(stage.to_string(), key.to_string()));
+                owners.push(Owner::Commit(stage.to_string(), key.to_string()));
+            }
+        }
+        owners
+    }
+
     proptest! {
         #[test]
-        fn any_string_maps_to_a_valid_tag(text in any::<String>()) {
-            prop_assert!(is_valid_tag(&sanitize_tag(&text)));
-            prop_assert!(is_valid_tag(&cache_tag(&text, Some(&text))));
+        fn every_owner_gets_a_valid_tag(owner in owner()) {
+            let tag = owner.tag();
+            prop_assert!(is_valid_tag(&tag), "{:?} -> {}", owner, tag);
         }
 
         #[test]
-        fn distinct_branches_give_distinct_tags(a in any::<String>(), b in any::<String>()) {
+        fn distinct_owners_never_share_a_tag(a in owner(), b in owner()) {
             prop_assume!(a != b);
-            prop_assert_ne!(cache_tag("builder", Some(&a)), cache_tag("builder", Some(&b)));
+            prop_assert_ne!(a.tag(), b.tag(), "{:?} and {:?}", a, b);
         }
 
         #[test]
-        fn similar_branches_give_distinct_tags(base in "[a-z]{1,200}", suffix in "[/A-Z .]{1,3}") {
-            let with_suffix = format!("{base}{suffix}");
-            prop_assert_ne!(cache_tag("deps", Some(&base)), cache_tag("deps", Some(&with_suffix)));
+        fn no_owner_made_from_another_owners_tag_reaches_it(a in owner()) {
+            let tag = a.tag();
+            for b in lookalikes(&tag) {
+                if b != a {
+                    prop_assert_ne!(b.tag(), tag.clone(), "{:?} reaches the tag of {:?}", b, a);
+                }
+            }
+        }
+
+        #[test]
+        fn sanitize_is_one_to_one(a in name(), b in name()) {
+            prop_assume!(a != b);
+            prop_assert!(is_valid_tag(&sanitize_tag(&a)));
+            prop_assert_ne!(sanitize_tag(&a), sanitize_tag(&b));
         }
     }
 }

@@ -93,7 +93,7 @@ impl Settings {
             default_branch: self.default_branch.clone(),
             commit: self.commit.clone(),
         };
-        let git = GitFacts::discover(&self.context, &overrides, env);
+        let git = GitFacts::discover(&self.context, &overrides, env)?;
         let mut options = PlanOptions::new(&self.context, repository, git);
         options.dockerfile = self.file.clone();
         options.target = self.target.clone();

@@ -139,7 +139,7 @@ mod tests {
     #[test]
     fn tags_are_taken_only_from_the_repository() {
         let repository = Repository::parse("127.0.0.1:5000/team/app").unwrap();
-        assert_eq!(tag_of(&repository, "127.0.0.1:5000/team/app:cache-deps-main").unwrap(), "cache-deps-main");
+        assert_eq!(tag_of(&repository, "127.0.0.1:5000/team/app:cache-deps.main").unwrap(), "cache-deps.main");
         assert!(tag_of(&repository, "127.0.0.1:5000/team/other:cache").is_err());
         assert!(tag_of(&repository, "127.0.0.1:5000/team/app:").is_err());
     }
