@@ -78,8 +78,9 @@ struct DockerfileArgs {
     #[arg(long, env = "CACHEFROM_TARGET", value_name = "STAGE")]
     target: Option<String>,
     /// A build argument, passed to docker and used to expand ARGs in FROM lines. Repeatable.
-    #[arg(long = "build-arg", value_name = "NAME=VALUE", value_parser = parse_build_arg)]
-    build_args: Vec<(String, String)>,
+    /// (Checked by cachefrom, not by the parser, so that an error never repeats a value.)
+    #[arg(long = "build-arg", value_name = "NAME=VALUE")]
+    build_args: Vec<String>,
 }
 
 #[derive(Args, Debug)]
@@ -167,10 +168,21 @@ struct BuildArgs {
     quiet: bool,
 }
 
-fn parse_build_arg(text: &str) -> std::result::Result<(String, String), String> {
-    text.split_once('=')
-        .map(|(name, value)| (name.to_string(), value.to_string()))
-        .ok_or_else(|| format!("`{text}` is not NAME=VALUE"))
+/// `NAME=VALUE` pairs. An error never repeats the text: it may hold a secret (`TOKEN:value`).
+fn parse_build_args(texts: &[String]) -> Result<Vec<(String, String)>> {
+    texts
+        .iter()
+        .map(|text| match text.split_once('=') {
+            Some(("", _)) => {
+                anyhow::bail!("a --build-arg has nothing before `=`; write NAME=VALUE")
+            }
+            Some((name, value)) => Ok((name.to_string(), value.to_string())),
+            None => anyhow::bail!(
+                "the --build-arg starting `{}` has no `=`; write NAME=VALUE (the value is not shown)",
+                cachefrom::secrets::name_part(text)
+            ),
+        })
+        .collect()
 }
 
 /// A failure with its exit code.
@@ -198,7 +210,7 @@ fn main() -> ExitCode {
                 Some(failed) => failed.message.clone(),
                 None => format!("{error:#}"),
             };
-            eprintln!("cachefrom: error: {message}");
+            eprintln!("cachefrom: error: {}", cachefrom::secrets::scrub(&message));
             ExitCode::from(code)
         }
     }
@@ -206,7 +218,7 @@ fn main() -> ExitCode {
 
 fn stages(args: &StagesArgs) -> Result<()> {
     let path = args.dockerfile.file.clone().unwrap_or_else(|| args.context.join("Dockerfile"));
-    let build_args: BTreeMap<String, String> = args.dockerfile.build_args.iter().cloned().collect();
+    let build_args: BTreeMap<String, String> = parse_build_args(&args.dockerfile.build_args)?.into_iter().collect();
     let dockerfile = read_dockerfile(&path, &build_args)?;
     let order = dockerfile.build_order(args.dockerfile.target.as_deref())?;
     let order: Vec<String> = order.iter().map(|stage| stage.key()).collect();
@@ -274,7 +286,7 @@ fn plan_options(args: &PlanArgs) -> Result<PlanOptions> {
         tags: args.tags.clone(),
         push: args.push,
         strict_cache: args.strict_cache,
-        build_args: args.dockerfile.build_args.clone(),
+        build_args: parse_build_args(&args.dockerfile.build_args)?,
         docker_args: args.docker_args.clone(),
         work_dir: args.work_dir.clone(),
     };

@@ -20,7 +20,8 @@ pub enum Backend {
     /// as a cache manifest beside the image. `options` go to `--cache-to` as they are
     /// (default: `image-manifest=true,oci-mediatypes=true`, which ECR and others need).
     Registry {
-        /// Extra `KEY=VALUE` options for `--cache-to`.
+        /// Extra `KEY=VALUE` options for `--cache-to` (secret ones hidden in JSON).
+        #[serde(serialize_with = "serialize_options")]
         options: BTreeMap<String, String>,
     },
     /// BuildKit's local cache (`type=local`, `mode=max`) in a shared directory: one folder a tag.
@@ -36,14 +37,26 @@ pub enum Backend {
         dir: PathBuf,
     },
     /// BuildKit's S3 cache (`type=s3`); `options` (bucket, region, prefix, …) pass through.
+    /// Credentials given as options (`access_key_id`, `secret_access_key`, `session_token`) reach
+    /// buildx in `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY` and `AWS_SESSION_TOKEN`, never on its
+    /// command line.
     S3 {
-        /// `KEY=VALUE` options for `type=s3`.
+        /// `KEY=VALUE` options for `type=s3` (secret ones hidden in JSON).
+        #[serde(serialize_with = "serialize_options")]
         options: BTreeMap<String, String>,
+        /// Credentials, passed in the environment; never serialized.
+        #[serde(skip)]
+        credentials: BTreeMap<String, String>,
     },
-    /// BuildKit's GitHub Actions cache (`type=gha`); `options` (url, token, …) pass through.
+    /// BuildKit's GitHub Actions cache (`type=gha`); `options` (url, scope, …) pass through.
+    /// A `token` option reaches buildx in `ACTIONS_RUNTIME_TOKEN`, never on its command line.
     Gha {
-        /// `KEY=VALUE` options for `type=gha`.
+        /// `KEY=VALUE` options for `type=gha` (secret ones hidden in JSON).
+        #[serde(serialize_with = "serialize_options")]
         options: BTreeMap<String, String>,
+        /// Credentials, passed in the environment; never serialized.
+        #[serde(skip)]
+        credentials: BTreeMap<String, String>,
     },
 }
 
@@ -71,6 +84,25 @@ impl std::fmt::Display for CacheLocation {
     }
 }
 
+/// Backend options that are credentials, and the variable buildx reads each from.
+const CREDENTIALS: [(&str, &str, &str); 4] = [
+    ("s3", "access_key_id", "AWS_ACCESS_KEY_ID"),
+    ("s3", "secret_access_key", "AWS_SECRET_ACCESS_KEY"),
+    ("s3", "session_token", "AWS_SESSION_TOKEN"),
+    ("gha", "token", "ACTIONS_RUNTIME_TOKEN"),
+];
+
+fn serialize_options<S: serde::Serializer>(
+    options: &BTreeMap<String, String>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    let shown: BTreeMap<&String, &str> = options
+        .iter()
+        .map(|(key, value)| (key, if crate::secrets::is_secret(key, value) { crate::secrets::HIDDEN } else { value }))
+        .collect();
+    shown.serialize(serializer)
+}
+
 /// The names accepted by [`Backend::parse`].
 pub const BACKEND_NAMES: &str = "inline, registry, local, tarball, s3, gha";
 
@@ -80,11 +112,25 @@ impl Backend {
         let mut parts = text.split(',');
         let kind = parts.next().unwrap_or_default().trim().to_lowercase();
         let mut options = BTreeMap::new();
-        for part in parts {
-            let (key, value) = part
-                .split_once('=')
-                .with_context(|| format!("backend option `{part}` in `{text}` is not KEY=VALUE"))?;
-            options.insert(key.trim().to_string(), value.trim().to_string());
+        let mut credentials = BTreeMap::new();
+        for (i, part) in parts.enumerate() {
+            // Errors never quote a value: it may be a secret.
+            let (key, value) = part.split_once('=').with_context(|| {
+                format!(
+                    "backend option {} (starting `{}`) is not KEY=VALUE; write --backend TYPE,KEY=VALUE,…",
+                    i + 1,
+                    crate::secrets::name_part(part)
+                )
+            })?;
+            let (key, value) = (key.trim().to_string(), value.trim().to_string());
+            if crate::secrets::is_secret(&key, &value) {
+                crate::secrets::mask(&value);
+            }
+            if CREDENTIALS.iter().any(|(backend, name, _)| *backend == kind && *name == key) {
+                credentials.insert(key, value);
+            } else {
+                options.insert(key, value);
+            }
         }
         let mut take_dir = |kind: &str| -> Result<PathBuf> {
             let dir = options.remove("dir").map(PathBuf::from).or_else(|| default_dir.map(Path::to_path_buf));
@@ -112,13 +158,29 @@ impl Backend {
                         bail!("the s3 backend needs {needed}=…: --backend s3,bucket=NAME,region=REGION");
                     }
                 }
-                Backend::S3 { options }
+                Backend::S3 { options, credentials }
             }
-            "gha" => Backend::Gha { options },
+            "gha" => Backend::Gha { options, credentials },
             "" => bail!("no backend given; choose one of {BACKEND_NAMES}"),
-            other => bail!("unknown backend `{other}`; choose one of {BACKEND_NAMES}"),
+            other => bail!("unknown backend `{}`; choose one of {BACKEND_NAMES}", crate::secrets::name_part(other)),
         };
         Ok(backend)
+    }
+
+    /// The variables that carry the backend's credentials to buildx, with their values.
+    pub fn credentials_env(&self) -> Vec<(String, String)> {
+        let (Backend::S3 { credentials, .. } | Backend::Gha { credentials, .. }) = self else { return Vec::new() };
+        CREDENTIALS
+            .iter()
+            .filter(|(backend, _, _)| *backend == self.name())
+            .filter_map(|(_, name, variable)| Some((variable.to_string(), credentials.get(*name)?.clone())))
+            .collect()
+    }
+
+    /// The variables that carry credentials given in the backend's options, comma-separated, if any.
+    pub fn credential_names(&self) -> Option<String> {
+        let names: Vec<String> = self.credentials_env().into_iter().map(|(name, _)| name).collect();
+        (!names.is_empty()).then(|| names.join(", "))
     }
 
     /// The backend's short name.
@@ -171,10 +233,10 @@ impl Backend {
             (Backend::Registry { .. }, CacheLocation::Image(image)) => format!("type=registry,ref={image}"),
             (Backend::Local { .. }, CacheLocation::Directory(dir)) => format!("type=local,src={}", dir.display()),
             (Backend::Tarball { .. }, _) => format!("type=local,src={}", unpacked.display()),
-            (Backend::S3 { options }, CacheLocation::Named(name)) => {
+            (Backend::S3 { options, .. }, CacheLocation::Named(name)) => {
                 format!("type=s3,{}name={name}", join_options(options, &["mode", "ignore-error"]))
             }
-            (Backend::Gha { options }, CacheLocation::Named(name)) => {
+            (Backend::Gha { options, .. }, CacheLocation::Named(name)) => {
                 format!("type=gha,{}scope={name}", join_options(options, &["mode", "ignore-error"]))
             }
             (backend, location) => unreachable!("{} has no location {location:?}", backend.name()),
@@ -203,10 +265,10 @@ impl Backend {
             (Backend::Local { .. } | Backend::Tarball { .. }, _) => {
                 format!("type=local,dest={},mode=max{ignore}", staging.display())
             }
-            (Backend::S3 { options }, CacheLocation::Named(name)) => {
+            (Backend::S3 { options, .. }, CacheLocation::Named(name)) => {
                 format!("type=s3,{}name={name},mode=max{ignore}", join_options(options, &["mode", "ignore-error"]))
             }
-            (Backend::Gha { options }, CacheLocation::Named(name)) => {
+            (Backend::Gha { options, .. }, CacheLocation::Named(name)) => {
                 format!("type=gha,{}scope={name},mode=max{ignore}", join_options(options, &["mode", "ignore-error"]))
             }
             (backend, location) => unreachable!("{} has no location {location:?}", backend.name()),

@@ -98,7 +98,8 @@ impl Docker {
     pub fn run_checked(&self, purpose: &str, args: &[String], timeout: Duration) -> Result<Output> {
         let output = self.run(purpose, args, timeout)?;
         if !output.success {
-            bail!("{purpose}: `{}` failed: {}", render_command(args), last_lines(&output.stderr, 6));
+            let stderr = last_lines(&output.stderr, 6);
+            bail!("{purpose}: `{}` failed: {}", render_command(args), crate::secrets::scrub(&stderr));
         }
         Ok(output)
     }

@@ -76,14 +76,19 @@ impl Context {
         }
     }
 
+    /// Where the library writes: the caller's [`Output`], with masked secrets hidden.
+    pub fn out(&self) -> crate::output::Scrubbed<'_> {
+        crate::output::Scrubbed(&*self.output)
+    }
+
     fn say(&self, line: &str) {
         if self.style != OutputStyle::Quiet {
-            self.output.line(line);
+            self.out().line(line);
         }
     }
 
     fn warn(&self, line: &str) {
-        self.output.line(&format!("cachefrom: warning: {line}"));
+        self.out().line(&format!("cachefrom: warning: {line}"));
     }
 }
 
@@ -428,7 +433,7 @@ pub fn build_unit(ctx: &Context, plan: &Plan, stage_name: &str, resolution: &Res
         }
     };
     match ctx.style {
-        OutputStyle::GithubActions => ctx.output.ci_line(&format!("::group::{title}")),
+        OutputStyle::GithubActions => ctx.out().ci_line(&format!("::group::{title}")),
         OutputStyle::Plain => ctx.say(&format!("==> {title}")),
         _ => {}
     }
@@ -442,12 +447,14 @@ pub fn build_unit(ctx: &Context, plan: &Plan, stage_name: &str, resolution: &Res
     let started = Instant::now();
     let mut record = ProgressRecord::default();
     let mut classic_record = ClassicRecord::default();
-    let mut renderer = Renderer::new(ctx.style, &*ctx.output, &stage.name, shown);
+    let out = ctx.out();
+    let mut renderer = Renderer::new(ctx.style, &out, &stage.name, shown);
     let mut text_lines: Vec<String> = Vec::new();
     let mut env_docker = ctx.docker.clone();
     if plan.builder == Builder::Classic {
         env_docker.env.push(("DOCKER_BUILDKIT".into(), "0".into()));
     }
+    env_docker.env.extend(plan.docker_env());
     let exit = env_docker.stream(&format!("building {title}"), &args, ctx.docker.timeouts.build, |line| {
         if plan.builder == Builder::Classic {
             classic_record.feed_line(line);
@@ -461,7 +468,7 @@ pub fn build_unit(ctx: &Context, plan: &Plan, stage_name: &str, resolution: &Res
     });
     renderer.finish(started.elapsed().as_secs_f64());
     if ctx.style == OutputStyle::GithubActions {
-        ctx.output.ci_line("::endgroup::");
+        ctx.out().ci_line("::endgroup::");
     }
     let seconds = started.elapsed().as_secs_f64();
     let succeeded = matches!(exit, Ok(Some(0)));
@@ -1181,15 +1188,16 @@ fn recover(
 /// Prints the report's table on stderr, writes its JSON to `report_file`, and appends its markdown
 /// to GitHub's step summary when there is one.
 pub fn publish_report(ctx: &Context, report: &RunReport, report_file: Option<&Path>) -> Result<()> {
-    ctx.output.line("");
+    ctx.out().line("");
     for line in report.table().lines() {
-        ctx.output.line(line);
+        ctx.out().line(line);
     }
     if let Some(file) = report_file {
         if let Some(parent) = file.parent().filter(|parent| !parent.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
         }
-        std::fs::write(file, report.to_json()).with_context(|| format!("writing the report to {}", file.display()))?;
+        std::fs::write(file, crate::secrets::scrub(&report.to_json()).as_bytes())
+            .with_context(|| format!("writing the report to {}", file.display()))?;
     }
     if let Some(summary) = step_summary_path(&ctx.env) {
         let mut file = std::fs::OpenOptions::new()
@@ -1197,7 +1205,7 @@ pub fn publish_report(ctx: &Context, report: &RunReport, report_file: Option<&Pa
             .append(true)
             .open(&summary)
             .with_context(|| format!("opening the step summary {}", summary.display()))?;
-        file.write_all(report.markdown().as_bytes())
+        file.write_all(crate::secrets::scrub(&report.markdown()).as_bytes())
             .with_context(|| format!("writing the step summary {}", summary.display()))?;
     }
     Ok(())

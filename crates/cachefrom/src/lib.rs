@@ -84,5 +84,6 @@ pub mod refs;
 pub mod registry;
 pub mod report;
 pub mod script;
+pub mod secrets;
 pub mod settings;
 pub mod writes;

@@ -62,3 +62,23 @@ impl Output for Recorded {
         self.lines.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).push(text.to_string());
     }
 }
+
+/// `inner` with every masked secret ([`crate::secrets::mask`]) replaced by `***` in each line:
+/// how the library writes to the caller's [`Output`], whatever printed the line (docker echoing
+/// a build argument back included).
+#[derive(Debug, Clone, Copy)]
+pub struct Scrubbed<'a>(pub &'a dyn Output);
+
+impl Output for Scrubbed<'_> {
+    fn line(&self, text: &str) {
+        self.0.line(&crate::secrets::scrub(text));
+    }
+
+    fn ci_line(&self, text: &str) {
+        self.0.ci_line(&crate::secrets::scrub(text));
+    }
+
+    fn live(&self, text: &str) {
+        self.0.live(&crate::secrets::scrub(text));
+    }
+}

@@ -13,6 +13,7 @@ use crate::backend::{Backend, CacheLocation};
 use crate::dockerfile::{read_dockerfile, Dockerfile};
 use crate::git::GitFacts;
 use crate::refs::{cache_tag, Repository, TagKey};
+use crate::secrets::{self, HIDDEN};
 
 /// One level of the cache-source chain.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -466,6 +467,31 @@ impl Plan {
             ));
         }
 
+        for (name, value) in &options.build_args {
+            if secrets::is_secret(name, value) {
+                secrets::mask(value);
+                notes.push(format!(
+                    "build argument {} looks secret: its value is not shown, and docker reads it from the environment (set {0} to run this script). A build argument stays in the image's history: pass secrets with --secret id=…,env={0} after `--`, read with RUN --mount=type=secret",
+                    secrets::name_part(name)
+                ));
+            }
+        }
+        for (name, value) in docker_build_args(&options.docker_args) {
+            if secrets::is_secret(&name, &value) {
+                secrets::mask(&value);
+                notes.push(format!(
+                    "build argument {} after `--` looks secret: its value is not shown. A build argument stays in the image's history: pass secrets with --secret",
+                    secrets::name_part(&name)
+                ));
+            }
+        }
+        if let Some(names) = options.backend.credential_names() {
+            notes.push(format!(
+                "the {} backend's credentials are not shown: docker gets them in {names}",
+                options.backend.name()
+            ));
+        }
+
         // Unnamed stages other than the target cannot be built with --target: they are built
         // inside the stages that use them, and cached only where the backend exports every layer.
         let mut folded_stages = Vec::new();
@@ -738,7 +764,9 @@ impl Plan {
         }
         args.extend(["-f".into(), self.dockerfile.display().to_string()]);
         for (name, value) in &self.build_args {
-            args.extend(["--build-arg".into(), format!("{name}={value}")]);
+            // A secret's value reaches docker in its environment (see `docker_env`), never argv.
+            let arg = if self.secret_in_env(name, value) { name.clone() } else { format!("{name}={value}") };
+            args.extend(["--build-arg".into(), arg]);
         }
         if self.builder == Builder::Buildx {
             if !self.docker_args.iter().any(|arg| arg.starts_with("--provenance")) {
@@ -816,7 +844,34 @@ impl Plan {
 
     /// The plan as pretty JSON, with secret-looking values hidden.
     pub fn to_json(&self) -> String {
-        serde_json::to_string_pretty(self).expect("a plan is plain data")
+        secrets::scrub(&serde_json::to_string_pretty(self).expect("a plan is plain data")).into_owned()
+    }
+
+    /// True when build argument `name` is secret and goes to docker in its environment
+    /// (`--build-arg NAME`): every secret one except names docker itself reads (`DOCKER_*`,
+    /// `BUILDX_*`, `BUILDKIT_*`, proxies, `PATH`, `HOME`), which stay on the command line.
+    fn secret_in_env(&self, name: &str, value: &str) -> bool {
+        let upper = name.to_uppercase();
+        let docker_reads = ["DOCKER_", "BUILDX_", "BUILDKIT_"].iter().any(|prefix| upper.starts_with(prefix))
+            || upper.ends_with("_PROXY")
+            || ["PATH", "HOME", "TMPDIR", "USER", "SHELL"].contains(&upper.as_str());
+        secrets::is_secret(name, value)
+            && !docker_reads
+            && !name.is_empty()
+            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+    }
+
+    /// Environment variables for docker's build commands: the values of secret build arguments,
+    /// and the backend's credentials (in the variables buildx reads them from).
+    pub fn docker_env(&self) -> Vec<(String, String)> {
+        let mut env: Vec<(String, String)> = self
+            .build_args
+            .iter()
+            .filter(|(name, value)| self.secret_in_env(name, value))
+            .map(|(name, value)| (name.clone(), value.clone()))
+            .collect();
+        env.extend(self.backend.credentials_env());
+        env
     }
 }
 
@@ -866,17 +921,8 @@ fn docker_build_args(docker_args: &[String]) -> BTreeMap<String, String> {
     build_args
 }
 
-/// True for build-arg and variable names that usually hold secrets.
-pub fn looks_secret(name: &str) -> bool {
-    let upper = name.to_uppercase();
-    ["TOKEN", "PASSWORD", "PASSWD", "SECRET", "CREDENTIAL", "API_KEY", "APIKEY", "PRIVATE_KEY", "AUTH"]
-        .iter()
-        .any(|word| upper.contains(word))
-}
-
-const HIDDEN: &str = "***";
-
-/// `docker_args` with the values of secret-looking `--build-arg`s replaced by `***`.
+/// `docker_args` as they may be shown: the values of secret build arguments, secret options in
+/// `KEY=VALUE,…` lists (`--cache-to`, `--secret`) and any value carrying credentials hidden.
 pub fn redact_docker_args(docker_args: &[String]) -> Vec<String> {
     let mut out = Vec::with_capacity(docker_args.len());
     let mut next_is_build_arg = false;
@@ -890,10 +936,14 @@ pub fn redact_docker_args(docker_args: &[String]) -> Vec<String> {
             }
         };
         next_is_build_arg = arg == "--build-arg";
-        match pair.and_then(|pair| pair.split_once('=')) {
-            Some((name, _)) if looks_secret(name) => out.push(format!("{prefix}{name}={HIDDEN}")),
-            _ => out.push(arg.clone()),
-        }
+        let shown = match pair.and_then(|pair| pair.split_once('=')) {
+            Some((name, value)) if secrets::is_secret(name, value) => format!("{prefix}{name}={HIDDEN}"),
+            Some(_) => arg.clone(),
+            None if arg.contains('=') => secrets::redact_options(arg),
+            None if secrets::is_secret_value(arg) => HIDDEN.to_string(),
+            None => arg.clone(),
+        };
+        out.push(secrets::scrub(&shown).into_owned());
     }
     out
 }
@@ -901,7 +951,9 @@ pub fn redact_docker_args(docker_args: &[String]) -> Vec<String> {
 fn redact_build_args(build_args: &BTreeMap<String, String>) -> BTreeMap<String, String> {
     build_args
         .iter()
-        .map(|(name, value)| (name.clone(), if looks_secret(name) { HIDDEN.to_string() } else { value.clone() }))
+        .map(|(name, value)| {
+            (name.clone(), if secrets::is_secret(name, value) { HIDDEN.to_string() } else { value.clone() })
+        })
         .collect()
 }
 

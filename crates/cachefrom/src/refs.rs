@@ -126,6 +126,21 @@ fn hint(text: &str, room: usize, dots: bool) -> String {
     out.trim_end_matches(['-', '.']).to_string()
 }
 
+/// Refuses an image reference with a scheme (`https://…`) or user information (`user:pass@host/…`),
+/// without repeating it: registries are logged in with `docker login`, and cachefrom reads those logins.
+pub fn check_no_credentials(text: &str, what: &str) -> Result<()> {
+    if text.contains("://") {
+        bail!("{what} has a URL scheme (`…://`); write REGISTRY/NAME without one (the value is not shown)");
+    }
+    let first = text.split('/').next().unwrap_or(text);
+    if text.contains('/') && first.contains('@') {
+        bail!(
+            "{what} carries credentials (user:password@) that are not shown here; remove them and log in with `docker login REGISTRY`: cachefrom reads docker's logins"
+        );
+    }
+    Ok(())
+}
+
 /// An image repository without a tag: `[REGISTRY[:PORT]/]NAME`, e.g. `127.0.0.1:5000/team/app`.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
@@ -145,6 +160,7 @@ impl Repository {
         if text.is_empty() {
             bail!("the image repository is empty; pass --image REGISTRY/NAME, e.g. --image 127.0.0.1:5000/myapp");
         }
+        check_no_credentials(text, "the image repository")?;
         if text.contains('@') {
             bail!("the image repository `{text}` has a digest; pass the repository alone (REGISTRY/NAME)");
         }
@@ -271,6 +287,12 @@ mod tests {
         assert!(!hub.is_loopback_registry());
         let error = Repository::parse("127.0.0.1:5000/app:latest").unwrap_err().to_string();
         assert!(error.contains("has a tag"), "{error}");
+        for with_credentials in
+            ["user:hunter2pw@127.0.0.1:5000/app", "https://user:hunter2pw@r.example/app", "tok@r.example/app"]
+        {
+            let error = Repository::parse(with_credentials).unwrap_err().to_string();
+            assert!(!error.contains("hunter2pw") && !error.contains("digest"), "{error}");
+        }
         assert!(Repository::parse("Upper/Case").is_err());
         assert!(Repository::parse("").is_err());
     }

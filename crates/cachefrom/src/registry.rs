@@ -391,6 +391,7 @@ impl RegistryClient {
                     .and_then(|bytes| String::from_utf8(bytes).ok())
                     .with_context(|| format!("the saved login for {registry} in {} is not valid", path.display()))?;
                 if let Some((username, secret)) = decoded.split_once(':') {
+                    crate::secrets::mask(secret);
                     return Ok(Some(Credentials { username: username.to_string(), secret: secret.to_string() }));
                 }
             }
@@ -475,7 +476,10 @@ fn credentials_from_helper(helper: &str, server: &str, timeout: Duration) -> Res
     let value: serde_json::Value =
         serde_json::from_str(&output.stdout).context("reading the credential helper's answer")?;
     let field = |name: &str| value.get(name).and_then(|v| v.as_str()).map(str::to_string);
-    Ok(field("Username").zip(field("Secret")).map(|(username, secret)| Credentials { username, secret }))
+    Ok(field("Username").zip(field("Secret")).map(|(username, secret)| {
+        crate::secrets::mask(&secret);
+        Credentials { username, secret }
+    }))
 }
 
 #[cfg(test)]

@@ -220,7 +220,7 @@ impl fmt::Display for Plan {
                 "# run writes, get this cache too where cachefrom found them (so they are not read as older)."
             )?;
         }
-        f.write_str(&out)
+        f.write_str(&crate::secrets::scrub(&out))
     }
 }
 

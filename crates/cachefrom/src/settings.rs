@@ -101,6 +101,9 @@ impl Settings {
         options.chain = chain;
         options.access = if self.read_only { Access::ReadOnly } else { Access::ReadWrite };
         options.cache_errors = if self.strict_cache { CacheErrors::Fail } else { CacheErrors::Warn };
+        for tag in &self.tags {
+            crate::refs::check_no_credentials(tag, "a --tag image")?;
+        }
         options.tags = self.tags.clone();
         options.push_tags = self.push;
         options.build_args = self.build_args.iter().cloned().collect::<BTreeMap<_, _>>();
