@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use anyhow::Result;
 use cachefrom::ci::Environment;
-use cachefrom::dockerfile::read_dockerfile;
+use cachefrom::dockerfile::read_dockerfile_with;
 use cachefrom::engine::BackendFallback;
 use cachefrom::exec::{execute_checked, fit_and_check, BuildFailed, BuildOptions, Context, OutputStyle};
 use cachefrom::plan::{Plan, PlanOptions};
@@ -81,6 +81,11 @@ struct DockerfileArgs {
     /// (Checked by cachefrom, not by the parser, so that an error never repeats a value.)
     #[arg(long = "build-arg", value_name = "NAME=VALUE")]
     build_args: Vec<String>,
+    /// The platform to build for (passed to docker): sets TARGETPLATFORM, TARGETOS, TARGETARCH
+    /// and TARGETVARIANT as BuildKit does [default: the engine's platform; `stages` and `plan`
+    /// assume this machine's].
+    #[arg(long, env = "CACHEFROM_PLATFORM", value_name = "OS/ARCH[/VARIANT]")]
+    platform: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -219,7 +224,18 @@ fn main() -> ExitCode {
 fn stages(args: &StagesArgs) -> Result<()> {
     let path = args.dockerfile.file.clone().unwrap_or_else(|| args.context.join("Dockerfile"));
     let build_args: BTreeMap<String, String> = parse_build_args(&args.dockerfile.build_args)?.into_iter().collect();
-    let dockerfile = read_dockerfile(&path, &build_args)?;
+    let options = cachefrom::dockerfile::ParseOptions {
+        build_args,
+        target_platform: args
+            .dockerfile
+            .platform
+            .as_deref()
+            .map(|list| cachefrom::dockerfile::Platform::parse(list.split(',').next().unwrap_or_default()))
+            .transpose()?,
+        build_platform: None,
+        target: args.dockerfile.target.clone(),
+    };
+    let dockerfile = read_dockerfile_with(&path, &options)?;
     let order = dockerfile.build_order(args.dockerfile.target.as_deref())?;
     let order: Vec<String> = order.iter().map(|stage| stage.key()).collect();
     if args.json {
@@ -289,6 +305,7 @@ fn plan_options(args: &PlanArgs) -> Result<PlanOptions> {
         build_args: parse_build_args(&args.dockerfile.build_args)?,
         docker_args: args.docker_args.clone(),
         work_dir: args.work_dir.clone(),
+        platform: args.dockerfile.platform.clone(),
     };
     settings.plan_options(&Environment::from_process())
 }

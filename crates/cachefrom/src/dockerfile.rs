@@ -1,8 +1,10 @@
 //! Dockerfile → stages, the references between them, and the build order for a target.
 //!
 //! Parsing is done by the `parse-dockerfile` crate (heredocs, the escape directive, continuations,
-//! comments); this module resolves what the parser leaves alone: global `ARG` expansion in `FROM`,
-//! stage names (case-insensitive), numeric references, and which stages a target needs.
+//! comments); this module resolves what the parser leaves alone, by BuildKit's rules (moby/buildkit
+//! `frontend/dockerfile/dockerfile2llb`): global `ARG`s and the automatic platform arguments
+//! expanded in `FROM` ([`crate::shell`]), stage names, references by name or index (forward ones
+//! too), `ONBUILD` triggers, cycles, and which stages a target needs in which order.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -31,6 +33,11 @@ impl Stage {
     pub fn key(&self) -> String {
         self.name.clone().unwrap_or_else(|| self.index.to_string())
     }
+
+    /// The name, or `stage-N` for an unnamed stage (BuildKit's name for it).
+    pub fn display_name(&self) -> String {
+        self.name.clone().unwrap_or_else(|| format!("stage-{}", self.index))
+    }
 }
 
 /// A parsed Dockerfile: its stages and global build arguments.
@@ -42,47 +49,252 @@ pub struct Dockerfile {
     pub global_args: BTreeMap<String, Option<String>>,
 }
 
-/// Reads and parses the Dockerfile at `path`, expanding `FROM` with `build_args` over the global `ARG`s.
+/// What a Dockerfile's stages depend on besides its text: the build arguments and the platforms.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ParseOptions {
+    /// `--build-arg` values: they set global `ARG`s and override the automatic platform ones.
+    pub build_args: BTreeMap<String, String>,
+    /// The platform built for (`--platform`); default: the build platform.
+    pub target_platform: Option<Platform>,
+    /// The platform of the engine that builds; default: this machine's ([`Platform::host`]).
+    pub build_platform: Option<Platform>,
+    /// The target stage (for `TARGETSTAGE`); default: the last stage.
+    pub target: Option<String>,
+}
+
+impl ParseOptions {
+    /// Options with `build_args` and the default platforms.
+    pub fn with_build_args(build_args: &BTreeMap<String, String>) -> ParseOptions {
+        ParseOptions { build_args: build_args.clone(), ..Default::default() }
+    }
+}
+
+/// A platform, `OS/ARCH[/VARIANT]`, normalised as BuildKit's `platforms` package does
+/// (`x86_64` → `amd64`, `aarch64` → `arm64`, `arm` → `arm/v7`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Platform {
+    /// `linux`, `windows`, …
+    pub os: String,
+    /// `amd64`, `arm64`, `arm`, …
+    pub arch: String,
+    /// `v7`, `v8`, … or empty.
+    pub variant: String,
+}
+
+impl Platform {
+    /// Parses `OS/ARCH[/VARIANT]`, `ARCH` alone meaning Linux.
+    pub fn parse(text: &str) -> Result<Platform> {
+        let parts: Vec<&str> = text.trim().split('/').collect();
+        let (os, arch, variant) = match parts.as_slice() {
+            [arch] => ("linux", *arch, ""),
+            [os, arch] => (*os, *arch, ""),
+            [os, arch, variant] => (*os, *arch, *variant),
+            _ => bail!("the platform {} is not OS/ARCH[/VARIANT] (e.g. linux/amd64)", crate::git::escaped(text)),
+        };
+        let lower = |s: &str| s.to_ascii_lowercase();
+        let (os, arch, variant) = (lower(os), lower(arch), lower(variant));
+        let valid = |s: &str| s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.');
+        if os.is_empty() || arch.is_empty() || !valid(&os) || !valid(&arch) || !valid(&variant) {
+            bail!("the platform {} is not OS/ARCH[/VARIANT] (e.g. linux/amd64)", crate::git::escaped(text));
+        }
+        let os = if os == "macos" { "darwin".to_string() } else { os };
+        let (arch, variant) = match (arch.as_str(), variant.as_str()) {
+            ("i386", _) => ("386".to_string(), String::new()),
+            ("x86_64" | "x86-64" | "amd64", "v1") => ("amd64".to_string(), String::new()),
+            ("x86_64" | "x86-64", _) => ("amd64".to_string(), variant),
+            ("aarch64" | "arm64", "8" | "v8") => ("arm64".to_string(), String::new()),
+            ("aarch64", _) => ("arm64".to_string(), variant),
+            ("armhf", _) => ("arm".to_string(), "v7".to_string()),
+            ("armel", _) => ("arm".to_string(), "v6".to_string()),
+            ("arm", "") => ("arm".to_string(), "v7".to_string()),
+            ("arm", "5" | "6" | "7" | "8") => ("arm".to_string(), format!("v{variant}")),
+            _ => (arch, variant),
+        };
+        Ok(Platform { os, arch, variant })
+    }
+
+    /// This machine's platform, as a local engine reports it.
+    pub fn host() -> Platform {
+        let arch = match std::env::consts::ARCH {
+            "x86_64" => "amd64",
+            "aarch64" => "arm64",
+            "x86" => "386",
+            "arm" => "arm",
+            "powerpc64" => "ppc64le",
+            "s390x" => "s390x",
+            "riscv64" => "riscv64",
+            other => other,
+        };
+        Platform::parse(&format!("linux/{arch}")).expect("a known architecture")
+    }
+}
+
+impl std::fmt::Display for Platform {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.os, self.arch)?;
+        if !self.variant.is_empty() {
+            write!(f, "/{}", self.variant)?;
+        }
+        Ok(())
+    }
+}
+
+/// The longest Dockerfile cachefrom reads.
+pub const MAX_DOCKERFILE_BYTES: usize = 16 * 1024 * 1024;
+/// The most stages cachefrom plans.
+pub const MAX_STAGES: usize = 10_000;
+
+/// Reads and parses the Dockerfile at `path`, expanding `FROM` with `build_args` over the global
+/// `ARG`s and BuildKit's automatic platform arguments for this machine.
 pub fn read_dockerfile(path: &Path, build_args: &BTreeMap<String, String>) -> Result<Dockerfile> {
-    let text = std::fs::read_to_string(path)
+    read_dockerfile_with(path, &ParseOptions::with_build_args(build_args))
+}
+
+/// [`read_dockerfile`] with the platforms and target given.
+pub fn read_dockerfile_with(path: &Path, options: &ParseOptions) -> Result<Dockerfile> {
+    let metadata = std::fs::metadata(path)
         .with_context(|| format!("cannot read the Dockerfile {}: pass its path with -f/--file", path.display()))?;
-    parse_dockerfile_text(&text, build_args).with_context(|| format!("in {}", path.display()))
+    if metadata.len() > MAX_DOCKERFILE_BYTES as u64 {
+        bail!(
+            "the Dockerfile {} is {} MiB; cachefrom reads Dockerfiles up to {} MiB",
+            path.display(),
+            metadata.len() / (1024 * 1024),
+            MAX_DOCKERFILE_BYTES / (1024 * 1024)
+        );
+    }
+    let bytes = std::fs::read(path)
+        .with_context(|| format!("cannot read the Dockerfile {}: pass its path with -f/--file", path.display()))?;
+    // Docker reads bytes; a byte that is not UTF-8 is kept as U+FFFD (it can only be in a value).
+    let text = String::from_utf8_lossy(&bytes);
+    parse_dockerfile_with(&text, options).with_context(|| format!("in {}", path.display()))
 }
 
 /// Parses Dockerfile text. See [`read_dockerfile`].
 pub fn parse_dockerfile_text(text: &str, build_args: &BTreeMap<String, String>) -> Result<Dockerfile> {
+    parse_dockerfile_with(text, &ParseOptions::with_build_args(build_args))
+}
+
+/// BuildKit's rule for a stage name (after lowercasing): `^[a-z][a-z0-9-_.]*$`.
+pub fn is_valid_stage_name(name: &str) -> bool {
+    name.starts_with(|c: char| c.is_ascii_lowercase())
+        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '_' | '.'))
+}
+
+/// BuildKit's automatic arguments, with the build arguments that override them.
+fn automatic_args(options: &ParseOptions, target: &str) -> BTreeMap<String, String> {
+    let build = options.build_platform.clone().unwrap_or_else(Platform::host);
+    let target_platform = options.target_platform.clone().unwrap_or_else(|| build.clone());
+    let mut args: BTreeMap<String, String> = [
+        ("BUILDPLATFORM", build.to_string()),
+        ("BUILDOS", build.os.clone()),
+        ("BUILDOSVERSION", String::new()),
+        ("BUILDARCH", build.arch.clone()),
+        ("BUILDVARIANT", build.variant.clone()),
+        ("TARGETPLATFORM", target_platform.to_string()),
+        ("TARGETOS", target_platform.os.clone()),
+        ("TARGETOSVERSION", String::new()),
+        ("TARGETARCH", target_platform.arch.clone()),
+        ("TARGETVARIANT", target_platform.variant.clone()),
+        ("TARGETSTAGE", target.to_string()),
+    ]
+    .into_iter()
+    .map(|(name, value)| (name.to_string(), value))
+    .collect();
+    for (name, value) in args.iter_mut() {
+        if let Some(given) = options.build_args.get(name) {
+            *value = given.clone();
+        }
+    }
+    args
+}
+
+/// Parses Dockerfile text with `options`, following BuildKit's Dockerfile frontend: global `ARG`s
+/// and the automatic platform arguments expanded in `FROM` by its shell lexer; stage names
+/// checked by its rule; `COPY --from` by name or index to any stage (a later one too), never
+/// with a variable; `RUN --mount from=`; the `ONBUILD` triggers of a stage used as a base; a
+/// circular dependency refused.
+pub fn parse_dockerfile_with(text: &str, options: &ParseOptions) -> Result<Dockerfile> {
+    if text.len() > MAX_DOCKERFILE_BYTES {
+        bail!(
+            "the Dockerfile is {} MiB; cachefrom reads Dockerfiles up to {} MiB",
+            text.len() >> 20,
+            MAX_DOCKERFILE_BYTES >> 20
+        );
+    }
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let parsed =
         parse_dockerfile::parse(text).map_err(|error| anyhow::anyhow!("cannot parse the Dockerfile: {error}"))?;
+    let escape = parsed.parser_directives.escape.as_ref().map(|directive| directive.value.value).unwrap_or('\\');
+    let expand = |word: &str, variables: &BTreeMap<String, String>| crate::shell::expand(word, variables, escape);
 
-    // In declaration order: a default may use an ARG declared before it.
-    let declared: Vec<(String, Option<String>)> =
-        parsed.global_args().flat_map(|arg| split_arg_declaration(&arg.arguments.value)).collect();
-    let global_args: BTreeMap<String, Option<String>> = declared.iter().cloned().collect();
-    let mut variables: BTreeMap<String, String> = BTreeMap::new();
-    for (name, default) in &declared {
-        if let Some(value) = build_args.get(name) {
-            variables.insert(name.clone(), value.clone());
-        } else if let Some(default) = default {
-            let expanded = expand_variables(default, &variables);
-            variables.insert(name.clone(), expanded);
+    // Names first: `COPY --from` may name any stage, and TARGETSTAGE needs the target's.
+    let mut names: Vec<Option<String>> = Vec::new();
+    for (index, parsed_stage) in parsed.stages().enumerate() {
+        if index >= MAX_STAGES {
+            bail!("the Dockerfile has more than {MAX_STAGES} stages; cachefrom plans at most {MAX_STAGES}");
+        }
+        let name = match &parsed_stage.from.as_ {
+            Some((_, name)) => {
+                let lower = name.value.to_lowercase();
+                if !is_valid_stage_name(&lower) {
+                    bail!(
+                        "stage {index}: invalid name for build stage: {}, name can't start with a number or contain symbols (BuildKit's rule: [a-z][a-z0-9-_.]*)",
+                        crate::git::escaped(&name.value)
+                    );
+                }
+                Some(lower)
+            }
+            None => None,
+        };
+        names.push(name);
+    }
+    let target_name = match &options.target {
+        Some(target) => target.to_lowercase(),
+        None => names.last().cloned().flatten().unwrap_or_else(|| "default".to_string()),
+    };
+
+    // In declaration order: a default may use an ARG declared before it, and the automatic ones.
+    let mut variables = automatic_args(options, &target_name);
+    let mut global_args: BTreeMap<String, Option<String>> = BTreeMap::new();
+    for arg in parsed.global_args() {
+        for (name, default) in split_arg_declaration(&arg.arguments.value) {
+            let value = match (options.build_args.get(&name), &default) {
+                (Some(given), _) => Some(given.clone()),
+                (None, Some(default)) => Some(
+                    expand(default, &variables).with_context(|| format!("in the default of the global ARG {name}"))?,
+                ),
+                (None, None) => None,
+            };
+            if let Some(value) = value {
+                variables.insert(name.clone(), value);
+            }
+            global_args.insert(name, default.map(|default| unquoted(&default)));
+        }
+    }
+
+    let mut index_by_name: BTreeMap<String, usize> = BTreeMap::new();
+    for (index, name) in names.iter().enumerate() {
+        if let Some(name) = name {
+            if index_by_name.insert(name.clone(), index).is_some() {
+                bail!("stage {index}: the stage name `{name}` is used twice; stage names must be unique (case-insensitive)");
+            }
         }
     }
 
     let mut stages: Vec<Stage> = Vec::new();
     let mut dependency_indexes: Vec<BTreeSet<usize>> = Vec::new();
-    let mut index_by_name: BTreeMap<String, usize> = BTreeMap::new();
+    let mut onbuild_references: Vec<Vec<Reference>> = Vec::new();
     for (index, parsed_stage) in parsed.stages().enumerate() {
         let raw_image = parsed_stage.from.image.value.to_string();
-        let base = expand_variables(&raw_image, &variables);
+        let base = expand(&raw_image, &variables).with_context(|| format!("stage {index}: in `FROM {raw_image}`"))?;
         if base.trim().is_empty() {
             bail!("stage {index}: `FROM {raw_image}` names no image once the build args are expanded; set it with --build-arg");
         }
-        let name = parsed_stage.from.as_.as_ref().map(|(_, name)| name.value.to_lowercase());
         let mut depends_on: BTreeSet<usize> = BTreeSet::new();
         let mut external_images: BTreeSet<String> = BTreeSet::new();
 
-        // `FROM <stage>` matches only earlier stages, by their lowercase name.
-        match index_by_name.get(&base) {
+        // `FROM <stage>` matches only earlier stages, by their lowercase name, exactly.
+        match index_by_name.get(&base).filter(|earlier| **earlier < index) {
             Some(&earlier) => {
                 depends_on.insert(earlier);
             }
@@ -90,33 +302,44 @@ pub fn parse_dockerfile_text(text: &str, build_args: &BTreeMap<String, String>) 
                 external_images.insert(base.clone());
             }
         }
+        let mut own_onbuild = Vec::new();
         for instruction in parsed_stage.instructions {
-            for reference in stage_references(instruction) {
-                let reference = expand_variables(&reference, &variables);
-                match resolve_reference(&reference, index, &index_by_name) {
-                    Some(earlier) => {
-                        depends_on.insert(earlier);
-                    }
-                    None => {
-                        external_images.insert(reference);
-                    }
-                }
+            if let Instruction::Onbuild(onbuild) = instruction {
+                own_onbuild.extend(stage_references(&onbuild.instruction)?);
+                continue;
             }
-        }
-        if let Some(name) = &name {
-            if index_by_name.insert(name.clone(), index).is_some() {
-                bail!("stage {index}: the stage name `{name}` is used twice; stage names must be unique (case-insensitive)");
+            for reference in stage_references(instruction)? {
+                resolve_into(&reference, index, &index_by_name, names.len(), &mut depends_on, &mut external_images)?;
             }
         }
         stages.push(Stage {
             index,
-            name,
+            name: names[index].clone(),
             base,
             depends_on: Vec::new(),
             external_images: external_images.into_iter().collect(),
         });
         dependency_indexes.push(depends_on);
+        onbuild_references.push(own_onbuild);
     }
+    // The ONBUILD triggers of a stage run in the stages built FROM it (only there: they do not
+    // carry over further), so what they read is those stages' dependency.
+    for index in 0..stages.len() {
+        let Some(&base) = index_by_name.get(&stages[index].base).filter(|base| **base < index) else { continue };
+        let mut external: BTreeSet<String> = stages[index].external_images.iter().cloned().collect();
+        for reference in onbuild_references[base].clone() {
+            resolve_into(
+                &reference,
+                index,
+                &index_by_name,
+                names.len(),
+                &mut dependency_indexes[index],
+                &mut external,
+            )?;
+        }
+        stages[index].external_images = external.into_iter().collect();
+    }
+    check_no_cycle(&stages, &dependency_indexes)?;
     let keys: Vec<String> = stages.iter().map(Stage::key).collect();
     for (stage, indexes) in stages.iter_mut().zip(dependency_indexes) {
         stage.depends_on = indexes.into_iter().map(|index| keys[index].clone()).collect();
@@ -124,15 +347,96 @@ pub fn parse_dockerfile_text(text: &str, build_args: &BTreeMap<String, String>) 
     Ok(Dockerfile { stages, global_args })
 }
 
-/// `COPY --from=` and `RUN --mount=…,from=` values of one instruction.
-fn stage_references(instruction: &Instruction<'_>) -> Vec<String> {
+/// A reference found in an instruction: `COPY --from` (a name or an index) or `RUN --mount from=`
+/// (a name only).
+#[derive(Debug, Clone)]
+enum Reference {
+    CopyFrom(String),
+    MountFrom(String),
+}
+
+/// Adds what `reference` (in stage `current`) names: a stage, or an external image.
+fn resolve_into(
+    reference: &Reference,
+    current: usize,
+    index_by_name: &BTreeMap<String, usize>,
+    count: usize,
+    depends_on: &mut BTreeSet<usize>,
+    external_images: &mut BTreeSet<String>,
+) -> Result<()> {
+    let found = match reference {
+        Reference::CopyFrom(value) => match value.parse::<usize>() {
+            Ok(index) if index < count => Some(index),
+            Ok(index) => bail!("stage {current}: COPY --from={index}: invalid stage index {index}"),
+            Err(_) => index_by_name.get(&value.to_lowercase()).copied(),
+        },
+        Reference::MountFrom(value) => index_by_name.get(&value.to_lowercase()).copied(),
+    };
+    match found {
+        Some(index) => {
+            depends_on.insert(index);
+        }
+        None => {
+            let (Reference::CopyFrom(value) | Reference::MountFrom(value)) = reference;
+            external_images.insert(value.clone());
+        }
+    }
+    Ok(())
+}
+
+/// Refuses a stage that reads itself, directly or through others, as BuildKit does.
+fn check_no_cycle(stages: &[Stage], dependencies: &[BTreeSet<usize>]) -> Result<()> {
+    // 0: not seen, 1: on the current path, 2: done. Iterative, so a long chain cannot overflow the stack.
+    let mut state = vec![0u8; stages.len()];
+    for root in 0..stages.len() {
+        if state[root] != 0 {
+            continue;
+        }
+        let mut stack: Vec<(usize, Vec<usize>)> = vec![(root, dependencies[root].iter().copied().collect())];
+        state[root] = 1;
+        while let Some((node, pending)) = stack.last_mut() {
+            let node = *node;
+            match pending.pop() {
+                Some(next) if state[next] == 1 => {
+                    bail!(
+                        "circular dependency detected on stage: {} (it reads {}, which needs it)",
+                        stages[node].display_name(),
+                        stages[next].display_name()
+                    )
+                }
+                Some(next) if state[next] == 0 => {
+                    state[next] = 1;
+                    stack.push((next, dependencies[next].iter().copied().collect()));
+                }
+                Some(_) => {}
+                None => {
+                    state[node] = 2;
+                    stack.pop();
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `COPY --from=` and `RUN --mount=…,from=` values of one instruction. A `--from` with a
+/// variable is refused, as BuildKit does.
+fn stage_references(instruction: &Instruction<'_>) -> Result<Vec<Reference>> {
     let mut references = Vec::new();
     match instruction {
         Instruction::Copy(copy) => {
             for flag in &copy.options {
                 if flag.name.value.eq_ignore_ascii_case("from") {
                     if let Some(value) = &flag.value {
-                        references.push(value.value.to_string());
+                        let value = value.value.to_string();
+                        let literal = crate::shell::expand(&value, &BTreeMap::new(), '\\').ok();
+                        if literal.as_deref() != Some(value.as_str()) {
+                            bail!(
+                                "COPY --from={}: variable expansion is not supported for --from (BuildKit's rule); define a stage with FROM using a global ARG instead",
+                                crate::git::escaped(&value)
+                            );
+                        }
+                        references.push(Reference::CopyFrom(value));
                     }
                 }
             }
@@ -142,7 +446,7 @@ fn stage_references(instruction: &Instruction<'_>) -> Vec<String> {
                 if flag.name.value.eq_ignore_ascii_case("mount") {
                     if let Some(value) = &flag.value {
                         if let Some(from) = mount_from(&value.value) {
-                            references.push(from);
+                            references.push(Reference::MountFrom(from));
                         }
                     }
                 }
@@ -150,7 +454,7 @@ fn stage_references(instruction: &Instruction<'_>) -> Vec<String> {
         }
         _ => {}
     }
-    references
+    Ok(references)
 }
 
 /// The `from=` field of a `--mount` value such as `type=cache,target=/x,from=builder`.
@@ -161,17 +465,9 @@ fn mount_from(mount: &str) -> Option<String> {
     })
 }
 
-/// An earlier stage named by `reference` (a name in any case, or an index), or `None` for an image.
-fn resolve_reference(reference: &str, current: usize, index_by_name: &BTreeMap<String, usize>) -> Option<usize> {
-    if let Ok(index) = reference.parse::<usize>() {
-        return (index < current).then_some(index);
-    }
-    index_by_name.get(&reference.to_lowercase()).copied()
-}
-
-/// `ARG A=1 B` → `[("A", Some("1")), ("B", None)]`. Quotes around a default are removed.
+/// `ARG A=1 B` → `[("A", Some("1")), ("B", None)]`, the defaults raw (quotes kept, for the lexer).
 fn split_arg_declaration(arguments: &str) -> Vec<(String, Option<String>)> {
-    split_words(arguments)
+    split_raw_words(arguments)
         .into_iter()
         .map(|word| match word.split_once('=') {
             Some((name, value)) => (name.to_string(), Some(value.to_string())),
@@ -180,17 +476,20 @@ fn split_arg_declaration(arguments: &str) -> Vec<(String, Option<String>)> {
         .collect()
 }
 
-/// Splits on unquoted white space and removes the quotes.
-fn split_words(text: &str) -> Vec<String> {
+/// Splits on white space outside quotes, keeping quotes and escapes as written.
+fn split_raw_words(text: &str) -> Vec<String> {
     let mut words = Vec::new();
     let mut current = String::new();
-    let mut in_word = false;
     let mut quote: Option<char> = None;
     let mut chars = text.chars();
     while let Some(c) = chars.next() {
         match (quote, c) {
-            (Some(q), c) if c == q => quote = None,
-            (Some(_), '\\') => {
+            (Some(q), c) if c == q => {
+                quote = None;
+                current.push(c);
+            }
+            (_, '\\') => {
+                current.push(c);
                 if let Some(next) = chars.next() {
                     current.push(next);
                 }
@@ -198,98 +497,31 @@ fn split_words(text: &str) -> Vec<String> {
             (Some(_), c) => current.push(c),
             (None, '"' | '\'') => {
                 quote = Some(c);
-                in_word = true;
+                current.push(c);
             }
             (None, c) if c.is_whitespace() => {
-                if in_word {
+                if !current.is_empty() {
                     words.push(std::mem::take(&mut current));
-                    in_word = false;
                 }
             }
-            (None, c) => {
-                current.push(c);
-                in_word = true;
-            }
+            (None, c) => current.push(c),
         }
     }
-    if in_word {
+    if !current.is_empty() {
         words.push(current);
     }
     words
 }
 
-/// Expands `$V`, `${V}`, `${V:-w}`, `${V-w}`, `${V:+w}` and `${V+w}` as Dockerfile `FROM` lines do.
-/// An unset variable expands to the empty string; `\$` is a literal dollar sign.
-pub fn expand_variables(text: &str, variables: &BTreeMap<String, String>) -> String {
-    let chars: Vec<char> = text.chars().collect();
-    let mut out = String::new();
-    let mut i = 0;
-    while i < chars.len() {
-        let c = chars[i];
-        if c == '\\' && chars.get(i + 1) == Some(&'$') {
-            out.push('$');
-            i += 2;
-            continue;
-        }
-        if c != '$' {
-            out.push(c);
-            i += 1;
-            continue;
-        }
-        if chars.get(i + 1) == Some(&'{') {
-            let Some(close) = chars[i + 2..].iter().position(|&c| c == '}') else {
-                out.extend(&chars[i..]);
-                break;
-            };
-            let inner: String = chars[i + 2..i + 2 + close].iter().collect();
-            out.push_str(&expand_braced(&inner, variables));
-            i += close + 3;
-            continue;
-        }
-        let name: String = chars[i + 1..].iter().take_while(|c| c.is_ascii_alphanumeric() || **c == '_').collect();
-        if name.is_empty() {
-            out.push('$');
-            i += 1;
-        } else {
-            out.push_str(variables.get(&name).map(String::as_str).unwrap_or(""));
-            i += 1 + name.chars().count();
-        }
-    }
-    out
+/// A default as written, its outer quotes removed (for display in `global_args`).
+fn unquoted(text: &str) -> String {
+    crate::shell::expand(&text.replace('$', "\\$"), &BTreeMap::new(), '\\').unwrap_or_else(|_| text.to_string())
 }
 
-fn expand_braced(inner: &str, variables: &BTreeMap<String, String>) -> String {
-    let name_end = inner.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(inner.len());
-    let (name, rest) = inner.split_at(name_end);
-    let value = variables.get(name);
-    let set_and_not_empty = value.is_some_and(|v| !v.is_empty());
-    let word = |prefix: &str| expand_variables(&rest[prefix.len()..], variables);
-    if rest.starts_with(":-") {
-        if set_and_not_empty {
-            value.cloned().unwrap_or_default()
-        } else {
-            word(":-")
-        }
-    } else if rest.starts_with(":+") {
-        if set_and_not_empty {
-            word(":+")
-        } else {
-            String::new()
-        }
-    } else if rest.starts_with('-') {
-        match value {
-            Some(v) => v.clone(),
-            None => word("-"),
-        }
-    } else if rest.starts_with('+') {
-        if value.is_some() {
-            word("+")
-        } else {
-            String::new()
-        }
-    } else {
-        value.cloned().unwrap_or_default()
-    }
+/// Expands `$V`, `${V}` and every other form of BuildKit's shell lexer (see [`crate::shell`]);
+/// an unset variable expands to the empty string. A word the lexer refuses is kept as written.
+pub fn expand_variables(text: &str, variables: &BTreeMap<String, String>) -> String {
+    crate::shell::expand(text, variables, '\\').unwrap_or_else(|_| text.to_string())
 }
 
 impl Dockerfile {
@@ -311,13 +543,39 @@ impl Dockerfile {
         }
     }
 
-    /// The stages `target` needs, in a valid build order (file order among them), target last.
+    /// The stages `target` needs, in a valid build order, target last: each stage after the
+    /// stages it reads (a `COPY --from` may name a later stage), otherwise in file order.
     pub fn build_order(&self, target: Option<&str>) -> Result<Vec<&Stage>> {
         let target = self.target_stage(target)?;
         let mut needed = self.reachable(&target.depends_on);
         needed.insert(target.index);
-        // A stage only ever reads earlier stages, so file order is a topological order.
-        Ok(needed.into_iter().map(|index| &self.stages[index]).collect())
+        let index_by_key: BTreeMap<String, usize> =
+            self.stages.iter().map(|stage| (stage.key(), stage.index)).collect();
+        let deps = |index: usize| self.stages[index].depends_on.iter().map(|key| index_by_key[key]);
+        // Kahn's algorithm, the lowest index first among the stages ready.
+        let mut waiting: BTreeMap<usize, usize> = needed.iter().map(|&index| (index, deps(index).count())).collect();
+        let mut readers: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+        for &index in &needed {
+            for dep in deps(index) {
+                readers.entry(dep).or_default().push(index);
+            }
+        }
+        let mut ready: BTreeSet<usize> = waiting.iter().filter(|(_, count)| **count == 0).map(|(i, _)| *i).collect();
+        let mut order = Vec::with_capacity(needed.len());
+        while let Some(index) = ready.pop_first() {
+            order.push(&self.stages[index]);
+            for reader in readers.get(&index).into_iter().flatten() {
+                let count = waiting.get_mut(reader).expect("a needed stage");
+                *count -= 1;
+                if *count == 0 {
+                    ready.insert(*reader);
+                }
+            }
+        }
+        if order.len() != needed.len() {
+            bail!("circular dependency between the stages {}", target.display_name());
+        }
+        Ok(order)
     }
 
     /// Every stage key `stage` depends on, directly or not, sorted by index.
@@ -392,11 +650,12 @@ COPY --from=builder /app/target/release/app /app
     }
 
     #[test]
-    fn a_name_defined_only_later_or_not_at_all_is_an_external_image() {
+    fn copy_from_may_name_a_later_stage_and_an_unknown_name_is_an_image() {
         let dockerfile =
             parse("FROM alpine AS a\nCOPY --from=later /x /x\nCOPY --from=nginx:1 /y /y\nFROM alpine AS later\n");
-        assert!(dockerfile.stages[0].depends_on.is_empty());
-        assert_eq!(dockerfile.stages[0].external_images, ["alpine", "later", "nginx:1"]);
+        assert_eq!(dockerfile.stages[0].depends_on, ["later"]);
+        assert_eq!(dockerfile.stages[0].external_images, ["alpine", "nginx:1"]);
+        assert_eq!(order(&dockerfile, Some("a")), ["later", "a"]);
     }
 
     #[test]
@@ -478,5 +737,169 @@ COPY --from=builder /app/target/release/app /app
     fn transitive_dependencies_follow_the_chain() {
         let dockerfile = parse(THREE_STAGES_AND_AN_UNUSED_ONE);
         assert_eq!(dockerfile.transitive_dependencies(&dockerfile.stages[3]), ["deps", "builder"]);
+    }
+    fn parse_for(text: &str, platform: &str, target: Option<&str>) -> Dockerfile {
+        let options = ParseOptions {
+            target_platform: Some(Platform::parse(platform).unwrap()),
+            build_platform: Some(Platform::parse("linux/amd64").unwrap()),
+            target: target.map(str::to_string),
+            ..Default::default()
+        };
+        parse_dockerfile_with(text, &options).unwrap()
+    }
+
+    fn error(text: &str) -> String {
+        format!("{:#}", parse_dockerfile_text(text, &BTreeMap::new()).unwrap_err())
+    }
+
+    #[test]
+    fn platform_arguments_follow_buildkit() {
+        let text = "FROM alpine AS base\nFROM base AS bin-linux\nFROM base AS bin-darwin\nFROM bin-$TARGETOS AS bin\nFROM img:${TARGETARCH}${TARGETVARIANT:+-$TARGETVARIANT}-$BUILDARCH AS tools\n";
+        let linux = parse_for(text, "linux/arm/v7", None);
+        assert_eq!(linux.stages[3].base, "bin-linux");
+        assert_eq!(linux.stages[4].base, "img:arm-v7-amd64");
+        assert_eq!(order(&linux, Some("bin")), ["base", "bin-linux", "bin"]);
+        let darwin = parse_for(text, "darwin/arm64", Some("bin"));
+        assert_eq!(order(&darwin, Some("bin")), ["base", "bin-darwin", "bin"]);
+        // A build argument overrides an automatic one, as in BuildKit.
+        let args = BTreeMap::from([("TARGETOS".to_string(), "darwin".to_string())]);
+        assert_eq!(parse_dockerfile_text(text, &args).unwrap().stages[3].base, "bin-darwin");
+        assert_eq!(Platform::parse("x86_64").unwrap().to_string(), "linux/amd64");
+        assert_eq!(Platform::parse("linux/aarch64/v8").unwrap().to_string(), "linux/arm64");
+        assert!(Platform::parse("linux/amd64/v2/x").is_err());
+    }
+
+    #[test]
+    fn onbuild_triggers_read_stages_from_where_they_run() {
+        let text = "FROM alpine AS start\nFROM alpine AS base\nONBUILD COPY --from=start /x /x\nFROM base AS app\nFROM app AS final\n";
+        let dockerfile = parse(text);
+        assert!(dockerfile.stages[1].depends_on.is_empty(), "the trigger does not run in its own stage");
+        assert_eq!(dockerfile.stages[2].depends_on, ["start", "base"]);
+        assert_eq!(dockerfile.stages[3].depends_on, ["app"], "triggers do not carry over further");
+        assert_eq!(order(&dockerfile, None), ["start", "base", "app", "final"]);
+    }
+
+    #[test]
+    fn stage_references_follow_buildkit() {
+        // A later stage, by name or by index, comes first in the order.
+        let dockerfile = parse("FROM alpine AS a\nCOPY --from=2 /x /x\nFROM a AS b\nFROM alpine AS c\n");
+        assert_eq!(order(&dockerfile, Some("b")), ["c", "a", "b"]);
+        assert!(error("FROM alpine AS a\nCOPY --from=a /x /x\n").contains("circular dependency detected on stage: a"));
+        assert!(error("FROM alpine AS a\nCOPY --from=b /x /x\nFROM alpine AS b\nCOPY --from=a /y /y\n")
+            .contains("circular dependency"));
+        assert!(error("FROM alpine\nCOPY --from=5 /x /x\n").contains("invalid stage index 5"));
+        assert!(error("ARG X=a\nFROM alpine AS a\nFROM alpine\nCOPY --from=$X /x /x\n")
+            .contains("variable expansion is not supported for --from"));
+        // Names: BuildKit's rule, and never a number.
+        for bad in ["0", "1st", "foo/bar", "a:b", "a\u{7}"] {
+            let text = format!("FROM alpine AS {bad}\n");
+            assert!(error(&text).contains("invalid name for build stage"), "{bad:?}");
+        }
+        assert_eq!(parse("FROM alpine AS a.b_c-1\n").stages[0].name.as_deref(), Some("a.b_c-1"));
+    }
+
+    #[test]
+    fn nested_and_pattern_expansions_in_from() {
+        let text = "ARG D=debian\nARG V=12.5.1\nARG T=${U:-${D}}\nFROM ${T}:${V%%.*} AS a\nFROM ${T/deb/ub}:${V#*.} AS b\nARG Q='$D'\nFROM x AS c\n";
+        let dockerfile = parse(text);
+        assert_eq!(dockerfile.stages[0].base, "debian:12");
+        assert_eq!(dockerfile.stages[1].base, "ubian:5.1");
+    }
+
+    #[test]
+    fn bytes_that_are_not_utf8_are_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("Dockerfile");
+        std::fs::write(&path, b"FROM alpine AS a\nRUN echo \xff\xfe\nFROM a AS b\n").unwrap();
+        let dockerfile = read_dockerfile(&path, &BTreeMap::new()).unwrap();
+        assert_eq!(order(&dockerfile, None), ["a", "b"]);
+    }
+
+    #[test]
+    fn hostile_inputs_are_answered_or_refused_within_bounds() {
+        let doubling = format!("ARG A=x\n{}FROM $A\n", "ARG A=${A}${A}\n".repeat(40));
+        assert!(error(&doubling).contains("grows past 64 KiB"));
+        let nested = format!("FROM {}x{}\n", "${U:-".repeat(200), "}".repeat(200));
+        assert!(error(&nested).contains("nest more than"));
+        let wide = format!(
+            "FROM alpine AS s0\n{}",
+            (1..2000).map(|i| format!("FROM alpine AS s{i}\nCOPY --from=s{} /x /x\n", i - 1)).collect::<String>()
+        );
+        let dockerfile = parse(&wide);
+        assert_eq!(dockerfile.build_order(None).unwrap().len(), 2000);
+    }
+
+    const BUILDX: &str = include_str!("../../../tests/corpus/buildx.Dockerfile");
+    const BUILDKIT: &str = include_str!("../../../tests/corpus/buildkit.Dockerfile");
+
+    #[test]
+    fn corpus_buildx() {
+        let dockerfile = parse_for(BUILDX, "linux/amd64", None);
+        assert_eq!(dockerfile.stages.len(), 33);
+        assert_eq!(
+            order(&dockerfile, None),
+            [
+                "xx",
+                "golatest",
+                "gobase",
+                "buildx-version",
+                "buildx-build",
+                "binaries-unix",
+                "binaries-linux",
+                "binaries",
+                "32"
+            ]
+        );
+        let windows = parse_for(BUILDX, "windows/amd64", None);
+        assert_eq!(
+            order(&windows, None),
+            ["xx", "golatest", "gobase", "buildx-version", "buildx-build", "binaries-windows", "binaries", "32"]
+        );
+    }
+
+    #[test]
+    fn corpus_buildkit() {
+        let dockerfile = parse_for(BUILDKIT, "linux/amd64", Some("binaries"));
+        assert_eq!(dockerfile.stages.len(), 49);
+        let binaries_linux =
+            dockerfile.stages.iter().find(|stage| stage.name.as_deref() == Some("binaries-linux")).unwrap();
+        assert_eq!(
+            binaries_linux.depends_on,
+            ["runc", "buildctl", "buildkitd", "cni-plugins-export-squashed", "binfmt-filter"]
+        );
+        assert_eq!(
+            order(&dockerfile, Some("binaries")),
+            [
+                "xx",
+                "golatest",
+                "gobuild-base",
+                "runc",
+                "buildkit-base",
+                "buildkit-version",
+                "buildctl",
+                "buildkitd",
+                "dnsname",
+                "cni-plugins",
+                "cni-plugins-export",
+                "cni-plugins-export-squashed",
+                "binfmt-filter",
+                "binaries-linux",
+                "binaries"
+            ]
+        );
+        let darwin = parse_for(BUILDKIT, "darwin/arm64", Some("binaries"));
+        assert_eq!(
+            order(&darwin, Some("binaries")),
+            [
+                "xx",
+                "golatest",
+                "gobuild-base",
+                "buildkit-base",
+                "buildkit-version",
+                "buildctl",
+                "binaries-darwin",
+                "binaries"
+            ]
+        );
     }
 }

@@ -11,6 +11,8 @@ use crate::plan::Builder;
 /// The engine's capabilities.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Engine {
+    /// The builder's own platform (the first of `docker buildx inspect`'s "Platforms:"), if known.
+    pub platform: Option<String>,
     /// The daemon's version.
     pub server_version: String,
     /// The builder's BuildKit version, when docker buildx is installed and answers (`unknown`
@@ -69,7 +71,11 @@ impl Engine {
         } else {
             (None, None)
         };
+        let platform = field("Platforms:")
+            .and_then(|list| list.split(',').next().map(|first| first.trim().trim_end_matches('*').to_string()))
+            .filter(|first| !first.is_empty());
         Ok(Engine {
+            platform,
             server_version: server_version.to_string(),
             buildkit_version,
             containerd_store: driver_status.contains("io.containerd.snapshotter"),
@@ -118,6 +124,7 @@ mod tests {
 
     fn engine(buildx: bool, containerd_store: bool, driver: &str) -> Engine {
         Engine {
+            platform: Some("linux/amd64".into()),
             server_version: "26.1.5".into(),
             buildkit_version: buildx.then(|| "v0.12.5".into()),
             containerd_store,

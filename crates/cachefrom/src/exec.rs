@@ -130,7 +130,7 @@ impl Resolution {
         }
         let mut seen_digests = BTreeSet::new();
         std::iter::once(&stage.name)
-            .chain(stage.depends_on.iter())
+            .chain(plan.source_stages(stage).into_iter().map(|source| &source.name))
             .filter_map(|name| {
                 let chosen = self.stages.get(name)?.chosen.clone()?;
                 match self.digests.get(&chosen.location.to_string()) {
@@ -414,11 +414,7 @@ pub fn build_unit(ctx: &Context, plan: &Plan, stage_name: &str, resolution: &Res
     let progress = if plan.builder == Builder::Buildx { "rawjson" } else { "plain" };
     let args = plan.build_command(stage, &sources, progress);
     let covered: Vec<&StagePlan> = match plan.execution {
-        Execution::OneBuild => plan
-            .stages
-            .iter()
-            .filter(|other| other.name == stage.name || stage.depends_on.contains(&other.name))
-            .collect(),
+        Execution::OneBuild => plan.ancestors(stage).into_iter().chain(std::iter::once(stage)).collect(),
         Execution::StageByStage => vec![stage],
     };
     let title = match plan.execution {
@@ -827,12 +823,25 @@ impl std::error::Error for BuildFailed {}
 fn fit_plan(options: &BuildOptions, engine: &Engine, planned: Option<Plan>) -> Result<(Plan, Option<String>)> {
     let (backend, fallback_reason) = engine.check_backend(&options.plan.backend, options.fallback)?;
     let builder = engine.builder();
+    // The Dockerfile was read for this machine's platform; a remote engine may have another.
+    let build_platform = match (&options.plan.build_platform, &engine.platform) {
+        (None, Some(engine_platform)) => crate::dockerfile::Platform::parse(engine_platform)
+            .ok()
+            .filter(|platform| *platform != crate::dockerfile::Platform::host())
+            .map(|platform| platform.to_string()),
+        _ => None,
+    };
     match planned {
-        Some(plan) if plan.backend == backend && plan.builder == builder => Ok((plan, fallback_reason)),
+        Some(plan) if plan.backend == backend && plan.builder == builder && build_platform.is_none() => {
+            Ok((plan, fallback_reason))
+        }
         _ => {
             let mut plan_options = options.plan.clone();
             plan_options.backend = backend;
             plan_options.builder = builder;
+            if build_platform.is_some() {
+                plan_options.build_platform = build_platform;
+            }
             Ok((Plan::new(&plan_options)?, fallback_reason))
         }
     }

@@ -86,4 +86,5 @@ pub mod report;
 pub mod script;
 pub mod secrets;
 pub mod settings;
+pub mod shell;
 pub mod writes;

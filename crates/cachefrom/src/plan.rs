@@ -10,7 +10,7 @@ use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize, Serializer};
 
 use crate::backend::{Backend, CacheLocation};
-use crate::dockerfile::{read_dockerfile, Dockerfile};
+use crate::dockerfile::{read_dockerfile_with, Dockerfile};
 use crate::git::GitFacts;
 use crate::refs::{cache_tag, Repository, TagKey};
 use crate::secrets::{self, HIDDEN};
@@ -289,6 +289,10 @@ pub struct PlanOptions {
     pub docker_args: Vec<String>,
     /// A scratch directory for the tarball backend.
     pub work_dir: PathBuf,
+    /// The platform to build for (`--platform`, also read from after `--`); `None`: the engine's.
+    pub platform: Option<String>,
+    /// The engine's own platform; `None`: this machine's (the executor sets it from the engine).
+    pub build_platform: Option<String>,
 }
 
 impl PlanOptions {
@@ -311,8 +315,40 @@ impl PlanOptions {
             build_args: BTreeMap::new(),
             docker_args: Vec::new(),
             work_dir,
+            platform: None,
+            build_platform: None,
         }
     }
+
+    /// The platforms and build arguments the Dockerfile is read with, as BuildKit will see them.
+    pub fn parse_options(&self) -> Result<crate::dockerfile::ParseOptions> {
+        use crate::dockerfile::Platform;
+        let mut build_args = docker_build_args(&self.docker_args);
+        build_args.extend(self.build_args.clone());
+        let platform = self.platform.clone().or_else(|| docker_platform(&self.docker_args));
+        // Several platforms: the stages are read for the first (BuildKit builds each alike).
+        let first = |list: &str| list.split(',').next().unwrap_or_default().trim().to_string();
+        Ok(crate::dockerfile::ParseOptions {
+            build_args,
+            target_platform: platform.map(|list| Platform::parse(&first(&list))).transpose()?,
+            build_platform: self.build_platform.as_deref().map(Platform::parse).transpose()?,
+            target: self.target.clone(),
+        })
+    }
+}
+
+/// The `--platform` value among docker's arguments.
+fn docker_platform(docker_args: &[String]) -> Option<String> {
+    let mut args = docker_args.iter();
+    let mut found = None;
+    while let Some(arg) = args.next() {
+        if arg == "--platform" {
+            found = args.next().cloned();
+        } else if let Some(value) = arg.strip_prefix("--platform=") {
+            found = Some(value.to_string());
+        }
+    }
+    found
 }
 
 /// One place a stage's cache may be read from or written to.
@@ -335,7 +371,8 @@ pub struct StagePlan {
     pub index: usize,
     /// The `--target` value; `None` for an unnamed final stage, built without `--target`.
     pub target: Option<String>,
-    /// The built stages it reads from, directly or not: their caches are cache sources too.
+    /// The built stages it reads from directly (through unnamed stages built inside it, if
+    /// any). [`Plan::ancestors`] gives every stage it reads from, directly or not.
     pub depends_on: Vec<String>,
     /// Cache candidates for this stage, most specific first.
     pub cache_from: Vec<CacheRef>,
@@ -395,6 +432,8 @@ pub struct Plan {
     /// Arguments passed to docker untouched (secret-looking values are hidden in JSON).
     #[serde(serialize_with = "serialize_docker_args")]
     pub docker_args: Vec<String>,
+    /// `--platform` given to cachefrom (passed to docker); `None` when not given, or given after `--`.
+    pub platform: Option<String>,
     /// A scratch directory (tarball backend).
     pub work_dir: PathBuf,
     /// Why parts of the chain or of the Dockerfile are not used.
@@ -426,9 +465,7 @@ impl Plan {
     /// Reads the Dockerfile and computes the plan.
     pub fn new(options: &PlanOptions) -> Result<Plan> {
         let dockerfile_path = options.dockerfile.clone().unwrap_or_else(|| options.context.join("Dockerfile"));
-        let mut build_args = docker_build_args(&options.docker_args);
-        build_args.extend(options.build_args.clone());
-        let dockerfile = read_dockerfile(&dockerfile_path, &build_args)?;
+        let dockerfile = read_dockerfile_with(&dockerfile_path, &options.parse_options()?)?;
         Plan::from_dockerfile(options, &dockerfile_path, &dockerfile)
     }
 
@@ -513,6 +550,8 @@ impl Plan {
             })
             .collect();
         let built_keys: BTreeSet<String> = built.iter().map(|stage| stage.key()).collect();
+        let by_key: BTreeMap<String, &crate::dockerfile::Stage> =
+            dockerfile.stages.iter().map(|stage| (stage.key(), stage)).collect();
 
         let refs = |stage_key: &str, levels: &[Level]| -> Vec<CacheRef> {
             levels
@@ -546,11 +585,7 @@ impl Plan {
                     name: key.clone(),
                     index: stage.index,
                     target: stage.name.clone(),
-                    depends_on: dockerfile
-                        .transitive_dependencies(stage)
-                        .into_iter()
-                        .filter(|dependency| built_keys.contains(dependency))
-                        .collect(),
+                    depends_on: nearest_built(dockerfile, &by_key, stage, &built_keys),
                     cache_from: refs(&key, &chain),
                     cache_to,
                     image_tags,
@@ -582,6 +617,7 @@ impl Plan {
             push_tags: options.push_tags,
             build_args: options.build_args.clone(),
             docker_args: options.docker_args.clone(),
+            platform: options.platform.clone(),
             work_dir: options.work_dir.clone(),
             notes,
             external_images: order
@@ -627,7 +663,7 @@ impl Plan {
             .filter(|stage| !stage.is_target)
             .map(|stage| Recovery {
                 stage: stage.name.clone(),
-                covers: std::iter::once(stage.name.clone()).chain(stage.depends_on.iter().cloned()).collect(),
+                covers: vec![stage.name.clone()],
                 writes: self.writes_after(stage),
             })
             .collect()
@@ -638,10 +674,33 @@ impl Plan {
     /// a stage exported alone (after a failure, or built on its own) writes its own tags and
     /// those of the stages it reads from.
     fn written_stages<'a>(&'a self, stage: &'a StagePlan) -> Vec<&'a StagePlan> {
-        if stage.is_target && self.execution == Execution::OneBuild {
-            return vec![stage];
+        vec![stage]
+    }
+
+    /// Every built stage `stage` reads from, directly or not, in build order.
+    pub fn ancestors(&self, stage: &StagePlan) -> Vec<&StagePlan> {
+        let mut found = BTreeSet::new();
+        let mut pending: Vec<&String> = stage.depends_on.iter().collect();
+        while let Some(name) = pending.pop() {
+            if found.insert(name.clone()) {
+                if let Some(other) = self.stage(name) {
+                    pending.extend(other.depends_on.iter());
+                }
+            }
         }
-        std::iter::once(stage).chain(stage.depends_on.iter().filter_map(|name| self.stage(name))).collect()
+        self.stages.iter().filter(|other| found.contains(&other.name)).collect()
+    }
+
+    /// The stages whose caches a build of `stage` reads besides its own: every stage it reads
+    /// from for the target of a one-build run (a stage that finished in a failed run has a cache
+    /// of its own), the stages it reads directly otherwise (each was built and written before it,
+    /// and its cache holds the layers of what it reads).
+    pub fn source_stages<'a>(&'a self, stage: &'a StagePlan) -> Vec<&'a StagePlan> {
+        if stage.is_target && self.execution == Execution::OneBuild {
+            self.ancestors(stage)
+        } else {
+            stage.depends_on.iter().filter_map(|name| self.stage(name)).collect()
+        }
     }
 
     /// Where the build of `stage` exports: the first tag `stage` writes. The other tags of the
@@ -768,6 +827,9 @@ impl Plan {
             let arg = if self.secret_in_env(name, value) { name.clone() } else { format!("{name}={value}") };
             args.extend(["--build-arg".into(), arg]);
         }
+        if let Some(platform) = &self.platform {
+            args.extend(["--platform".into(), platform.clone()]);
+        }
         if self.builder == Builder::Buildx {
             if !self.docker_args.iter().any(|arg| arg.starts_with("--provenance")) {
                 args.push("--provenance=false".into());
@@ -828,12 +890,13 @@ impl Plan {
     }
 
     /// The cache sources of `stage` when nothing has been checked: its own candidates, then those
-    /// of the stages it reads from, level by level.
+    /// of its source stages ([`Plan::source_stages`]), level by level.
     pub fn all_candidate_sources(&self, stage: &StagePlan) -> Vec<(String, CacheRef)> {
         let mut sources = Vec::new();
+        let owners: Vec<&StagePlan> = std::iter::once(stage).chain(self.source_stages(stage)).collect();
         for level in &self.chain {
-            for name in std::iter::once(&stage.name).chain(stage.depends_on.iter()) {
-                let Some(owner) = self.stage(name) else { continue };
+            for owner in &owners {
+                let name = &owner.name;
                 if let Some(candidate) = owner.cache_from.iter().find(|candidate| candidate.level == *level) {
                     sources.push((name.clone(), candidate.clone()));
                 }
@@ -873,6 +936,29 @@ impl Plan {
         env.extend(self.backend.credentials_env());
         env
     }
+}
+
+/// The built stages `stage` reads from: its direct dependencies, looking through folded ones.
+fn nearest_built(
+    dockerfile: &Dockerfile,
+    by_key: &BTreeMap<String, &crate::dockerfile::Stage>,
+    stage: &crate::dockerfile::Stage,
+    built: &BTreeSet<String>,
+) -> Vec<String> {
+    let mut found = BTreeSet::new();
+    let mut seen = BTreeSet::new();
+    let mut pending: Vec<&String> = stage.depends_on.iter().collect();
+    while let Some(key) = pending.pop() {
+        if !seen.insert(key.clone()) {
+            continue;
+        }
+        if built.contains(key) {
+            found.insert(by_key[key].index);
+        } else if let Some(folded) = by_key.get(key) {
+            pending.extend(folded.depends_on.iter());
+        }
+    }
+    found.into_iter().map(|index| dockerfile.stages[index].key()).collect()
 }
 
 fn write_levels(options: &PlanOptions) -> Vec<Level> {

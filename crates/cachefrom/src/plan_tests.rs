@@ -54,7 +54,10 @@ fn builds_needed_stages_in_order_and_leaves_out_the_rest() {
     let names: Vec<&str> = plan.stages.iter().map(|s| s.name.as_str()).collect();
     assert_eq!(names, ["deps", "builder", "runtime"]);
     assert_eq!(plan.target, "runtime");
-    assert_eq!(plan.stage("runtime").unwrap().depends_on, ["deps", "builder"]);
+    let runtime = plan.stage("runtime").unwrap();
+    assert_eq!(runtime.depends_on, ["builder"]);
+    let ancestors: Vec<&str> = plan.ancestors(runtime).iter().map(|stage| stage.name.as_str()).collect();
+    assert_eq!(ancestors, ["deps", "builder"]);
     assert!(plan.stage("runtime").unwrap().is_target);
 }
 
@@ -418,4 +421,23 @@ mod properties {
             }
         }
     }
+}
+
+#[test]
+fn a_plan_grows_linearly_with_the_stages() {
+    let chain = |n: usize| {
+        let text: String = std::iter::once("FROM alpine AS s0\n".to_string())
+            .chain((1..n).map(|i| format!("FROM s{} AS s{i}\nRUN echo {i}\n", i - 1)))
+            .collect();
+        let mut options = options(feature_branch());
+        options.backend = Backend::parse("registry", None).unwrap();
+        let plan = plan(&text, &options);
+        (plan.to_string().len(), plan.to_json().len())
+    };
+    let (script_200, json_200) = chain(200);
+    let (script_2000, json_2000) = chain(2000);
+    // Linear: ten times the stages, about ten times the text (quadratic would be a hundred).
+    assert!(script_2000 < 15 * script_200, "script: {script_200} bytes for 200 stages, {script_2000} for 2000");
+    assert!(json_2000 < 15 * json_200, "JSON: {json_200} bytes for 200 stages, {json_2000} for 2000");
+    assert!(script_2000 < 8 * 1024 * 1024, "{script_2000}");
 }

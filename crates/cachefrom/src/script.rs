@@ -353,8 +353,8 @@ mod properties {
             dockerfile in text(),
             context in text(),
             build_arg in text(),
-            first in "[a-zA-Z0-9][a-zA-Z0-9._-]{0,8}",
-            second in "[a-zA-Z0-9][a-zA-Z0-9._-]{0,8}",
+            first in "[a-zA-Z][a-zA-Z0-9._-]{0,8}",
+            second in "[a-zA-Z][a-zA-Z0-9._-]{0,8}",
             inline in any::<bool>(),
         ) {
             prop_assume!(first.to_lowercase() != second.to_lowercase());

@@ -49,6 +49,8 @@ pub struct Settings {
     pub docker_args: Vec<String>,
     /// Scratch directory (tarball).
     pub work_dir: Option<PathBuf>,
+    /// The platform to build for (`--platform`); default: the engine's.
+    pub platform: Option<String>,
 }
 
 /// The default `--chain`.
@@ -77,6 +79,7 @@ impl Settings {
             build_args: Vec::new(),
             docker_args: Vec::new(),
             work_dir: None,
+            platform: None,
         }
     }
 
@@ -108,6 +111,15 @@ impl Settings {
         options.push_tags = self.push;
         options.build_args = self.build_args.iter().cloned().collect::<BTreeMap<_, _>>();
         options.docker_args = self.docker_args.clone();
+        if let Some(platform) = &self.platform {
+            for one in platform.split(',') {
+                crate::dockerfile::Platform::parse(one)?;
+            }
+            if self.docker_args.iter().any(|arg| arg == "--platform" || arg.starts_with("--platform=")) {
+                bail!("--platform is given twice, to cachefrom and after `--`; give it once");
+            }
+            options.platform = Some(platform.clone());
+        }
         if let Some(work_dir) = &self.work_dir {
             options.work_dir = work_dir.clone();
         }
