@@ -304,7 +304,7 @@ impl Pattern {
     }
 
     /// States reachable after the empty prefix of the tokens starting at `state` (stars may match nothing).
-    fn closure(&self, states: &mut Vec<bool>, state: usize) {
+    fn closure(&self, states: &mut [bool], state: usize) {
         let mut state = state;
         loop {
             if states[state] {
