@@ -127,9 +127,13 @@ struct PlanArgs {
     /// unprefixed, commit.
     #[arg(long, env = "CACHEFROM_CHAIN", default_value = cachefrom::settings::DEFAULT_CHAIN)]
     chain: String,
-    /// Read caches but write none (e.g. pull requests from forks).
+    /// Read caches but write none. A pull request from a fork is read-only without it (the CI's
+    /// variables say so), so that a fork's branch names cannot overwrite this repository's caches.
     #[arg(long, env = "CACHEFROM_READ_ONLY")]
     read_only: bool,
+    /// Write caches even when the CI builds a pull request from a fork.
+    #[arg(long, env = "CACHEFROM_ALLOW_FORK_WRITES")]
+    allow_fork_writes: bool,
     /// A tag for the final image. Repeatable; with --push, pushed after a successful build.
     #[arg(short = 't', long = "tag", env = "CACHEFROM_TAG", value_delimiter = ',', value_name = "IMAGE")]
     tags: Vec<String>,
@@ -299,6 +303,7 @@ fn plan_options(args: &PlanArgs) -> Result<PlanOptions> {
         commit: args.commit.clone(),
         chain: args.chain.clone(),
         read_only: args.read_only,
+        allow_fork_writes: args.allow_fork_writes,
         tags: args.tags.clone(),
         push: args.push,
         strict_cache: args.strict_cache,

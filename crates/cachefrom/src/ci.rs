@@ -103,6 +103,88 @@ pub fn default_branch_from_ci(env: &Environment) -> Option<(String, &'static str
         .find_map(|name| Some((env.get(name)?.to_string(), *name)))
 }
 
+/// Why the CI says this run builds a pull or merge request from a fork (whose branch names the
+/// fork's author chooses), or `None`.
+///
+/// GitHub Actions: a `pull_request`/`pull_request_target` event whose payload
+/// (`GITHUB_EVENT_PATH`) has `pull_request.head.repo.fork` true or a head repository other than
+/// the base one. GitLab: `CI_MERGE_REQUEST_SOURCE_PROJECT_ID` ≠ `CI_PROJECT_ID`. CircleCI:
+/// `CIRCLE_PR_REPONAME` (set only for forks). Buildkite: `BUILDKITE_PULL_REQUEST_REPO` ≠
+/// `BUILDKITE_REPO`. Azure Pipelines: `SYSTEM_PULLREQUEST_ISFORK=True`. Jenkins: `CHANGE_FORK`.
+/// Travis CI: `TRAVIS_PULL_REQUEST_SLUG` ≠ `TRAVIS_REPO_SLUG`.
+pub fn fork_pull_request(env: &Environment) -> Option<String> {
+    if matches!(env.get("GITHUB_EVENT_NAME"), Some("pull_request" | "pull_request_target")) {
+        return match env.get("GITHUB_EVENT_PATH").map(github_event_is_fork) {
+            Some(Ok(true)) => Some(format!(
+                "GitHub Actions builds a {} from a fork (GITHUB_EVENT_PATH: pull_request.head.repo is a fork)",
+                env.get("GITHUB_EVENT_NAME").unwrap_or_default()
+            )),
+            Some(Ok(false)) => None,
+            // A pull request whose origin cannot be read is treated as a fork: writing is the risk.
+            Some(Err(why)) => Some(format!("GitHub Actions builds a pull request whose origin cannot be read ({why})")),
+            None => Some("GitHub Actions builds a pull request and GITHUB_EVENT_PATH is not set".to_string()),
+        };
+    }
+    let differ = |a: &str, b: &str| match (env.get(a), env.get(b)) {
+        (Some(x), Some(y)) => normalise_repo(x) != normalise_repo(y),
+        _ => false,
+    };
+    if differ("CI_MERGE_REQUEST_SOURCE_PROJECT_ID", "CI_PROJECT_ID") {
+        return Some(
+            "GitLab builds a merge request from another project (CI_MERGE_REQUEST_SOURCE_PROJECT_ID ≠ CI_PROJECT_ID)"
+                .to_string(),
+        );
+    }
+    if env.get("CIRCLE_PR_REPONAME").is_some() {
+        return Some("CircleCI builds a pull request from a fork (CIRCLE_PR_REPONAME is set)".to_string());
+    }
+    if differ("BUILDKITE_PULL_REQUEST_REPO", "BUILDKITE_REPO") {
+        return Some(
+            "Buildkite builds a pull request from another repository (BUILDKITE_PULL_REQUEST_REPO)".to_string(),
+        );
+    }
+    if env.get("SYSTEM_PULLREQUEST_ISFORK").is_some_and(|value| value.eq_ignore_ascii_case("true")) {
+        return Some("Azure Pipelines builds a pull request from a fork (SYSTEM_PULLREQUEST_ISFORK)".to_string());
+    }
+    if env.get("CHANGE_FORK").is_some() {
+        return Some("Jenkins builds a change from a fork (CHANGE_FORK is set)".to_string());
+    }
+    if differ("TRAVIS_PULL_REQUEST_SLUG", "TRAVIS_REPO_SLUG") {
+        return Some("Travis CI builds a pull request from another repository (TRAVIS_PULL_REQUEST_SLUG)".to_string());
+    }
+    None
+}
+
+/// `git@host:o/r.git`, `https://host/o/r` and `o/r` alike, for comparing repositories.
+fn normalise_repo(text: &str) -> String {
+    let text = text.trim().trim_end_matches('/').trim_end_matches(".git").to_ascii_lowercase();
+    let text = text.rsplit_once("://").map(|(_, rest)| rest.to_string()).unwrap_or(text);
+    let text = text.replacen(':', "/", 1);
+    let parts: Vec<&str> = text.rsplit('/').take(2).collect();
+    parts.into_iter().rev().collect::<Vec<_>>().join("/")
+}
+
+/// Reads a GitHub event payload: true when the pull request's head repository is a fork (or
+/// another repository than the base).
+fn github_event_is_fork(path: &str) -> std::result::Result<bool, String> {
+    let file = std::fs::File::open(path).map_err(|error| format!("cannot read {path}: {error}"))?;
+    // Event payloads are small; a huge one is not read whole.
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut std::io::Read::take(file, 16 * 1024 * 1024), &mut text)
+        .map_err(|error| format!("cannot read {path}: {error}"))?;
+    let event: serde_json::Value = serde_json::from_str(&text).map_err(|_| format!("{path} is not JSON"))?;
+    let pull_request = event.get("pull_request").ok_or_else(|| format!("{path} has no pull_request"))?;
+    let head = &pull_request["head"]["repo"];
+    if head["fork"].as_bool() == Some(true) {
+        return Ok(true);
+    }
+    match (head["full_name"].as_str(), pull_request["base"]["repo"]["full_name"].as_str()) {
+        (Some(head), Some(base)) => Ok(!head.eq_ignore_ascii_case(base)),
+        // A deleted fork has `head.repo: null`.
+        _ => Ok(head.is_null()),
+    }
+}
+
 /// The file GitHub Actions renders as the job summary (`GITHUB_STEP_SUMMARY`).
 pub fn step_summary_path(env: &Environment) -> Option<std::path::PathBuf> {
     env.get("GITHUB_STEP_SUMMARY").map(std::path::PathBuf::from)
@@ -137,6 +219,64 @@ mod tests {
             let env = Environment::from_pairs(pairs.clone());
             assert_eq!(branch_from_ci(&env).map(|(b, _)| b), Some(branch.to_string()), "{pairs:?}");
             assert_eq!(CiSystem::detect(&env), Some(system), "{pairs:?}");
+        }
+    }
+
+    fn github_event(dir: &std::path::Path, fork: bool, head: &str) -> String {
+        let path = dir.join("event.json");
+        let event = serde_json::json!({
+            "action": "opened",
+            "number": 7,
+            "pull_request": {
+                "head": {"ref": "feature", "repo": {"fork": fork, "full_name": head}},
+                "base": {"ref": "main", "repo": {"fork": false, "full_name": "team/app"}}
+            }
+        });
+        std::fs::write(&path, event.to_string()).unwrap();
+        path.display().to_string()
+    }
+
+    #[test]
+    fn forks_are_recognised_wherever_the_ci_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let fork = github_event(dir.path(), true, "someone/app");
+        let github = |event: &str, path: &str| {
+            Environment::from_pairs([
+                ("GITHUB_ACTIONS", "true"),
+                ("GITHUB_EVENT_NAME", event),
+                ("GITHUB_EVENT_PATH", path),
+            ])
+        };
+        assert!(fork_pull_request(&github("pull_request", &fork)).unwrap().contains("fork"));
+        assert!(fork_pull_request(&github("pull_request_target", &fork)).is_some());
+        assert_eq!(fork_pull_request(&github("push", &fork)), None);
+        let same = github_event(dir.path(), false, "team/app");
+        assert_eq!(fork_pull_request(&github("pull_request", &same)), None, "a branch of the same repository writes");
+        assert!(fork_pull_request(&github("pull_request", "/nonexistent/event.json")).is_some());
+        let forks = [
+            vec![("CI_MERGE_REQUEST_SOURCE_PROJECT_ID", "12"), ("CI_PROJECT_ID", "34")],
+            vec![("CIRCLE_PR_REPONAME", "app")],
+            vec![
+                ("BUILDKITE_PULL_REQUEST_REPO", "git://github.com/someone/app.git"),
+                ("BUILDKITE_REPO", "git@github.com:team/app.git"),
+            ],
+            vec![("SYSTEM_PULLREQUEST_ISFORK", "True")],
+            vec![("CHANGE_FORK", "someone")],
+            vec![("TRAVIS_PULL_REQUEST_SLUG", "someone/app"), ("TRAVIS_REPO_SLUG", "team/app")],
+        ];
+        for pairs in forks {
+            assert!(fork_pull_request(&Environment::from_pairs(pairs.clone())).is_some(), "{pairs:?}");
+        }
+        let same = [
+            vec![("CI_MERGE_REQUEST_SOURCE_PROJECT_ID", "34"), ("CI_PROJECT_ID", "34")],
+            vec![
+                ("BUILDKITE_PULL_REQUEST_REPO", "https://github.com/team/app.git"),
+                ("BUILDKITE_REPO", "git@github.com:team/app.git"),
+            ],
+            vec![("SYSTEM_PULLREQUEST_ISFORK", "False")],
+        ];
+        for pairs in same {
+            assert_eq!(fork_pull_request(&Environment::from_pairs(pairs.clone())), None, "{pairs:?}");
         }
     }
 

@@ -293,6 +293,8 @@ pub struct PlanOptions {
     pub platform: Option<String>,
     /// The engine's own platform; `None`: this machine's (the executor sets it from the engine).
     pub build_platform: Option<String>,
+    /// Notes for the plan from whoever made the options (why a run is read-only, …).
+    pub notes: Vec<String>,
 }
 
 impl PlanOptions {
@@ -317,6 +319,7 @@ impl PlanOptions {
             work_dir,
             platform: None,
             build_platform: None,
+            notes: Vec::new(),
         }
     }
 
@@ -481,6 +484,7 @@ impl Plan {
         let order = dockerfile.build_order(options.target.as_deref())?;
         let target = order.last().expect("a build order ends with its target");
         let mut notes = options.git.notes.clone();
+        notes.extend(options.notes.iter().cloned());
 
         let mut chain = Vec::new();
         let mut seen_keys = BTreeSet::new();

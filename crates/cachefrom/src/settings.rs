@@ -37,6 +37,8 @@ pub struct Settings {
     pub chain: String,
     /// Write no cache.
     pub read_only: bool,
+    /// Write caches even for a pull request from a fork (read-only by default).
+    pub allow_fork_writes: bool,
     /// Tags of the final image.
     pub tags: Vec<String>,
     /// Push the tags after a successful build.
@@ -73,6 +75,7 @@ impl Settings {
             commit: None,
             chain: DEFAULT_CHAIN.to_string(),
             read_only: false,
+            allow_fork_writes: false,
             tags: Vec::new(),
             push: false,
             strict_cache: false,
@@ -103,6 +106,18 @@ impl Settings {
         options.backend = backend;
         options.chain = chain;
         options.access = if self.read_only { Access::ReadOnly } else { Access::ReadWrite };
+        if !self.read_only {
+            if let Some(why) = crate::ci::fork_pull_request(env) {
+                if self.allow_fork_writes {
+                    options.notes.push(format!("writes caches although {why}: --allow-fork-writes"));
+                } else {
+                    options.access = Access::ReadOnly;
+                    options.notes.push(format!(
+                        "read-only: {why}, and a fork's branch names could overwrite this repository's caches; --allow-fork-writes writes anyway"
+                    ));
+                }
+            }
+        }
         options.cache_errors = if self.strict_cache { CacheErrors::Fail } else { CacheErrors::Warn };
         for tag in &self.tags {
             crate::refs::check_no_credentials(tag, "a --tag image")?;
