@@ -38,7 +38,8 @@ cachefrom build --image 127.0.0.1:5000/app --backend inline --tag 127.0.0.1:5000
 cachefrom plan --image registry.example.com/team/app .        # the shell script it would run\n  \
 cachefrom stages -f Dockerfile --json\n\n\
 Exit codes: 0 success, 1 the build failed, 2 usage error (bad option, missing Dockerfile, unknown target),\n\
-3 the environment is not ready (docker missing, daemon not answering; with --strict-cache, a cache that cannot be read)."
+3 the environment is not ready (docker missing, daemon not answering; with --strict-cache, a cache that cannot be read),\n\
+130/143 cancelled by SIGINT/SIGTERM (the caches of the stages that finished are written first; a second signal exits at once)."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -325,6 +326,20 @@ fn print_plan(options: &PlanOptions, json: bool) -> Result<()> {
     Ok(())
 }
 
+/// SIGINT and SIGTERM (how CI cancels a job) stop the running build, have the caches of what it
+/// finished written and the report marked cancelled; a second signal exits at once.
+fn stop_on_signals(ctx: &Context) -> Result<()> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let again = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    for signal in [SIGINT, SIGTERM] {
+        let code = 128 + signal;
+        signal_hook::flag::register_conditional_shutdown(signal, code, std::sync::Arc::clone(&again))?;
+        signal_hook::flag::register(signal, std::sync::Arc::clone(&again))?;
+        signal_hook::flag::register_usize(signal, ctx.docker.cancel.flag(), signal as usize)?;
+    }
+    Ok(())
+}
+
 fn build(args: &BuildArgs) -> std::result::Result<(), Failure> {
     let started = Instant::now();
     let options = plan_options(&args.plan).map_err(usage)?;
@@ -334,6 +349,7 @@ fn build(args: &BuildArgs) -> std::result::Result<(), Failure> {
     // Check the Dockerfile and the target before asking Docker anything.
     let plan = Plan::new(&options).map_err(usage)?;
     let mut ctx = Context::from_environment();
+    stop_on_signals(&ctx).map_err(|error| Failure { code: EXIT_ENVIRONMENT, error })?;
     if args.quiet {
         ctx.style = OutputStyle::Quiet;
     }
@@ -347,6 +363,11 @@ fn build(args: &BuildArgs) -> std::result::Result<(), Failure> {
         Ok(_) => Ok(()),
         // A build that ran and failed; anything else (a fatal cache error with --strict-cache)
         // is the environment's.
+        // Cancelled: the shell's code for death by that signal (130 for SIGINT, 143 for SIGTERM).
+        Err(error) if ctx.docker.cancel.requested().is_some() => {
+            let signal = ctx.docker.cancel.requested().unwrap_or(15);
+            Err(Failure { code: u8::try_from(128 + signal).unwrap_or(143), error })
+        }
         Err(error) if error.downcast_ref::<BuildFailed>().is_some() => Err(Failure { code: EXIT_BUILD_FAILED, error }),
         Err(error) => Err(Failure { code: EXIT_ENVIRONMENT, error }),
     }

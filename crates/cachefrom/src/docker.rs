@@ -32,6 +32,32 @@ impl Default for Timeouts {
     }
 }
 
+/// A request to stop the build, shared by everything that runs it: a signal handler (the CLI's
+/// SIGINT and SIGTERM), or a caller's own reason. A build running when it is requested is
+/// stopped with its children; what the build finished still has its cache written.
+#[derive(Debug, Clone, Default)]
+pub struct Cancel(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Cancel {
+    /// Asks for the build to stop, for `signal` (its number, e.g. 15; any non-zero value).
+    pub fn request(&self, signal: usize) {
+        self.0.store(signal.max(1), std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// The signal the stop was requested for, if it was.
+    pub fn requested(&self) -> Option<usize> {
+        match self.0.load(std::sync::atomic::Ordering::SeqCst) {
+            0 => None,
+            signal => Some(signal),
+        }
+    }
+
+    /// The counter a signal handler sets (e.g. with `signal_hook::flag::register_usize`).
+    pub fn flag(&self) -> Arc<std::sync::atomic::AtomicUsize> {
+        Arc::clone(&self.0)
+    }
+}
+
 /// A docker client: the program and the environment it runs with.
 #[derive(Debug, Clone)]
 pub struct Docker {
@@ -41,6 +67,8 @@ pub struct Docker {
     pub env: Vec<(String, String)>,
     /// Time limits.
     pub timeouts: Timeouts,
+    /// Stops a streamed build when requested ([`Docker::stream`]).
+    pub cancel: Cancel,
 }
 
 /// What a finished docker call printed.
@@ -60,7 +88,7 @@ impl Default for Docker {
     fn default() -> Self {
         let program =
             std::env::var_os("CACHEFROM_DOCKER").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("docker"));
-        Docker { program, env: Vec::new(), timeouts: Timeouts::default() }
+        Docker { program, env: Vec::new(), timeouts: Timeouts::default(), cancel: Cancel::default() }
     }
 }
 
@@ -120,18 +148,25 @@ impl Docker {
             .reader()
             .map_err(|error| self.spawn_error(error, purpose))?;
         let reader = Arc::new(reader);
-        let (done, timed_out) = mpsc::channel::<()>();
+        let (done, finished) = mpsc::channel::<()>();
         let watchdog = {
             let reader = Arc::clone(&reader);
-            std::thread::spawn(move || {
-                if let Err(mpsc::RecvTimeoutError::Timeout) = timed_out.recv_timeout(timeout) {
-                    for pid in reader.pids() {
-                        kill_tree(pid);
+            let cancel = self.cancel.clone();
+            let deadline = Instant::now() + timeout;
+            std::thread::spawn(move || loop {
+                match finished.recv_timeout(Duration::from_millis(50)) {
+                    Err(mpsc::RecvTimeoutError::Timeout) => {
+                        let cancelled = cancel.requested().is_some();
+                        if cancelled || Instant::now() >= deadline {
+                            for pid in reader.pids() {
+                                kill_tree(pid);
+                            }
+                            let _ = reader.kill();
+                            return Some(cancelled);
+                        }
                     }
-                    let _ = reader.kill();
-                    return true;
+                    _ => return None,
                 }
-                false
             })
         };
         let mut lines = BufReader::new(&*reader);
@@ -145,9 +180,16 @@ impl Docker {
             }
         }
         let _ = done.send(());
-        let killed = watchdog.join().unwrap_or(false);
-        if killed {
-            bail!("{purpose}: `{}` did not finish within {}s and was stopped", render_command(args), timeout.as_secs());
+        match watchdog.join().unwrap_or(None) {
+            Some(true) => bail!("{purpose}: stopped, as asked (cancelled)"),
+            Some(false) => {
+                bail!(
+                    "{purpose}: `{}` did not finish within {}s and was stopped",
+                    render_command(args),
+                    timeout.as_secs()
+                )
+            }
+            None => {}
         }
         let output = reader.try_wait().with_context(|| format!("{purpose}: waiting for docker"))?;
         Ok(output.and_then(|output| output.status.code()))

@@ -943,6 +943,10 @@ pub fn execute_checked(
     let mut refresh: Vec<CacheWrite> = Vec::new();
     for step in steps {
         match step {
+            Step::Build { .. } if ctx.docker.cancel.requested().is_some() => {
+                build_error = Some(anyhow::anyhow!("cancelled before the next build started"));
+                break;
+            }
             Step::Build { stage } => {
                 let outcome = build_unit(ctx, plan, stage, &resolution)?;
                 if outcome.export_failed {
@@ -953,7 +957,11 @@ pub fn execute_checked(
                 }
                 if let Some(error) = outcome.error {
                     build_error = Some(error);
-                    if let Err(error) = recover(ctx, plan, &resolution, &outcome.finished, &mut stage_reports) {
+                    // Writing what finished is not cancelled: it is what a cancel waits for.
+                    let uncancelled =
+                        Context { docker: Docker { cancel: Default::default(), ..ctx.docker.clone() }, ..ctx.clone() };
+                    if let Err(error) = recover(&uncancelled, plan, &resolution, &outcome.finished, &mut stage_reports)
+                    {
                         write_error = Some(format!("{error:#}"));
                     }
                     break;
@@ -1026,6 +1034,11 @@ pub fn execute_checked(
     let mut run_warnings = resolution.warnings.clone();
     let push_error = write_error;
 
+    let cancelled = ctx.docker.cancel.requested().map(signal_name);
+    if let (Some(by), Some(error)) = (&cancelled, build_error.take()) {
+        build_error =
+            Some(error.context(format!("cancelled by {by}; the caches of the stages it finished were written")));
+    }
     let message = match (&build_error, &push_error) {
         (Some(build), Some(push)) => {
             Some(format!("{build:#}\nand writing the caches of the stages built before it failed too: {push}"))
@@ -1038,6 +1051,7 @@ pub fn execute_checked(
         run_warnings.push("the build succeeded but writing its cache failed".to_string());
     }
     let report = RunReport {
+        cancelled,
         stages: stage_reports,
         seconds: started.elapsed().as_secs_f64(),
         backend: plan.backend.name().to_string(),
@@ -1058,6 +1072,16 @@ pub fn execute_checked(
     match message {
         None => Ok(report),
         Some(message) => Err(anyhow::Error::new(BuildFailed { report, message })),
+    }
+}
+
+/// `SIGINT` for 2, `SIGTERM` for 15, `signal N` otherwise.
+pub fn signal_name(signal: usize) -> String {
+    match signal {
+        2 => "SIGINT".to_string(),
+        15 => "SIGTERM".to_string(),
+        1 => "a cancel request".to_string(),
+        other => format!("signal {other}"),
     }
 }
 
