@@ -285,7 +285,7 @@ mod tests {
         std::fs::write(&path, format!("#!/bin/sh\n{script}\n")).unwrap();
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
-        (dir, Docker { program: path, env: vec![], timeouts: Timeouts::default() })
+        (dir, Docker { program: path, env: vec![], timeouts: Timeouts::default(), cancel: Cancel::default() })
     }
 
     #[test]
@@ -301,7 +301,12 @@ mod tests {
 
     #[test]
     fn a_missing_program_says_what_to_do() {
-        let docker = Docker { program: "/nonexistent/docker".into(), env: vec![], timeouts: Timeouts::default() };
+        let docker = Docker {
+            program: "/nonexistent/docker".into(),
+            env: vec![],
+            timeouts: Timeouts::default(),
+            cancel: Cancel::default(),
+        };
         let error = docker.run("probing", &[], Duration::from_secs(1)).unwrap_err().to_string();
         assert!(error.contains("was not found; install the Docker CLI"), "{error}");
     }
