@@ -908,7 +908,7 @@ pub fn execute_checked(
         ctx.warn(why);
     }
     // Its warnings go into the report, printed once at the end.
-    let resolution = resolution?;
+    let mut resolution = resolution?;
     for stage in &plan.stages {
         let choice = &resolution.stages[&stage.name];
         match &choice.chosen {
@@ -948,7 +948,25 @@ pub fn execute_checked(
                 break;
             }
             Step::Build { stage } => {
-                let outcome = build_unit(ctx, plan, stage, &resolution)?;
+                let mut outcome = build_unit(ctx, plan, stage, &resolution)?;
+                // A cache whose manifest is there but whose content is not (a registry's garbage
+                // collection, a half-finished push) must not fail every run: build again
+                // without it; this run's export replaces it.
+                // (The build fails where the image needs the content; only the export fails,
+                // as a warning, where nothing but the cache needs it.)
+                let failure_text = match (&outcome.error, outcome.export_failed) {
+                    (Some(error), _) => format!("{error:#}"),
+                    (None, true) => outcome.reports.iter().flat_map(|report| report.warnings.iter()).cloned().collect(),
+                    (None, false) => String::new(),
+                };
+                if let Some(digest) = missing_content(&failure_text) {
+                    if let Some((fixed, warning)) = without_broken(ctx, plan, &resolution, &digest) {
+                        ctx.warn(&warning);
+                        resolution = fixed;
+                        resolution.warnings.push(warning);
+                        outcome = build_unit(ctx, plan, stage, &resolution)?;
+                    }
+                }
                 if outcome.export_failed {
                     not_exported.insert(stage.clone());
                 }
@@ -1075,6 +1093,66 @@ pub fn execute_checked(
     }
 }
 
+/// The digest of cache content BuildKit could not fetch, from a build's error: a cache whose
+/// manifest names a blob the registry no longer has.
+fn missing_content(error: &str) -> Option<String> {
+    let broken = ["could not fetch content descriptor", "blob unknown", "content digest", "failed to fetch"]
+        .iter()
+        .any(|marker| error.contains(marker))
+        && (error.contains("not found") || error.contains("unknown"));
+    if !broken {
+        return None;
+    }
+    let start = error.find("sha256:")?;
+    let hex: String = error[start + 7..].chars().take_while(|c| c.is_ascii_hexdigit()).collect();
+    (hex.len() == 64).then(|| format!("sha256:{hex}"))
+}
+
+/// `resolution` without the caches that hold `digest` (every chosen one when none can be
+/// named), each stage falling back to the next cache of its chain that exists; and the warning
+/// that says so. `None` when no stage had a cache to drop.
+fn without_broken(ctx: &Context, plan: &Plan, resolution: &Resolution, digest: &str) -> Option<(Resolution, String)> {
+    let chosen: BTreeSet<String> = resolution
+        .stages
+        .values()
+        .filter_map(|choice| choice.chosen.as_ref().map(|chosen| chosen.location.to_string()))
+        .collect();
+    if chosen.is_empty() {
+        return None;
+    }
+    let holds = |location: &str| -> bool {
+        let Ok(tag) = writes::tag_of(&plan.repository, location) else { return false };
+        ctx.registry
+            .manifest(&plan.repository, &tag)
+            .is_ok_and(|manifest| String::from_utf8_lossy(&manifest.body).contains(digest))
+    };
+    // Every cache that names the digest is broken, copies of the same manifest included.
+    let existing: BTreeSet<String> = resolution
+        .stages
+        .values()
+        .flat_map(|choice| choice.checked.iter())
+        .filter(|(_, existence)| *existence == Existence::Exists)
+        .map(|(candidate, _)| candidate.location.to_string())
+        .collect();
+    let named: BTreeSet<String> = existing.iter().filter(|location| holds(location)).cloned().collect();
+    let broken = if named.is_empty() { chosen } else { named };
+    let mut fixed = resolution.clone();
+    for choice in fixed.stages.values_mut() {
+        choice.chosen = choice
+            .checked
+            .iter()
+            .find(|(candidate, existence)| {
+                *existence == Existence::Exists && !broken.contains(&candidate.location.to_string())
+            })
+            .map(|(candidate, _)| candidate.clone());
+    }
+    let warning = format!(
+        "the cache {} is broken: BuildKit could not fetch {digest} from it (removed from the registry?); built without it, and this run's cache replaces it",
+        broken.iter().cloned().collect::<Vec<_>>().join(", ")
+    );
+    Some((fixed, warning))
+}
+
 /// `SIGINT` for 2, `SIGTERM` for 15, `signal N` otherwise.
 pub fn signal_name(signal: usize) -> String {
     match signal {
@@ -1118,6 +1196,11 @@ fn reuse_unchanged(
             .with_context(|| format!("tagging the image {image} built from the same inputs"))?;
     }
     let written = perform_writes(ctx, plan, &plan.writes_after(target), &BTreeMap::new())?;
+    // A copy the registry refuses (400: it no longer has a blob the cache names) means the cache
+    // cannot be reused: build instead.
+    if !written.warnings.is_empty() {
+        bail!("copying its tags failed: {}", written.warnings.join("; "));
+    }
     let mut reports: Vec<StageReport> = plan
         .stages
         .iter()
