@@ -27,6 +27,9 @@ pub enum Existence {
     Unknown(String),
 }
 
+/// Further tries of a manifest write that failed (after 0.2 s, then 0.6 s).
+const WRITE_RETRIES: u32 = 2;
+
 /// Checks references against registries.
 #[derive(Debug, Clone)]
 pub struct RegistryClient {
@@ -205,28 +208,42 @@ impl RegistryClient {
                 .iter()
                 .map(|tag| {
                     scope.spawn(move || {
-                        let url = manifest_url(repository, tag);
-                        let response = self.send(session, repository, Access::Push, |agent, authorization| {
-                            let mut request = agent.put(&url).header("Content-Type", manifest.content_type.as_str());
-                            if let Some(authorization) = authorization {
-                                request = request.header("Authorization", authorization);
+                        // A write that fails for any reason but a refused login is tried again
+                        // (a registry busy with racing exports answers 400 or 5xx for a moment).
+                        let write = || -> Result<()> {
+                            let url = manifest_url(repository, tag);
+                            let response = self.send(session, repository, Access::Push, |agent, authorization| {
+                                let mut request = agent.put(&url).header("Content-Type", manifest.content_type.as_str());
+                                if let Some(authorization) = authorization {
+                                    request = request.header("Authorization", authorization);
+                                }
+                                request.send(&manifest.body[..])
+                            })?;
+                            match response.status().as_u16() {
+                                200..=299 => Ok(()),
+                                401 | 403 => bail!(
+                                    "registry {} refused to write {} (HTTP {}): run `docker login {}` with an account that can push",
+                                    repository.registry,
+                                    repository.with_tag(tag),
+                                    response.status().as_u16(),
+                                    repository.registry
+                                ),
+                                other => bail!(
+                                    "writing {}: registry {} answered HTTP {other}",
+                                    repository.with_tag(tag),
+                                    repository.registry
+                                ),
                             }
-                            request.send(&manifest.body[..])
-                        })?;
-                        match response.status().as_u16() {
-                            200..=299 => Ok(()),
-                            401 | 403 => bail!(
-                                "registry {} refused to write {} (HTTP {}): run `docker login {}` with an account that can push",
-                                repository.registry,
-                                repository.with_tag(tag),
-                                response.status().as_u16(),
-                                repository.registry
-                            ),
-                            other => bail!(
-                                "writing {}: registry {} answered HTTP {other}",
-                                repository.with_tag(tag),
-                                repository.registry
-                            ),
+                        };
+                        let mut attempt = 0;
+                        loop {
+                            match write() {
+                                Err(error) if attempt < WRITE_RETRIES && !error.to_string().contains("refused to write") => {
+                                    std::thread::sleep(Duration::from_millis(200 * 3u64.pow(attempt)));
+                                    attempt += 1;
+                                }
+                                result => return result,
+                            }
                         }
                     })
                 })
