@@ -1413,4 +1413,54 @@ mod tests {
             resolution.sources(&plan, plan.stage("app").unwrap()).into_iter().map(|(name, _)| name).collect();
         assert_eq!(sources, ["app", "deps"]);
     }
+
+    /// A plan of three stages, all in a registry at `address`, registry backend, on main.
+    fn three_stage_plan(address: &str) -> Plan {
+        let text = "FROM scratch AS a\nFROM a AS b\nFROM b AS c\n";
+        let dockerfile = crate::dockerfile::parse_dockerfile_text(text, &Default::default()).unwrap();
+        let git = crate::git::GitFacts {
+            branch: Some("feature".into()),
+            default_branch: "main".into(),
+            commit: Some("a".repeat(40)),
+            ..Default::default()
+        };
+        let repository = crate::refs::Repository::parse(&format!("{address}/team/app")).unwrap();
+        let mut options = PlanOptions::new(".", repository, git);
+        options.backend = Backend::parse("registry", None).unwrap();
+        Plan::from_dockerfile(&options, Path::new("Dockerfile"), &dockerfile).unwrap()
+    }
+
+    fn quick_context() -> Context {
+        let mut ctx = Context::from_environment();
+        ctx.output = std::sync::Arc::new(crate::output::Silent);
+        ctx
+    }
+
+    #[test]
+    fn a_registry_that_is_down_gives_one_warning_not_one_per_tag() {
+        // Nothing listens on port 1.
+        let plan = three_stage_plan("127.0.0.1:1");
+        let resolution = pull_cached(&quick_context(), &plan).unwrap();
+        assert_eq!(resolution.warnings.len(), 1, "{:#?}", resolution.warnings);
+        assert!(resolution.stages.values().all(|choice| choice.chosen.is_none()));
+    }
+
+    #[test]
+    fn a_registry_that_never_answers_is_given_up_within_seconds() {
+        // Accepts connections, never answers.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        let held = std::thread::spawn(move || {
+            let mut kept = Vec::new();
+            for stream in listener.incoming().take(64).flatten() {
+                kept.push(stream);
+            }
+        });
+        let plan = three_stage_plan(&address);
+        let started = std::time::Instant::now();
+        let resolution = pull_cached(&quick_context(), &plan).unwrap();
+        assert!(started.elapsed() < std::time::Duration::from_secs(8), "took {:?}", started.elapsed());
+        assert_eq!(resolution.warnings.len(), 1, "{:#?}", resolution.warnings);
+        drop(held);
+    }
 }

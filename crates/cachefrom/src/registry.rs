@@ -108,8 +108,12 @@ impl RegistryClient {
     }
 
     fn agent(&self) -> ureq::Agent {
+        // A registry that takes the connection but never answers is given up after a few
+        // seconds, not after the whole request's time.
         ureq::Agent::config_builder()
             .timeout_global(Some(self.timeout))
+            .timeout_connect(Some(self.timeout.min(Duration::from_secs(3))))
+            .timeout_recv_response(Some(self.timeout.min(Duration::from_secs(5))))
             .http_status_as_error(false)
             .max_redirects(3)
             .build()

@@ -6,7 +6,7 @@
 //! are downloaded from a remote cache says `cached` only on its first update and never prints
 //! `CACHED` in plain output, so a step counts as cached if any update for its digest says so.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 
 use serde::{Deserialize, Serialize};
@@ -424,6 +424,17 @@ fn source_cell(stage: &StageReport, show: impl Fn(&str) -> String) -> String {
 }
 
 impl RunReport {
+    /// The run's warnings, then each stage's, each cause once (a warning several stages share
+    /// is shown once).
+    pub fn distinct_warnings(&self) -> Vec<&String> {
+        let mut seen = BTreeSet::new();
+        self.warnings
+            .iter()
+            .chain(self.stages.iter().flat_map(|stage| stage.warnings.iter()))
+            .filter(|warning| seen.insert(warning.as_str()))
+            .collect()
+    }
+
     /// All cached steps over all steps, across stages.
     pub fn totals(&self) -> (usize, usize) {
         self.stages.iter().fold((0, 0), |(c, t), s| (c + s.steps_cached, t + s.steps_total))
@@ -466,7 +477,7 @@ impl RunReport {
         if let Some(unchanged) = &self.unchanged {
             let _ = writeln!(out, "cachefrom: {unchanged}");
         }
-        for warning in self.warnings.iter().chain(self.stages.iter().flat_map(|s| s.warnings.iter())) {
+        for warning in self.distinct_warnings() {
             let _ = writeln!(out, "cachefrom: warning: {warning}");
         }
         out
@@ -491,7 +502,7 @@ impl RunReport {
         }
         let (cached, total) = self.totals();
         let _ = writeln!(out, "\n{cached} of {total} steps cached, {:.1}s, {} backend.", self.seconds, self.backend);
-        for warning in self.warnings.iter().chain(self.stages.iter().flat_map(|s| s.warnings.iter())) {
+        for warning in self.distinct_warnings() {
             let _ = writeln!(out, "\n> warning: {warning}");
         }
         out
