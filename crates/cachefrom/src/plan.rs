@@ -1012,27 +1012,30 @@ fn docker_build_args(docker_args: &[String]) -> BTreeMap<String, String> {
 }
 
 /// `docker_args` as they may be shown: the values of secret build arguments, secret options in
-/// `KEY=VALUE,…` lists (`--cache-to`, `--secret`) and any value carrying credentials hidden.
+/// the `KEY=VALUE,…` values of `--cache-from`, `--cache-to`, `--secret` and `--output`, and any
+/// URL with credentials (`scheme://user:pass@…`) or well-known token hidden. Other words (paths,
+/// tags, the context) are shown as they are, so that the printed command stays the one that runs.
 pub fn redact_docker_args(docker_args: &[String]) -> Vec<String> {
+    const OPTION_LISTS: [&str; 5] = ["--cache-from", "--cache-to", "--secret", "--output", "-o"];
     let mut out = Vec::with_capacity(docker_args.len());
-    let mut next_is_build_arg = false;
+    let mut previous: Option<&str> = None;
     for arg in docker_args {
-        let (prefix, pair) = if next_is_build_arg {
-            ("", Some(arg.as_str()))
-        } else {
-            match arg.strip_prefix("--build-arg=") {
-                Some(pair) => ("--build-arg=", Some(pair)),
-                None => ("", None),
-            }
+        let (flag, value) = match arg.split_once('=') {
+            Some((flag, value)) if flag.starts_with("--") => (Some(flag), value),
+            _ => (previous, arg.as_str()),
         };
-        next_is_build_arg = arg == "--build-arg";
-        let shown = match pair.and_then(|pair| pair.split_once('=')) {
-            Some((name, value)) if secrets::is_secret(name, value) => format!("{prefix}{name}={HIDDEN}"),
-            Some(_) => arg.clone(),
-            None if arg.contains('=') => secrets::redact_options(arg),
-            None if secrets::is_secret_value(arg) => HIDDEN.to_string(),
-            None => arg.clone(),
+        let prefix =
+            if flag.is_some() && flag != previous { format!("{}=", flag.unwrap_or_default()) } else { String::new() };
+        let shown = match flag {
+            Some("--build-arg") => match value.split_once('=') {
+                Some((name, value)) if secrets::is_secret(name, value) => format!("{prefix}{name}={HIDDEN}"),
+                _ => arg.clone(),
+            },
+            Some(flag) if OPTION_LISTS.contains(&flag) => format!("{prefix}{}", secrets::redact_options(value)),
+            _ if value.contains("://") && secrets::is_secret_value(value) => format!("{prefix}{HIDDEN}"),
+            _ => arg.clone(),
         };
+        previous = if arg.starts_with('-') && !arg.contains('=') { Some(arg.as_str()) } else { None };
         out.push(secrets::scrub(&shown).into_owned());
     }
     out
