@@ -272,18 +272,20 @@ pub fn parse_dockerfile_with(text: &str, options: &ParseOptions) -> Result<Docke
         }
     }
 
+    // A name used twice (BuildKit accepts it, with a lint warning) means its last stage for
+    // `COPY --from`, mounts and `--target`, and the latest earlier one for a `FROM`.
     let mut index_by_name: BTreeMap<String, usize> = BTreeMap::new();
     for (index, name) in names.iter().enumerate() {
         if let Some(name) = name {
-            if index_by_name.insert(name.clone(), index).is_some() {
-                bail!("stage {index}: the stage name `{name}` is used twice; stage names must be unique (case-insensitive)");
-            }
+            index_by_name.insert(name.clone(), index);
         }
     }
+    let mut earlier_by_name: BTreeMap<String, usize> = BTreeMap::new();
 
     let mut stages: Vec<Stage> = Vec::new();
     let mut dependency_indexes: Vec<BTreeSet<usize>> = Vec::new();
     let mut onbuild_references: Vec<Vec<Reference>> = Vec::new();
+    let mut bases: Vec<Option<usize>> = Vec::new();
     for (index, parsed_stage) in parsed.stages().enumerate() {
         let raw_image = parsed_stage.from.image.value.to_string();
         let base = expand(&raw_image, &variables).with_context(|| format!("stage {index}: in `FROM {raw_image}`"))?;
@@ -294,8 +296,13 @@ pub fn parse_dockerfile_with(text: &str, options: &ParseOptions) -> Result<Docke
         let mut external_images: BTreeSet<String> = BTreeSet::new();
 
         // `FROM <stage>` matches only earlier stages, by their lowercase name, exactly.
-        match index_by_name.get(&base).filter(|earlier| **earlier < index) {
-            Some(&earlier) => {
+        let from_stage = earlier_by_name.get(&base).copied();
+        if let Some(name) = &names[index] {
+            earlier_by_name.insert(name.clone(), index);
+        }
+        bases.push(from_stage);
+        match from_stage {
+            Some(earlier) => {
                 depends_on.insert(earlier);
             }
             None => {
@@ -325,7 +332,7 @@ pub fn parse_dockerfile_with(text: &str, options: &ParseOptions) -> Result<Docke
     // The ONBUILD triggers of a stage run in the stages built FROM it (only there: they do not
     // carry over further), so what they read is those stages' dependency.
     for index in 0..stages.len() {
-        let Some(&base) = index_by_name.get(&stages[index].base).filter(|base| **base < index) else { continue };
+        let Some(base) = bases[index] else { continue };
         let mut external: BTreeSet<String> = stages[index].external_images.iter().cloned().collect();
         for reference in onbuild_references[base].clone() {
             resolve_into(
@@ -340,6 +347,12 @@ pub fn parse_dockerfile_with(text: &str, options: &ParseOptions) -> Result<Docke
         stages[index].external_images = external.into_iter().collect();
     }
     check_no_cycle(&stages, &dependency_indexes)?;
+    // A stage whose name a later stage took can no longer be named: it is known by its index.
+    for stage in stages.iter_mut() {
+        if stage.name.as_ref().is_some_and(|name| index_by_name.get(name) != Some(&stage.index)) {
+            stage.name = None;
+        }
+    }
     let keys: Vec<String> = stages.iter().map(Stage::key).collect();
     for (stage, indexes) in stages.iter_mut().zip(dependency_indexes) {
         stage.depends_on = indexes.into_iter().map(|index| keys[index].clone()).collect();
@@ -728,9 +741,13 @@ COPY --from=builder /app/target/release/app /app
     }
 
     #[test]
-    fn duplicate_stage_names_are_an_error() {
-        let error = parse_dockerfile_text("FROM a AS x\nFROM b AS X\n", &BTreeMap::new()).unwrap_err();
-        assert!(error.to_string().contains("used twice"), "{error}");
+    fn a_name_used_twice_means_the_last_stage_but_for_from_between_them() {
+        let dockerfile = parse("FROM a AS x\nFROM x AS mid\nFROM b AS X\nFROM alpine AS end\nCOPY --from=x /y /y\n");
+        assert_eq!(dockerfile.stages[0].name, None, "shadowed: known by its index");
+        assert_eq!(dockerfile.stages[1].depends_on, ["0"], "FROM takes the earlier x");
+        assert_eq!(dockerfile.stages[3].depends_on, ["x"], "COPY --from takes the last x");
+        assert_eq!(dockerfile.stages[2].name.as_deref(), Some("x"));
+        assert_eq!(order(&dockerfile, Some("x")), ["x"]);
     }
 
     #[test]
@@ -901,5 +918,38 @@ COPY --from=builder /app/target/release/app /app
                 "binaries"
             ]
         );
+    }
+
+    /// Dockerfile-shaped text: instructions BuildKit knows, with arbitrary words in them.
+    fn dockerfile_text() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        let word = prop_oneof![
+            "[a-z0-9]{1,6}",
+            "\\$\\{?[A-Z]{1,3}(:-|%%|#|/)?[a-z$}]{0,4}",
+            any::<String>().prop_map(|s| s.replace('\n', " "))
+        ];
+        let line = (0..7usize, word.clone(), word).prop_map(|(kind, a, b)| match kind {
+            0 => format!("FROM {a} AS {b}"),
+            1 => format!("FROM {a}"),
+            2 => format!("ARG {a}={b}"),
+            3 => format!("COPY --from={a} /x /y"),
+            4 => format!("RUN --mount=type=bind,from={a} echo {b}"),
+            5 => format!("ONBUILD COPY --from={a} /x /y"),
+            _ => format!("RUN {a} {b}"),
+        });
+        proptest::collection::vec(line, 0..40).prop_map(|lines| lines.join("\n"))
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_dockerfile_is_answered_without_a_panic(text in dockerfile_text()) {
+            let started = std::time::Instant::now();
+            if let Ok(dockerfile) = parse_dockerfile_text(&text, &BTreeMap::new()) {
+                for stage in &dockerfile.stages {
+                    let _ = dockerfile.build_order(stage.name.as_deref());
+                }
+            }
+            proptest::prop_assert!(started.elapsed() < std::time::Duration::from_secs(2));
+        }
     }
 }

@@ -1086,6 +1086,7 @@ pub fn execute_checked(
             )
         }),
     };
+    remove_scratch(plan);
     publish_report(ctx, &report, report_file)?;
     match message {
         None => Ok(report),
@@ -1151,6 +1152,15 @@ fn without_broken(ctx: &Context, plan: &Plan, resolution: &Resolution, digest: &
         broken.iter().cloned().collect::<Vec<_>>().join(", ")
     );
     Some((fixed, warning))
+}
+
+/// Removes what the run put in its scratch directory (unpacked caches, exports, buildx's metadata
+/// file), and the directory itself when that leaves it empty: a full disk gets its space back.
+fn remove_scratch(plan: &Plan) {
+    let _ = writes::remove_dir(&plan.work_dir.join("from"));
+    let _ = writes::remove_dir(&plan.work_dir.join("to"));
+    let _ = std::fs::remove_file(plan.metadata_file());
+    let _ = std::fs::remove_dir(&plan.work_dir);
 }
 
 /// `SIGINT` for 2, `SIGTERM` for 15, `signal N` otherwise.

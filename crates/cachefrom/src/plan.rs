@@ -194,14 +194,16 @@ impl CacheWrite {
                 line
             }
             CacheWrite::PushImage { image } => format!("docker push {}", shell_quote(image)),
+            // `.partial.$$`: the shell's own scratch name, as the executor uses its process id.
             CacheWrite::CopyDir { from, to } => {
-                let (from, partial, dir) = (quote_path(from), quote_path(&partial_path(to)), quote_path(to));
+                let (from, partial, dir) =
+                    (quote_path(from), format!("{}$$", quote_path(&partial_path(to))), quote_path(to));
                 format!(
                     "rm -rf {partial} && mkdir -p {partial} && {{ cp -al {from}/. {partial} 2>/dev/null || {{ rm -rf {partial} && mkdir -p {partial} && cp -a {from}/. {partial}; }}; }} && rm -rf {dir} && mv {partial} {dir}"
                 )
             }
             CacheWrite::Pack { from, to } => {
-                let partial = quote_path(&partial_path(to));
+                let partial = format!("{}$$", quote_path(&partial_path(to)));
                 let file = quote_path(to);
                 let parent = quote_path(to.parent().unwrap_or(Path::new(".")));
                 format!("mkdir -p {parent} && tar -cf {partial} -C {} . && mv {partial} {file}", quote_path(from))
@@ -210,10 +212,18 @@ impl CacheWrite {
     }
 }
 
-/// `PATH.partial`: where a cache is written before it is renamed into place.
+/// `PATH.partial.`: the start of where a cache is written before it is renamed into place; the
+/// writer adds its process id ([`partial_path_of`]), so that concurrent writers never share one.
 pub fn partial_path(path: &Path) -> PathBuf {
     let mut partial = path.as_os_str().to_owned();
-    partial.push(".partial");
+    partial.push(".partial.");
+    PathBuf::from(partial)
+}
+
+/// `PATH.partial.PID`: this process's scratch name for `path`.
+pub fn partial_path_of(path: &Path) -> PathBuf {
+    let mut partial = partial_path(path).into_os_string();
+    partial.push(std::process::id().to_string());
     PathBuf::from(partial)
 }
 
@@ -300,7 +310,12 @@ pub struct PlanOptions {
 impl PlanOptions {
     /// Options with the defaults: the last stage, the inline backend, the default chain, read-write.
     pub fn new(context: impl Into<PathBuf>, repository: Repository, git: GitFacts) -> PlanOptions {
-        let work_dir = std::env::temp_dir().join("cachefrom").join(repository.path.replace('/', "-"));
+        // One scratch directory a process: two runs of one image on one host never share it.
+        let work_dir = std::env::temp_dir().join("cachefrom").join(format!(
+            "{}-{}",
+            repository.path.replace('/', "-"),
+            std::process::id()
+        ));
         PlanOptions {
             context: context.into(),
             dockerfile: None,

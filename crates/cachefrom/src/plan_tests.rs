@@ -251,7 +251,7 @@ fn the_tarball_backend_unpacks_before_and_packs_after() {
     let script = plan("FROM alpine AS deps\n", &options).to_string();
     assert!(script.contains("{ test -f /shared/127.0.0.1-5000-app/cache-deps.main.tar && mkdir -p /work/from/deps && tar -xf /shared/127.0.0.1-5000-app/cache-deps.main.tar -C /work/from/deps; } || true"), "{script}");
     assert!(
-        script.contains("tar -cf /shared/127.0.0.1-5000-app/cache-deps.main.tar.partial -C /work/to/deps . && mv"),
+        script.contains("tar -cf /shared/127.0.0.1-5000-app/cache-deps.main.tar.partial.$$ -C /work/to/deps . && mv /shared/127.0.0.1-5000-app/cache-deps.main.tar.partial.$$ /shared"),
         "{script}"
     );
     assert!(script.contains("--cache-from type=local,src=/work/from/deps"), "{script}");

@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{bail, Context as _, Result};
 
 use crate::docker::{run_program, Docker};
-use crate::plan::{partial_path, CacheWrite};
+use crate::plan::{partial_path_of, CacheWrite};
 use crate::refs::Repository;
 use crate::registry::RegistryClient;
 
@@ -68,7 +68,7 @@ fn pack(from: &Path, file: &Path, timeout: Duration) -> Result<()> {
     exported(from)?;
     let parent = file.parent().context("a tar file has a directory")?;
     std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
-    let partial = partial_path(file);
+    let partial = partial_path_of(file);
     let args = vec![
         "-cf".to_string(),
         partial.display().to_string(),
@@ -87,12 +87,17 @@ fn pack(from: &Path, file: &Path, timeout: Duration) -> Result<()> {
     packed
 }
 
-/// Copies the exported cache in `from` to `dir`, through `DIR.partial` renamed at the end;
-/// nothing partial stays behind when it fails.
+/// Copies the exported cache in `from` to `dir`, through `DIR.partial.PID` put in place at the
+/// end: swapped with the old cache in one step where there is one (a reader sees the old cache
+/// or the new, never none), renamed otherwise. Nothing partial stays behind when it fails.
 fn copy_dir(from: &Path, dir: &Path, timeout: Duration) -> Result<()> {
     exported(from)?;
-    let partial = partial_path(dir);
+    let partial = partial_path_of(dir);
     let copied = copy_into(from, &partial, timeout).and_then(|()| {
+        if dir.exists() && exchange(&partial, dir).is_ok() {
+            // `partial` now holds the old cache.
+            return remove_dir(&partial);
+        }
         remove_dir(dir)?;
         std::fs::rename(&partial, dir).with_context(|| format!("moving {} to {}", partial.display(), dir.display()))
     });
@@ -100,6 +105,20 @@ fn copy_dir(from: &Path, dir: &Path, timeout: Duration) -> Result<()> {
         let _ = remove_dir(&partial);
     }
     copied
+}
+
+/// Swaps two paths in one step (Linux `renameat2(RENAME_EXCHANGE)`).
+fn exchange(a: &Path, b: &Path) -> Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = |path: &Path| std::ffi::CString::new(path.as_os_str().as_bytes()).context("a path with a NUL byte");
+    let (a, b) = (c(a)?, c(b)?);
+    // SAFETY: two valid NUL-terminated paths, relative to the current directory.
+    let result =
+        unsafe { libc::renameat2(libc::AT_FDCWD, a.as_ptr(), libc::AT_FDCWD, b.as_ptr(), libc::RENAME_EXCHANGE) };
+    if result != 0 {
+        bail!("swapping in the new cache: {}", std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 fn copy_into(from: &Path, partial: &Path, timeout: Duration) -> Result<()> {
@@ -152,15 +171,22 @@ mod tests {
         // No index.json: not an exported cache.
         let to = dir.path().join("cache");
         assert!(copy_dir(&from, &to, Duration::from_secs(10)).is_err());
-        assert!(!partial_path(&to).exists() && !to.exists());
+        assert!(!partial_path_of(&to).exists() && !to.exists());
         std::fs::write(from.join("index.json"), "{}").unwrap();
         std::fs::create_dir_all(from.join("blobs/sha256")).unwrap();
         std::fs::write(from.join("blobs/sha256/abc"), "layer").unwrap();
         copy_dir(&from, &to, Duration::from_secs(10)).unwrap();
         assert_eq!(std::fs::read_to_string(to.join("blobs/sha256/abc")).unwrap(), "layer");
-        assert!(!partial_path(&to).exists());
+        assert!(!partial_path_of(&to).exists());
+        // A second write swaps the new cache in and leaves nothing behind.
+        std::fs::write(from.join("blobs/sha256/abc"), "layer2").unwrap();
+        std::fs::remove_file(from.join("blobs/sha256/abc")).unwrap();
+        std::fs::write(from.join("blobs/sha256/def"), "layer2").unwrap();
+        copy_dir(&from, &to, Duration::from_secs(10)).unwrap();
+        assert!(to.join("blobs/sha256/def").is_file() && !to.join("blobs/sha256/abc").exists());
+        assert!(!partial_path_of(&to).exists());
         let file = dir.path().join("tars/cache.tar");
         pack(&from, &file, Duration::from_secs(10)).unwrap();
-        assert!(file.is_file() && !partial_path(&file).exists());
+        assert!(file.is_file() && !partial_path_of(&file).exists());
     }
 }
