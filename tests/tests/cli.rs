@@ -152,8 +152,13 @@ fn xtask_docker_and_cachefrom_build_plan_the_same() {
         .output()
         .unwrap();
     assert!(xtask.status.success(), "{}", stderr(&xtask));
-    let cli: serde_json::Value = serde_json::from_slice(&cli.stdout).unwrap();
-    let xtask: serde_json::Value = serde_json::from_slice(&xtask.stdout).unwrap();
+    let mut cli: serde_json::Value = serde_json::from_slice(&cli.stdout).unwrap();
+    let mut xtask: serde_json::Value = serde_json::from_slice(&xtask.stdout).unwrap();
+    // Each process has a scratch directory of its own.
+    for plan in [&mut cli, &mut xtask] {
+        let work_dir = plan.as_object_mut().unwrap().remove("work_dir").unwrap();
+        assert!(work_dir.as_str().unwrap().contains("/cachefrom/example-app-"), "{work_dir}");
+    }
     assert_eq!(cli, xtask);
     assert_eq!(cli["stages"].as_array().unwrap().len(), 3);
 }
