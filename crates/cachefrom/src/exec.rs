@@ -1053,9 +1053,10 @@ pub fn execute_checked(
     let push_error = write_error;
 
     let cancelled = ctx.docker.cancel.requested().map(signal_name);
-    if let (Some(by), Some(error)) = (&cancelled, build_error.take()) {
-        build_error =
-            Some(error.context(format!("cancelled by {by}; the caches of the stages it finished were written")));
+    if let Some(by) = &cancelled {
+        build_error = build_error.map(|error| {
+            error.context(format!("cancelled by {by}; the caches of the stages it finished were written"))
+        });
     }
     let message = match (&build_error, &push_error) {
         (Some(build), Some(push)) => {
