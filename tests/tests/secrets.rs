@@ -97,7 +97,12 @@ fn secrets_never_reach_the_script_the_json_or_an_error_line() {
             assert_eq!(output.status.code(), Some(0), "{args:?}: {text}");
             assert_no_secret(&format!("{command:?} with {}", backend.split(',').next().unwrap()), &text);
             // The plan says what it hid, and how to pass a secret instead.
-            assert!(text.contains("GH_PAT") && text.contains("looks secret") && text.contains("--secret"), "{text}");
+            assert!(
+                text.contains("GH_PAT")
+                    && text.contains("look secret, their values not shown")
+                    && text.contains("--secret"),
+                "{text}"
+            );
             if backend.starts_with("s3") {
                 assert!(text.contains("AWS_SECRET_ACCESS_KEY"), "{text}");
             }

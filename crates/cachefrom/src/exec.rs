@@ -967,6 +967,15 @@ pub fn execute_checked(
                         outcome = build_unit(ctx, plan, stage, &resolution)?;
                     }
                 }
+                // An export the registry refused for a moment (writers racing on one tag answer
+                // 5xx) is tried again: the build is in BuildKit's cache, so only the export runs.
+                let mut attempt = 0;
+                while outcome.error.is_none() && outcome.export_failed && attempt < EXPORT_RETRIES {
+                    std::thread::sleep(std::time::Duration::from_millis(500 * 2u64.pow(attempt)));
+                    attempt += 1;
+                    ctx.say(&format!("cachefrom: exporting the cache of {stage} again (try {})", attempt + 1));
+                    outcome = build_unit(ctx, plan, stage, &resolution)?;
+                }
                 if outcome.export_failed {
                     not_exported.insert(stage.clone());
                 }
@@ -1154,6 +1163,9 @@ fn without_broken(ctx: &Context, plan: &Plan, resolution: &Resolution, digest: &
     );
     Some((fixed, warning))
 }
+
+/// Further tries of a cache export that failed while the build succeeded.
+const EXPORT_RETRIES: u32 = 2;
 
 /// Removes what the run put in its scratch directory (unpacked caches, exports, buildx's metadata
 /// file), and the directory itself when that leaves it empty: a full disk gets its space back.

@@ -523,23 +523,32 @@ impl Plan {
             ));
         }
 
+        // One note for every secret-looking build argument (their names only).
+        let mut hidden: Vec<String> = Vec::new();
         for (name, value) in &options.build_args {
             if secrets::is_secret(name, value) {
                 secrets::mask(value);
-                notes.push(format!(
-                    "build argument {} looks secret: its value is not shown, and docker reads it from the environment (set {0} to run this script). A build argument stays in the image's history: pass secrets with --secret id=…,env={0} after `--`, read with RUN --mount=type=secret",
-                    secrets::name_part(name)
-                ));
+                hidden.push(secrets::name_part(name));
             }
         }
+        let mut hidden_after_dashes: Vec<String> = Vec::new();
         for (name, value) in docker_build_args(&options.docker_args) {
             if secrets::is_secret(&name, &value) {
                 secrets::mask(&value);
-                notes.push(format!(
-                    "build argument {} after `--` looks secret: its value is not shown. A build argument stays in the image's history: pass secrets with --secret",
-                    secrets::name_part(&name)
-                ));
+                hidden_after_dashes.push(secrets::name_part(&name));
             }
+        }
+        if !hidden.is_empty() {
+            notes.push(format!(
+                "build arguments that look secret, their values not shown: {}; docker reads them from the environment (set them to run this script). A build argument stays in the image's history: pass secrets with --secret id=…,env=NAME after `--`, read with RUN --mount=type=secret",
+                hidden.join(", ")
+            ));
+        }
+        if !hidden_after_dashes.is_empty() {
+            notes.push(format!(
+                "build arguments after `--` that look secret, their values not shown: {}. A build argument stays in the image's history: pass secrets with --secret",
+                hidden_after_dashes.join(", ")
+            ));
         }
         if let Some(names) = options.backend.credential_names() {
             notes.push(format!(

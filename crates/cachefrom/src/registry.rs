@@ -172,6 +172,20 @@ impl RegistryClient {
     }
 
     fn manifest_in(&self, session: &Session, repository: &Repository, reference: &str) -> Result<Manifest> {
+        // A registry answering 5xx for a moment (writers racing on one tag) is asked again.
+        let mut attempt = 0;
+        loop {
+            match self.manifest_once(session, repository, reference) {
+                Err(error) if attempt < WRITE_RETRIES && error.to_string().contains("answered HTTP 5") => {
+                    std::thread::sleep(Duration::from_millis(200 * 3u64.pow(attempt)));
+                    attempt += 1;
+                }
+                result => return result,
+            }
+        }
+    }
+
+    fn manifest_once(&self, session: &Session, repository: &Repository, reference: &str) -> Result<Manifest> {
         let url = manifest_url(repository, reference);
         let mut response = self.send(session, repository, Access::Pull, |agent, authorization| {
             let mut request = agent.get(&url).header("Accept", MANIFEST_TYPES);
