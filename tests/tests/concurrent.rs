@@ -37,6 +37,8 @@ fn concurrent_runs_leave_one_complete_cache() {
     let shared = tempfile::tempdir().unwrap();
     for backend in [format!("local,dir={}", shared.path().display()), "registry".to_string()] {
         let image = unique_repository("concurrent");
+        // Cold, as CI jobs start: the runs race from the first step.
+        fresh_runner().unwrap();
         let reports: Vec<_> = (0..3).map(|i| project.path().join(format!("report-{i}.json"))).collect();
         let outputs = together(reports.iter().map(|report| build(project.path(), &image, report, &backend)).collect());
         for output in &outputs {

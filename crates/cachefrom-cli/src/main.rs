@@ -58,6 +58,38 @@ enum Command {
     /// manifest is read once and written under each tag byte for byte; no layer moves. The
     /// printed plan uses it to write a cache's further tags.
     CopyTag(CopyTagArgs),
+    /// Remove the cache tags nobody reads any more: those of branches that no longer exist, and
+    /// commit tags beyond the newest few of each stage. Never the default branch's tags, never
+    /// the unprefixed ones. A dry run unless --apply.
+    Prune(PruneArgs),
+}
+
+#[derive(Args, Debug)]
+struct PruneArgs {
+    /// The repository the caches are in: REGISTRY/NAME, without a tag.
+    #[arg(long, env = "CACHEFROM_IMAGE", value_name = "REPOSITORY")]
+    image: String,
+    /// The branches that exist, one a line [default: `git ls-remote --heads origin` in CONTEXT].
+    #[arg(long, value_name = "FILE")]
+    branches: Option<PathBuf>,
+    /// The default branch, whose tags always stay [default: CI_DEFAULT_BRANCH, origin/HEAD, main or master].
+    #[arg(long, env = "CACHEFROM_DEFAULT_BRANCH", value_name = "BRANCH")]
+    default_branch: Option<String>,
+    /// Commit tags kept for each stage, the newest first (by the commit's date in git).
+    #[arg(long, default_value_t = 5, value_name = "N")]
+    keep_commits: usize,
+    /// Also remove commit tags whose commit is older than this: 30d, 12h, 2w.
+    #[arg(long, value_name = "DURATION")]
+    older_than: Option<String>,
+    /// Delete what the dry run lists.
+    #[arg(long)]
+    apply: bool,
+    /// Print the plan as JSON.
+    #[arg(long)]
+    json: bool,
+    /// A clone of the repository (for its branches and commit dates).
+    #[arg(default_value = ".", value_name = "CONTEXT")]
+    context: PathBuf,
 }
 
 #[derive(Args, Debug)]
@@ -212,6 +244,7 @@ fn main() -> ExitCode {
         Command::Plan(args) => plan_options(&args).and_then(|options| print_plan(&options, args.json)).map_err(usage),
         Command::Build(args) => build(&args),
         Command::CopyTag(args) => copy_tag(&args),
+        Command::Prune(args) => prune(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -262,6 +295,60 @@ fn stages(args: &StagesArgs) -> Result<()> {
             );
         }
         println!("build order: {}", order.join(" -> "));
+    }
+    Ok(())
+}
+
+fn prune(args: &PruneArgs) -> std::result::Result<(), Failure> {
+    use cachefrom::prune::{commit_times, parse_duration, remote_branches, PruneOptions};
+    let repository = cachefrom::refs::Repository::parse(&args.image).map_err(usage)?;
+    let older_than = args.older_than.as_deref().map(parse_duration).transpose().map_err(usage)?;
+    let branches = match &args.branches {
+        Some(file) => std::fs::read_to_string(file)
+            .map_err(|error| usage(anyhow::anyhow!("cannot read the branches file {}: {error}", file.display())))?
+            .lines()
+            .map(|line| line.trim().strip_prefix("refs/heads/").unwrap_or(line.trim()).to_string())
+            .filter(|line| !line.is_empty())
+            .collect(),
+        None => remote_branches(&args.context, std::time::Duration::from_secs(60)).map_err(usage)?,
+    };
+    let env = Environment::from_process();
+    let overrides = cachefrom::git::GitOverrides { default_branch: args.default_branch.clone(), ..Default::default() };
+    let git = cachefrom::git::GitFacts::discover(&args.context, &overrides, &env).map_err(usage)?;
+    let ctx = Context::from_environment();
+    let tags = ctx.registry.list_tags(&repository).map_err(|error| Failure { code: EXIT_ENVIRONMENT, error })?;
+    let commits = tags.iter().filter_map(|tag| match cachefrom::prune::CacheTag::parse(tag) {
+        Some(cachefrom::prune::CacheTag::Commit { commit, .. }) => Some(commit),
+        _ => None,
+    });
+    let now =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
+    let options = PruneOptions {
+        branches,
+        default_branch: git.default_branch.clone(),
+        keep_commits: args.keep_commits,
+        older_than,
+        commit_times: commit_times(&args.context, commits),
+        now,
+    };
+    let environment = |error| Failure { code: EXIT_ENVIRONMENT, error };
+    let plan = cachefrom::prune::plan(&ctx.registry, &repository, &options).map_err(environment)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&plan).expect("plain data"));
+    } else {
+        for line in plan.lines() {
+            println!("{line}");
+        }
+    }
+    if args.apply {
+        let deleted = plan.apply(&ctx.registry, &repository).map_err(environment)?;
+        eprintln!("cachefrom: removed {} tag(s) ({deleted} manifest(s)) from {repository}", plan.remove.len());
+    } else {
+        eprintln!(
+            "cachefrom: {} tag(s) would be removed from {repository} (default branch `{}` kept); pass --apply to remove them",
+            plan.remove.len(),
+            git.default_branch
+        );
     }
     Ok(())
 }

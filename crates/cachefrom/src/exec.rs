@@ -969,6 +969,20 @@ pub fn execute_checked(
                 }
                 // An export the registry refused for a moment (writers racing on one tag answer
                 // 5xx) is tried again: the build is in BuildKit's cache, so only the export runs.
+                // Two identical builds at once on one engine race on the image store
+                // (`image "moby-dangling@sha256:…": already exists`): the other one has finished
+                // by then, and the same build again is a cache hit.
+                let mut attempt = 0;
+                while attempt < EXPORT_RETRIES
+                    && outcome.error.as_ref().is_some_and(|error| is_image_store_race(&format!("{error:#}")))
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(500 * 2u64.pow(attempt)));
+                    attempt += 1;
+                    ctx.say(&format!(
+                        "cachefrom: building {stage} again: another build of the same image finished first"
+                    ));
+                    outcome = build_unit(ctx, plan, stage, &resolution)?;
+                }
                 let mut attempt = 0;
                 while outcome.error.is_none() && outcome.export_failed && attempt < EXPORT_RETRIES {
                     std::thread::sleep(std::time::Duration::from_millis(500 * 2u64.pow(attempt)));
@@ -1162,6 +1176,11 @@ fn without_broken(ctx: &Context, plan: &Plan, resolution: &Resolution, digest: &
         broken.iter().cloned().collect::<Vec<_>>().join(", ")
     );
     Some((fixed, warning))
+}
+
+/// True for the error of a build that lost a race with an identical build on the same engine.
+fn is_image_store_race(error: &str) -> bool {
+    error.contains("moby-dangling@") && error.contains("already exists")
 }
 
 /// Further tries of a cache export that failed while the build succeeded.

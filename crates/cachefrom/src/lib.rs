@@ -69,6 +69,18 @@
 
 #![deny(missing_docs)]
 
+// The handful a caller needs, at the root.
+pub use backend::Backend;
+pub use ci::Environment;
+pub use docker::Cancel;
+pub use exec::{
+    build_stage, build_with_cache, pull_cached, push_cached, BuildFailed, BuildOptions, Context, PushGuard,
+};
+pub use output::{Output, Recorded, Silent, StandardStreams};
+pub use plan::{Access, Level, Plan, PlanOptions};
+pub use report::RunReport;
+pub use settings::Settings;
+
 pub mod backend;
 pub mod ci;
 pub mod docker;
@@ -80,6 +92,7 @@ pub mod inputs;
 pub mod output;
 pub mod plan;
 mod progress;
+pub mod prune;
 pub mod refs;
 pub mod registry;
 pub mod report;

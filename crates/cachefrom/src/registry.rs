@@ -87,6 +87,7 @@ struct Session {
 enum Access {
     Pull,
     Push,
+    Delete,
 }
 
 /// A cache manifest is small; anything larger is not one.
@@ -275,6 +276,84 @@ impl RegistryClient {
         Ok(())
     }
 
+    /// Every tag of `repository` (following the registry's pages), sorted; none for a
+    /// repository the registry does not have.
+    pub fn list_tags(&self, repository: &Repository) -> Result<Vec<String>> {
+        let session = self.session();
+        let mut tags = Vec::new();
+        let mut url = format!("{}/v2/{}/tags/list?n=1000", registry_base_url(repository), repository.path);
+        for _ in 0..1000 {
+            let mut response = self.send(&session, repository, Access::Pull, |agent, authorization| {
+                let mut request = agent.get(&url);
+                if let Some(authorization) = authorization {
+                    request = request.header("Authorization", authorization);
+                }
+                request.call()
+            })?;
+            match response.status().as_u16() {
+                200 => {}
+                404 => return Ok(Vec::new()),
+                other => {
+                    bail!("listing the tags of {repository}: registry {} answered HTTP {other}", repository.registry)
+                }
+            }
+            let next = response.headers().get("link").and_then(|value| value.to_str().ok()).and_then(|link| {
+                link.split_once('<').and_then(|(_, rest)| rest.split_once('>')).map(|(path, _)| path.to_string())
+            });
+            let text = response
+                .body_mut()
+                .with_config()
+                .limit(64 * 1024 * 1024)
+                .read_to_string()
+                .with_context(|| format!("listing the tags of {repository}"))?;
+            let value: serde_json::Value =
+                serde_json::from_str(&text).with_context(|| format!("listing the tags of {repository}: not JSON"))?;
+            tags.extend(
+                value["tags"].as_array().into_iter().flatten().filter_map(|tag| tag.as_str()).map(str::to_string),
+            );
+            match next {
+                Some(path) if path.starts_with("/v2/") => url = format!("{}{path}", registry_base_url(repository)),
+                _ => break,
+            }
+        }
+        tags.sort();
+        tags.dedup();
+        Ok(tags)
+    }
+
+    /// The manifest digest of each of `tags` (`None` where the registry gave none).
+    pub fn digests(&self, repository: &Repository, tags: &[String]) -> Vec<Option<String>> {
+        let refs: Vec<(Repository, String)> = tags.iter().map(|tag| (repository.clone(), tag.clone())).collect();
+        self.check_all_with_digests(&refs).into_iter().map(|(_, digest)| digest).collect()
+    }
+
+    /// Deletes the manifest `digest` from `repository`, and with it every tag that names it.
+    pub fn delete_manifest(&self, repository: &Repository, digest: &str) -> Result<()> {
+        let url = manifest_url(repository, digest);
+        let response = self.send(&self.session(), repository, Access::Delete, |agent, authorization| {
+            let mut request = agent.delete(&url);
+            if let Some(authorization) = authorization {
+                request = request.header("Authorization", authorization);
+            }
+            request.call()
+        })?;
+        match response.status().as_u16() {
+            200..=299 | 404 => Ok(()),
+            405 => bail!(
+                "registry {} does not allow deletes (HTTP 405): turn them on (distribution: storage.delete.enabled: true)",
+                repository.registry
+            ),
+            401 | 403 => bail!(
+                "registry {} refused to delete from {} (HTTP {}): run `docker login {}` with an account that can delete",
+                repository.registry,
+                repository,
+                response.status().as_u16(),
+                repository.registry
+            ),
+            other => bail!("deleting {digest} from {repository}: registry {} answered HTTP {other}", repository.registry),
+        }
+    }
+
     fn session(&self) -> Session {
         Session { agent: self.agent(), authorizations: Mutex::new(BTreeMap::new()) }
     }
@@ -373,6 +452,7 @@ impl RegistryClient {
         let actions = match access {
             Access::Pull => "pull",
             Access::Push => "pull,push",
+            Access::Delete => "pull,push,delete",
         };
         let mut request = agent.get(realm.as_str()).query("scope", format!("repository:{}:{actions}", repository.path));
         if let Some(service) = fields.get("service") {

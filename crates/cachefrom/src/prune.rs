@@ -1,0 +1,321 @@
+//! `cachefrom prune`: the cache tags a repository no longer needs, chosen from the tag scheme
+//! ([`crate::refs`]) and git, and removed through the registry's API.
+//!
+//! Only tags cachefrom writes are considered (`cache-<stage>`, `cache-<stage>.<key>`). Removed:
+//! the tags of branches that no longer exist, commit tags beyond the newest `keep_commits` of
+//! each stage, and commit tags older than `older_than`. Never the default branch's tags, never
+//! the unprefixed ones. A registry deletes a manifest, with every tag that names it: a manifest
+//! that a kept tag also names is left alone, and the plan says so.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{bail, Context as _, Result};
+use serde::Serialize;
+
+use crate::refs::{is_commit_id, sanitize_tag, Repository};
+use crate::registry::RegistryClient;
+
+/// What a cache tag is, read back from the tag scheme.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum CacheTag {
+    /// `cache-<stage>`.
+    Unprefixed {
+        /// The stage part.
+        stage: String,
+    },
+    /// `cache-<stage>.<branch>` (the branch as the scheme writes it).
+    Branch {
+        /// The stage part.
+        stage: String,
+        /// The key part.
+        key: String,
+    },
+    /// `cache-<stage>.<commit id>`.
+    Commit {
+        /// The stage part.
+        stage: String,
+        /// The commit id.
+        commit: String,
+    },
+}
+
+impl CacheTag {
+    /// Reads `tag`; `None` for a tag cachefrom does not write.
+    pub fn parse(tag: &str) -> Option<CacheTag> {
+        let body = tag.strip_prefix("cache-")?;
+        if body.is_empty() || !crate::refs::is_valid_tag(tag) {
+            return None;
+        }
+        Some(match body.split_once('.') {
+            None => CacheTag::Unprefixed { stage: body.to_string() },
+            Some((stage, key)) if is_commit_id(key) => {
+                CacheTag::Commit { stage: stage.to_string(), commit: key.to_string() }
+            }
+            Some((stage, key)) if !stage.is_empty() && !key.is_empty() => {
+                CacheTag::Branch { stage: stage.to_string(), key: key.to_string() }
+            }
+            Some(_) => return None,
+        })
+    }
+}
+
+/// What to keep.
+#[derive(Debug, Clone)]
+pub struct PruneOptions {
+    /// The branches that exist (their names as git has them).
+    pub branches: BTreeSet<String>,
+    /// The default branch: its tags are always kept.
+    pub default_branch: String,
+    /// Commit tags kept per stage, newest first.
+    pub keep_commits: usize,
+    /// Commit tags older than this go, when given.
+    pub older_than: Option<Duration>,
+    /// When each known commit was made (seconds since the epoch); a commit not in the map is
+    /// older than every known one.
+    pub commit_times: BTreeMap<String, i64>,
+    /// Now, in seconds since the epoch.
+    pub now: i64,
+}
+
+/// One tag that goes, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Removal {
+    /// The tag.
+    pub tag: String,
+    /// Why it goes, in one line.
+    pub why: String,
+}
+
+/// The tags of a repository that go, in tag order.
+pub fn select(tags: &[String], options: &PruneOptions) -> Vec<Removal> {
+    let mut keys: BTreeSet<String> = options.branches.iter().map(|branch| sanitize_tag(branch)).collect();
+    keys.insert(sanitize_tag(&options.default_branch));
+    let mut removals = Vec::new();
+    let mut commits_by_stage: BTreeMap<String, Vec<(Option<i64>, String, String)>> = BTreeMap::new();
+    for tag in tags {
+        match CacheTag::parse(tag) {
+            Some(CacheTag::Branch { key, .. }) if !keys.contains(&key) => {
+                removals.push(Removal { tag: tag.clone(), why: format!("no branch `{key}` exists any more") })
+            }
+            Some(CacheTag::Commit { stage, commit }) => {
+                let time = options.commit_times.get(&commit).copied();
+                commits_by_stage.entry(stage).or_default().push((time, commit, tag.clone()));
+            }
+            _ => {}
+        }
+    }
+    for (_, mut commits) in commits_by_stage {
+        // Newest first; unknown commits last.
+        commits.sort_by(|a, b| b.0.unwrap_or(i64::MIN).cmp(&a.0.unwrap_or(i64::MIN)).then(a.1.cmp(&b.1)));
+        for (rank, (time, commit, tag)) in commits.into_iter().enumerate() {
+            let too_old = match (options.older_than, time) {
+                (Some(limit), Some(time)) => options.now - time > limit.as_secs() as i64,
+                _ => false,
+            };
+            if rank >= options.keep_commits {
+                let known = if time.is_some() { "" } else { ", and not in this clone" };
+                removals.push(Removal {
+                    tag,
+                    why: format!(
+                        "commit {} is beyond the newest {} of its stage{known}",
+                        &commit[..12],
+                        options.keep_commits
+                    ),
+                });
+            } else if too_old {
+                removals.push(Removal { tag, why: format!("commit {} is older than the limit", &commit[..12]) });
+            }
+        }
+    }
+    removals.sort_by(|a, b| a.tag.cmp(&b.tag));
+    removals
+}
+
+/// The prune of one repository: what goes, and the manifests that must stay because a kept tag
+/// names them too.
+#[derive(Debug, Clone, Serialize)]
+pub struct PrunePlan {
+    /// The repository.
+    pub repository: String,
+    /// Tags that go, each with its manifest digest.
+    pub remove: Vec<(Removal, Option<String>)>,
+    /// Tags that would go but stay: their manifest is also named by a tag that is kept.
+    pub shared: Vec<(Removal, Vec<String>)>,
+}
+
+/// Reads the repository's tags and their digests and works out the prune.
+pub fn plan(registry: &RegistryClient, repository: &Repository, options: &PruneOptions) -> Result<PrunePlan> {
+    let tags = registry.list_tags(repository)?;
+    let removals = select(&tags, options);
+    let digests = registry.digests(repository, &tags);
+    let digest_of: BTreeMap<&String, Option<&String>> = tags.iter().zip(digests.iter().map(Option::as_ref)).collect();
+    let going: BTreeSet<String> = removals.iter().map(|removal| removal.tag.clone()).collect();
+    let mut named_by: BTreeMap<&String, Vec<&String>> = BTreeMap::new();
+    for (tag, digest) in &digest_of {
+        if let Some(digest) = digest {
+            named_by.entry(digest).or_default().push(tag);
+        }
+    }
+    let mut plan = PrunePlan { repository: repository.to_string(), remove: Vec::new(), shared: Vec::new() };
+    for removal in removals {
+        let digest = digest_of.get(&removal.tag).copied().flatten();
+        let kept: Vec<String> = digest
+            .and_then(|digest| named_by.get(digest))
+            .map(|tags| tags.iter().filter(|tag| !going.contains(**tag)).map(|tag| tag.to_string()).collect())
+            .unwrap_or_default();
+        if kept.is_empty() {
+            plan.remove.push((removal, digest.cloned()));
+        } else {
+            plan.shared.push((removal, kept));
+        }
+    }
+    Ok(plan)
+}
+
+impl PrunePlan {
+    /// Deletes each manifest of the tags that go, once. Returns how many manifests went.
+    pub fn apply(&self, registry: &RegistryClient, repository: &Repository) -> Result<usize> {
+        let digests: BTreeSet<&String> = self.remove.iter().filter_map(|(_, digest)| digest.as_ref()).collect();
+        for digest in &digests {
+            registry.delete_manifest(repository, digest)?;
+        }
+        Ok(digests.len())
+    }
+
+    /// The plan as lines a person reads.
+    pub fn lines(&self) -> Vec<String> {
+        let mut lines = Vec::new();
+        for (removal, _) in &self.remove {
+            lines.push(format!("remove  {}:{}  ({})", self.repository, removal.tag, removal.why));
+        }
+        for (removal, kept) in &self.shared {
+            lines.push(format!(
+                "keep    {}:{}  ({}, but its manifest is also {}, which stays)",
+                self.repository,
+                removal.tag,
+                removal.why,
+                kept.join(", ")
+            ));
+        }
+        lines
+    }
+}
+
+/// The branches of `origin`, from `git ls-remote --heads` in `dir`.
+pub fn remote_branches(dir: &Path, timeout: Duration) -> Result<BTreeSet<String>> {
+    let args: Vec<String> =
+        ["-C", &dir.display().to_string(), "ls-remote", "--heads", "origin"].iter().map(|s| s.to_string()).collect();
+    let output = crate::docker::run_program("git", &args, "listing the branches of origin", timeout).context(
+        "cannot tell which branches exist: pass --branches FILE (one branch a line), or run in a clone with an origin",
+    )?;
+    Ok(output
+        .stdout
+        .lines()
+        .filter_map(|line| line.split_whitespace().nth(1))
+        .filter_map(|reference| reference.strip_prefix("refs/heads/"))
+        .map(str::to_string)
+        .collect())
+}
+
+/// When each of `commits` was made, for those the repository at `dir` has.
+pub fn commit_times(dir: &Path, commits: impl IntoIterator<Item = String>) -> BTreeMap<String, i64> {
+    let Ok(repository) = git2::Repository::discover(dir) else { return BTreeMap::new() };
+    commits
+        .into_iter()
+        .filter_map(|commit| {
+            let oid = git2::Oid::from_str(&commit).ok()?;
+            let time = repository.find_commit(oid).ok()?.time().seconds();
+            Some((commit, time))
+        })
+        .collect()
+}
+
+/// `30d`, `12h`, `90m`, `2w`, `3600s`.
+pub fn parse_duration(text: &str) -> Result<Duration> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number
+        .parse()
+        .with_context(|| format!("`{}` is not a duration such as 30d, 12h or 90m", crate::secrets::name_part(text)))?;
+    let seconds = match unit {
+        "s" | "" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        "w" => 604_800,
+        _ => bail!("`{}` is not a duration such as 30d, 12h or 90m", crate::secrets::name_part(text)),
+    };
+    Ok(Duration::from_secs(number.saturating_mul(seconds)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::refs::{cache_tag, TagKey};
+
+    fn options(branches: &[&str]) -> PruneOptions {
+        PruneOptions {
+            branches: branches.iter().map(|b| b.to_string()).collect(),
+            default_branch: "main".into(),
+            keep_commits: 2,
+            older_than: None,
+            commit_times: BTreeMap::new(),
+            now: 1_000_000,
+        }
+    }
+
+    #[test]
+    fn tags_read_back_as_the_scheme_writes_them() {
+        let sha = "a".repeat(40);
+        assert_eq!(
+            CacheTag::parse(&cache_tag("deps", Some(&TagKey::Branch("feature/x".into())))),
+            Some(CacheTag::Branch { stage: "deps".into(), key: sanitize_tag("feature/x") })
+        );
+        assert_eq!(
+            CacheTag::parse(&cache_tag("deps", Some(&TagKey::Commit(sha.clone())))),
+            Some(CacheTag::Commit { stage: "deps".into(), commit: sha })
+        );
+        assert_eq!(CacheTag::parse("cache-deps"), Some(CacheTag::Unprefixed { stage: "deps".into() }));
+        assert_eq!(CacheTag::parse("latest"), None);
+        assert_eq!(CacheTag::parse("v1.2"), None);
+    }
+
+    #[test]
+    fn gone_branches_and_old_commits_go_the_default_branch_and_unprefixed_stay() {
+        let tag = |stage: &str, key: TagKey| cache_tag(stage, Some(&key));
+        let branch = |name: &str| TagKey::Branch(name.to_string());
+        let commit = |c: char| TagKey::Commit(c.to_string().repeat(40));
+        let tags = vec![
+            tag("deps", branch("main")),
+            tag("deps", branch("feature/kept")),
+            tag("deps", branch("feature/gone")),
+            cache_tag("deps", None),
+            tag("deps", commit('1')),
+            tag("deps", commit('2')),
+            tag("deps", commit('3')),
+            tag("app", commit('3')),
+            "latest".to_string(),
+        ];
+        let mut options = options(&["feature/kept"]);
+        options.commit_times =
+            [('1', 100), ('2', 200), ('3', 300)].iter().map(|(c, t)| (c.to_string().repeat(40), *t)).collect();
+        let removed: Vec<String> = select(&tags, &options).into_iter().map(|removal| removal.tag).collect();
+        assert_eq!(removed, [tag("deps", commit('1')), tag("deps", branch("feature/gone"))]);
+
+        options.older_than = Some(Duration::from_secs(999_750));
+        let removed: Vec<String> = select(&tags, &options).into_iter().map(|removal| removal.tag).collect();
+        assert_eq!(removed, [tag("deps", commit('1')), tag("deps", commit('2')), tag("deps", branch("feature/gone"))]);
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("30d").unwrap(), Duration::from_secs(30 * 86_400));
+        assert_eq!(parse_duration("12h").unwrap(), Duration::from_secs(12 * 3600));
+        assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("3y").is_err());
+    }
+}
