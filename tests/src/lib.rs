@@ -236,16 +236,23 @@ pub fn fresh_runner() -> Result<()> {
 
 /// Runs git in `dir` with a fixed identity; returns its trimmed stdout.
 pub fn git(dir: &Path, args: &[&str]) -> Result<String> {
-    let output = duct::cmd("git", args)
+    git_dated(dir, None, args)
+}
+
+/// [`git`] with the author and commit dates set to `date` (seconds since the epoch), when given.
+pub fn git_dated(dir: &Path, date: Option<u64>, args: &[&str]) -> Result<String> {
+    let mut command = duct::cmd("git", args)
         .dir(dir)
         .env("GIT_AUTHOR_NAME", "e2e")
         .env("GIT_AUTHOR_EMAIL", "e2e@example.invalid")
         .env("GIT_COMMITTER_NAME", "e2e")
-        .env("GIT_COMMITTER_EMAIL", "e2e@example.invalid")
-        .stdout_capture()
-        .stderr_capture()
-        .unchecked()
-        .run()?;
+        .env("GIT_COMMITTER_EMAIL", "e2e@example.invalid");
+    if let Some(date) = date {
+        command = command
+            .env("GIT_AUTHOR_DATE", format!("@{date} +0000"))
+            .env("GIT_COMMITTER_DATE", format!("@{date} +0000"));
+    }
+    let output = command.stdout_capture().stderr_capture().unchecked().run()?;
     if !output.status.success() {
         bail!("git {args:?}: {}", String::from_utf8_lossy(&output.stderr));
     }

@@ -9,19 +9,7 @@ use cachefrom_tests::*;
 
 /// git with a fixed identity and the given commit date (seconds since the epoch).
 fn git_at(dir: &Path, date: u64, args: &[&str]) -> String {
-    let output = Command::new("git")
-        .args(args)
-        .current_dir(dir)
-        .env("GIT_AUTHOR_NAME", "t")
-        .env("GIT_AUTHOR_EMAIL", "t@example.invalid")
-        .env("GIT_COMMITTER_NAME", "t")
-        .env("GIT_COMMITTER_EMAIL", "t@example.invalid")
-        .env("GIT_AUTHOR_DATE", format!("@{date} +0000"))
-        .env("GIT_COMMITTER_DATE", format!("@{date} +0000"))
-        .output()
-        .unwrap();
-    assert!(output.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&output.stderr));
-    String::from_utf8_lossy(&output.stdout).trim().to_string()
+    git_dated(dir, Some(date), args).unwrap()
 }
 
 /// Commits a change to the source (so the cache differs) at `date`; its id.
