@@ -183,7 +183,7 @@ fn a_failed_one_build_writes_the_stages_it_finished() {
     assert!(stderr.contains("cachefrom: writing the cache of builder, which the build finished"), "{stderr}");
     let tags = registry_tags(REGISTRY, path_of(&image)).unwrap();
     for tag in ["cache-builder.main", "cache-deps.main", "cache-builder", "cache-deps"] {
-        assert!(tags.contains(&tag.to_string()), "{tag}: {tags:?}");
+        assert!(tags.contains(&tag.to_string()), "{tag}: {tags:?}\n{stderr}");
     }
     assert!(!tags.iter().any(|tag| tag.starts_with("cache-runtime")), "{tags:?}");
     let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report_file).unwrap()).unwrap();

@@ -1324,6 +1324,14 @@ fn recover(
     finished: &BTreeSet<String>,
     reports: &mut BTreeMap<String, StageReport>,
 ) -> Result<()> {
+    // A stage whose reader finished has finished too. (BuildKit names a step that two stages
+    // share, such as the same FROM, after one of them only, so the record alone can miss one.)
+    let mut finished = finished.clone();
+    for stage in plan.stages.iter().rev() {
+        if finished.contains(&stage.name) {
+            finished.extend(stage.depends_on.iter().cloned());
+        }
+    }
     let mut covered: BTreeSet<String> = BTreeSet::new();
     for recovery in &plan.recovery {
         if covered.contains(&recovery.stage) || !finished.contains(&recovery.stage) {

@@ -180,9 +180,11 @@ stage_finished() {{
 }}
 # When the build fails, write the cache of each stage it finished: exported from
 # BuildKit's local cache (nothing is rebuilt), then written like the target's.
+# A stage whose reader finished has finished too (later stages come first).
 recover_caches() {{
   covered=' '
-  if [[ "$covered" != *" "deps" "* ]] && stage_finished deps; then
+  finished=' '
+  if [[ "$covered" != *" "deps" "* ]] && {{ [[ "$finished" == *" "deps" "* ]] || stage_finished deps; }}; then
     docker buildx build \
       --progress=plain \
       --target deps \

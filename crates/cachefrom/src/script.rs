@@ -149,16 +149,22 @@ impl Plan {
         writeln!(out, "}}")?;
         writeln!(out, "# When the build fails, write the cache of each stage it finished: exported from")?;
         writeln!(out, "# BuildKit's local cache (nothing is rebuilt), then written like the target's.")?;
+        writeln!(out, "# A stage whose reader finished has finished too (later stages come first).")?;
         writeln!(out, "recover_caches() {{")?;
         writeln!(out, "  covered=' '")?;
+        writeln!(out, "  finished=' '")?;
         for recovery in &self.recovery {
             let Some(stage) = self.stage(&recovery.stage) else { continue };
             let name = shell_quote(&stage.name);
             writeln!(
                 out,
-                "  if [[ \"$covered\" != *\" \"{name}\" \"* ]] && stage_finished {}; then",
+                "  if [[ \"$covered\" != *\" \"{name}\" \"* ]] && {{ [[ \"$finished\" == *\" \"{name}\" \"* ]] || stage_finished {}; }}; then",
                 shell_quote(&self.progress_name(stage))
             )?;
+            if !stage.depends_on.is_empty() {
+                let reads: String = stage.depends_on.iter().map(|name| format!("{}' '", shell_quote(name))).collect();
+                writeln!(out, "    finished+={reads}")?;
+            }
             let command = self.build_command(stage, &self.all_candidate_sources(stage), "plain");
             writeln!(out, "    {}", render_command_multiline(&command).replace('\n', "\n    "))?;
             for write in &recovery.writes {
