@@ -30,6 +30,20 @@ pub enum Existence {
 /// Further tries of a manifest write that failed (after 0.2 s, then 0.6 s).
 const WRITE_RETRIES: u32 = 2;
 
+/// `attempt()`, tried again after 0.2 s and 0.6 s while it fails with an error `worth_retrying`.
+fn retried<T>(worth_retrying: impl Fn(&anyhow::Error) -> bool, mut attempt: impl FnMut() -> Result<T>) -> Result<T> {
+    let mut tries = 0;
+    loop {
+        match attempt() {
+            Err(error) if tries < WRITE_RETRIES && worth_retrying(&error) => {
+                std::thread::sleep(Duration::from_millis(200 * 3u64.pow(tries)));
+                tries += 1;
+            }
+            result => return result,
+        }
+    }
+}
+
 /// Checks references against registries.
 #[derive(Debug, Clone)]
 pub struct RegistryClient {
@@ -174,16 +188,10 @@ impl RegistryClient {
 
     fn manifest_in(&self, session: &Session, repository: &Repository, reference: &str) -> Result<Manifest> {
         // A registry answering 5xx for a moment (writers racing on one tag) is asked again.
-        let mut attempt = 0;
-        loop {
-            match self.manifest_once(session, repository, reference) {
-                Err(error) if attempt < WRITE_RETRIES && error.to_string().contains("answered HTTP 5") => {
-                    std::thread::sleep(Duration::from_millis(200 * 3u64.pow(attempt)));
-                    attempt += 1;
-                }
-                result => return result,
-            }
-        }
+        retried(
+            |error| error.to_string().contains("answered HTTP 5"),
+            || self.manifest_once(session, repository, reference),
+        )
     }
 
     fn manifest_once(&self, session: &Session, repository: &Repository, reference: &str) -> Result<Manifest> {
@@ -254,16 +262,7 @@ impl RegistryClient {
                                 ),
                             }
                         };
-                        let mut attempt = 0;
-                        loop {
-                            match write() {
-                                Err(error) if attempt < WRITE_RETRIES && !error.to_string().contains("refused to write") => {
-                                    std::thread::sleep(Duration::from_millis(200 * 3u64.pow(attempt)));
-                                    attempt += 1;
-                                }
-                                result => return result,
-                            }
-                        }
+                        retried(|error| !error.to_string().contains("refused to write"), write)
                     })
                 })
                 .collect();
@@ -599,6 +598,27 @@ fn credentials_from_helper(helper: &str, server: &str, timeout: Duration) -> Res
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn retries_stop_at_success_at_the_limit_and_at_an_error_not_worth_retrying() {
+        let count = |fail_until: u32, worth: bool| {
+            let mut calls = 0;
+            let result = super::retried(
+                |_| worth,
+                || {
+                    calls += 1;
+                    if calls <= fail_until {
+                        anyhow::bail!("HTTP 500")
+                    }
+                    Ok(())
+                },
+            );
+            (calls, result.is_ok())
+        };
+        assert_eq!(count(1, true), (2, true));
+        assert_eq!(count(9, true), (1 + super::WRITE_RETRIES, false));
+        assert_eq!(count(9, false), (1, false));
+    }
+
     use super::*;
 
     #[test]
