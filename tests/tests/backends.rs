@@ -14,7 +14,7 @@ use cachefrom_tests::*;
 
 fn build(dir: &Path, image: &str, backend: &str, branch: &str) -> RunReport {
     let mut settings = example_settings(image, dir);
-    settings.backend = backend.to_string();
+    settings.backend = backend.parse().unwrap();
     settings.branch = Some(branch.to_string());
     settings.work_dir = Some(dir.join(".cachefrom-work"));
     settings.tags = vec![format!("{image}:e2e")];

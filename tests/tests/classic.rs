@@ -30,7 +30,7 @@ fn the_classic_builder_pulls_the_chosen_caches_and_hits_them() {
     git(dir.path(), &["commit", "-q", "-m", "one"]).unwrap();
     let image = unique_repository("classic");
     let mut settings = Settings::new(&image, dir.path());
-    settings.backend = "inline".to_string();
+    settings.backend = cachefrom::Backend::Inline;
     settings.branch = Some("feature/classic".to_string());
     settings.default_branch = Some("main".to_string());
     settings.build_args = vec![("BASE".to_string(), RUNTIME_BASE_IMAGE.to_string())];

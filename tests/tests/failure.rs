@@ -13,7 +13,7 @@ use cachefrom_tests::*;
 
 fn plan_options(dir: &Path, image: &str, backend: &str) -> PlanOptions {
     let mut settings = example_settings(image, dir);
-    settings.backend = backend.to_string();
+    settings.backend = backend.parse().unwrap();
     settings.plan_options(&Environment::default()).unwrap()
 }
 
@@ -84,9 +84,8 @@ fn a_failed_final_stage_still_pushes_the_stages_before_it() {
 /// What a caller's release tooling might do: build `deps`, then give up with `?`.
 fn release_tooling_that_gives_up(ctx: &Context, plan: &Plan) -> anyhow::Result<()> {
     let resolution = pull_cached(ctx, plan)?;
-    let mut guard = PushGuard::new(ctx, plan);
-    build_stage(ctx, plan, "deps", &resolution)?;
-    guard.stage_built("deps");
+    let mut guard = PushGuard::new(ctx, plan, &resolution);
+    guard.build(plan.stage("deps").expect("the plan has deps"))?;
     Err(anyhow!("release tooling gave up after deps"))?;
     guard.finish()?;
     Ok(())
@@ -116,9 +115,11 @@ fn an_early_return_and_a_panic_still_push() {
     let plan = Plan::new(&options).unwrap();
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         let resolution = pull_cached(&ctx, &plan).unwrap();
-        let mut guard = PushGuard::new(&ctx, &plan);
-        build_stage(&ctx, &plan, "deps", &resolution).unwrap();
-        guard.stage_built("deps");
+        let mut guard = PushGuard::new(&ctx, &plan, &resolution);
+        // The caller's own build of the stage, marked by hand.
+        let deps = plan.stage("deps").unwrap();
+        build_stage(&ctx, &plan, deps, &resolution).unwrap();
+        guard.stage_built(deps);
         panic!("the caller's code panicked");
     }));
     assert!(outcome.is_err());
@@ -147,7 +148,7 @@ fn a_registry_that_goes_away_mid_run_leaves_a_build_without_cache() {
     cache_registry.stop();
     let mut reports = Vec::new();
     for stage in &plan.stages {
-        reports.push(build_stage(&ctx, &plan, &stage.name, &resolution).unwrap());
+        reports.push(build_stage(&ctx, &plan, stage, &resolution).unwrap());
     }
     let deps = &reports[0];
     assert_eq!(deps.steps_cached, 0, "{deps:#?}");

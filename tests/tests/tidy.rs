@@ -28,3 +28,34 @@ fn the_readme_names_the_two_commands_first() {
     let ci = std::fs::read_to_string(repository_root().join(".ci/run")).unwrap();
     assert!(ci.contains("cargo xtask test"), ".ci/run runs the README's test command");
 }
+
+#[test]
+fn the_xtask_guide_stays_short() {
+    let guide = std::fs::read_to_string(repository_root().join("docs/xtask.md")).unwrap();
+    assert!(guide.lines().count() < 30, "docs/xtask.md has {} lines; keep it under 30", guide.lines().count());
+}
+
+#[test]
+fn the_library_prints_only_through_its_output() {
+    // Only `StandardStreams`, the sink a caller picks, writes to the process's streams.
+    let src = repository_root().join("crates/cachefrom/src");
+    for entry in std::fs::read_dir(&src).unwrap().flatten() {
+        let name = entry.file_name().to_string_lossy().to_string();
+        // Code only: the docs show callers printing.
+        let text: String = std::fs::read_to_string(entry.path())
+            .unwrap()
+            .lines()
+            .filter(|line| !line.trim_start().starts_with("//"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let prints = ["print!(", "println!(", "io::stdout()", "stderr().write", "dbg!("];
+        if name != "output.rs" {
+            for call in prints {
+                assert!(
+                    !text.contains(call),
+                    "{name} writes to stdout/stderr directly ({call}); go through Context::out()"
+                );
+            }
+        }
+    }
+}

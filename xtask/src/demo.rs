@@ -36,7 +36,7 @@ impl Drop for RestoreFile {
 fn build(image: &str) -> Result<RunReport> {
     let settings = cachefrom_tests::example_settings(image, &cachefrom_tests::example_project());
     let options = BuildOptions::new(settings.plan_options(&Environment::from_process())?);
-    build_with_cache(&Context::from_environment(), &options)
+    Ok(build_with_cache(&Context::from_environment(), &options)?)
 }
 
 pub fn run(sh: &Shell) -> Result<()> {

@@ -16,8 +16,8 @@ pub struct DockerArgs {
     #[arg(long, default_value = "127.0.0.1:5000/example-app")]
     image: String,
     /// inline, registry, local, tarball, s3 or gha, with options (local,dir=/cache).
-    #[arg(long, default_value = cachefrom::settings::DEFAULT_BACKEND)]
-    backend: String,
+    #[arg(long, default_value_t)]
+    backend: cachefrom::Backend,
     /// The stage to build [default: the last].
     #[arg(long)]
     target: Option<String>,
@@ -49,16 +49,15 @@ pub struct DockerArgs {
 
 /// example-project's settings: the stack's base images, host networking, the host's CA bundle.
 pub fn example_settings(args: &DockerArgs) -> Settings {
-    let mut settings = Settings::new(&args.image, cachefrom_tests::example_project());
-    settings.backend = args.backend.clone();
-    settings.target = args.target.clone();
-    settings.branch = args.branch.clone();
-    settings.default_branch = args.default_branch.clone();
-    settings.tags = args.tags.clone();
-    settings.push = args.push;
-    settings.build_args = cachefrom_tests::example_build_args();
-    settings.docker_args = cachefrom_tests::example_docker_args();
-    settings
+    Settings {
+        target: args.target.clone(),
+        branch: args.branch.clone(),
+        default_branch: args.default_branch.clone(),
+        tags: args.tags.clone(),
+        build_args: cachefrom_tests::example_build_args(),
+        docker_args: cachefrom_tests::example_docker_args(),
+        ..Settings::new(&args.image, cachefrom_tests::example_project()).backend(args.backend.clone()).push(args.push)
+    }
 }
 
 pub fn run(args: &DockerArgs) -> Result<()> {

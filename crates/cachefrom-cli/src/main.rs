@@ -3,24 +3,19 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Instant;
 
 use anyhow::Result;
 use cachefrom::ci::Environment;
 use cachefrom::dockerfile::read_dockerfile_with;
 use cachefrom::engine::BackendFallback;
-use cachefrom::exec::{execute_checked, fit_and_check, BuildFailed, BuildOptions, Context, OutputStyle};
+use cachefrom::exec::{build_with_cache, BuildOptions, Context, OutputStyle};
 use cachefrom::plan::{Plan, PlanOptions};
 use cachefrom::settings::Settings;
+use cachefrom::{Access, Backend, Level};
 use clap::{Args, Parser, Subcommand};
 
-/// Exit code of a build that failed.
-const EXIT_BUILD_FAILED: u8 = 1;
-/// Exit code of a usage error: a bad option, a missing Dockerfile, an unknown target.
-const EXIT_USAGE: u8 = 2;
-/// Exit code when the environment is not ready: docker missing, the daemon not answering, or
-/// (with --strict-cache) a cache that cannot be read.
-const EXIT_ENVIRONMENT: u8 = 3;
+// The exit codes, one place for all: `cachefrom::Error::exit_code`.
+use cachefrom::error::{EXIT_ENVIRONMENT, EXIT_USAGE};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -38,7 +33,7 @@ cachefrom build --image 127.0.0.1:5000/app --backend inline --tag 127.0.0.1:5000
 cachefrom plan --image registry.example.com/team/app .        # the shell script it would run\n  \
 cachefrom stages -f Dockerfile --json\n\n\
 Exit codes: 0 success, 1 the build failed, 2 usage error (bad option, missing Dockerfile, unknown target),\n\
-3 the environment is not ready (docker missing, daemon not answering; with --strict-cache, a cache that cannot be read),\n\
+3 the environment is not ready (docker missing, daemon not answering; with --strict-cache, a cache that cannot be read or written),\n\
 130/143 cancelled by SIGINT/SIGTERM (the caches of the stages that finished are written first; a second signal exits at once)."
 )]
 struct Cli {
@@ -249,11 +244,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure { code, error }) => {
-            let message = match error.downcast_ref::<BuildFailed>() {
-                Some(failed) => failed.message.clone(),
-                None => format!("{error:#}"),
-            };
-            eprintln!("cachefrom: error: {}", cachefrom::secrets::scrub(&message));
+            eprintln!("cachefrom: error: {}", cachefrom::secrets::scrub(&format!("{error:#}")));
             ExitCode::from(code)
         }
     }
@@ -379,18 +370,18 @@ fn split_image(image: &str) -> Result<(cachefrom::refs::Repository, String)> {
 }
 
 fn plan_options(args: &PlanArgs) -> Result<PlanOptions> {
+    // Parsed here, not by clap: clap's errors quote the value, and a backend option may be a secret.
     let settings = Settings {
         image: args.image.clone(),
         context: args.context.clone(),
         file: args.dockerfile.file.clone(),
         target: args.dockerfile.target.clone(),
-        backend: args.backend.clone(),
-        cache_dir: args.cache_dir.clone(),
+        backend: Backend::parse(&args.backend, args.cache_dir.as_deref())?,
         branch: args.branch.clone(),
         default_branch: args.default_branch.clone(),
         commit: args.commit.clone(),
-        chain: args.chain.clone(),
-        read_only: args.read_only,
+        chain: Level::parse_chain(&args.chain)?,
+        access: if args.read_only { Access::ReadOnly } else { Access::ReadWrite },
         allow_fork_writes: args.allow_fork_writes,
         tags: args.tags.clone(),
         push: args.push,
@@ -428,13 +419,10 @@ fn stop_on_signals(ctx: &Context) -> Result<()> {
 }
 
 fn build(args: &BuildArgs) -> std::result::Result<(), Failure> {
-    let started = Instant::now();
     let options = plan_options(&args.plan).map_err(usage)?;
     if args.dry_run {
         return print_plan(&options, args.plan.json).map_err(usage);
     }
-    // Check the Dockerfile and the target before asking Docker anything.
-    let plan = Plan::new(&options).map_err(usage)?;
     let mut ctx = Context::from_environment();
     stop_on_signals(&ctx).map_err(|error| Failure { code: EXIT_ENVIRONMENT, error })?;
     if args.quiet {
@@ -443,19 +431,8 @@ fn build(args: &BuildArgs) -> std::result::Result<(), Failure> {
     let mut build_options = BuildOptions::new(options);
     build_options.fallback = if args.fallback_to_inline { BackendFallback::ToInline } else { BackendFallback::Refuse };
     build_options.report_file = args.report.clone();
-    let (plan, fallback, resolution) =
-        fit_and_check(&ctx, &build_options, plan).map_err(|error| Failure { code: EXIT_ENVIRONMENT, error })?;
-    let result = execute_checked(&ctx, &plan, fallback, resolution, build_options.report_file.as_deref(), started);
-    match result {
+    match build_with_cache(&ctx, &build_options) {
         Ok(_) => Ok(()),
-        // A build that ran and failed; anything else (a fatal cache error with --strict-cache)
-        // is the environment's.
-        // Cancelled: the shell's code for death by that signal (130 for SIGINT, 143 for SIGTERM).
-        Err(error) if ctx.docker.cancel.requested().is_some() => {
-            let signal = ctx.docker.cancel.requested().unwrap_or(15);
-            Err(Failure { code: u8::try_from(128 + signal).unwrap_or(143), error })
-        }
-        Err(error) if error.downcast_ref::<BuildFailed>().is_some() => Err(Failure { code: EXIT_BUILD_FAILED, error }),
-        Err(error) => Err(Failure { code: EXIT_ENVIRONMENT, error }),
+        Err(error) => Err(Failure { code: error.exit_code(), error: error.into() }),
     }
 }

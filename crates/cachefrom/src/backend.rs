@@ -225,55 +225,94 @@ impl Backend {
         }
     }
 
-    /// The `--cache-from` value reading `location`. For `tarball`, `unpacked` is where the tar
-    /// file is unpacked before the build.
+    /// The `--cache-from` value reading `location` (made by [`Backend::location`]). For
+    /// `tarball`, `unpacked` is where the tar file is unpacked before the build.
     pub fn cache_from_arg(&self, location: &CacheLocation, unpacked: &Path) -> String {
-        match (self, location) {
-            (Backend::Inline, CacheLocation::Image(image)) => image.clone(),
-            (Backend::Registry { .. }, CacheLocation::Image(image)) => format!("type=registry,ref={image}"),
-            (Backend::Local { .. }, CacheLocation::Directory(dir)) => format!("type=local,src={}", dir.display()),
-            (Backend::Tarball { .. }, _) => format!("type=local,src={}", unpacked.display()),
-            (Backend::S3 { options, .. }, CacheLocation::Named(name)) => {
-                format!("type=s3,{}name={name}", join_options(options, &["mode", "ignore-error"]))
+        match self {
+            Backend::Inline => location.to_string(),
+            Backend::Registry { .. } => format!("type=registry,ref={location}"),
+            Backend::Local { .. } => format!("type=local,src={location}"),
+            Backend::Tarball { .. } => format!("type=local,src={}", unpacked.display()),
+            Backend::S3 { options, .. } => {
+                format!("type=s3,{}name={location}", join_options(options, &["mode", "ignore-error"]))
             }
-            (Backend::Gha { options, .. }, CacheLocation::Named(name)) => {
-                format!("type=gha,{}scope={name}", join_options(options, &["mode", "ignore-error"]))
+            Backend::Gha { options, .. } => {
+                format!("type=gha,{}scope={location}", join_options(options, &["mode", "ignore-error"]))
             }
-            (backend, location) => unreachable!("{} has no location {location:?}", backend.name()),
         }
     }
 
     /// The `--cache-to` value writing `location`, or `None` for inline (its image is pushed after
-    /// the build). Local and tarball export to `staging`, copied or packed after the build. `ignore_error` keeps a failed
-    /// export from failing a build that succeeded.
+    /// the build). Local and tarball export to `staging`, copied or packed after the build.
+    /// `ignore_error` keeps a failed export from failing a build that succeeded.
     pub fn cache_to_arg(&self, location: &CacheLocation, staging: &Path, ignore_error: bool) -> Option<String> {
         let ignore = if ignore_error { ",ignore-error=true" } else { "" };
-        let arg = match (self, location) {
-            (Backend::Inline, _) => return None,
-            (Backend::Registry { options }, CacheLocation::Image(image)) => {
+        let arg = match self {
+            Backend::Inline => return None,
+            Backend::Registry { options } => {
                 let mut options = options.clone();
                 options.entry("image-manifest".to_string()).or_insert_with(|| "true".to_string());
                 options.entry("oci-mediatypes".to_string()).or_insert_with(|| "true".to_string());
                 format!(
-                    "type=registry,ref={image},mode=max,{}",
+                    "type=registry,ref={location},mode=max,{}",
                     join_options(&options, &["ref", "mode"]).trim_end_matches(',')
                 ) + ignore
             }
             // BuildKit exports once, to a staging directory; the push step copies it to each
             // destination. Several local exports in one build race on the same layers
             // ("ref layer-sha256:… locked") and leave incomplete caches.
-            (Backend::Local { .. } | Backend::Tarball { .. }, _) => {
+            Backend::Local { .. } | Backend::Tarball { .. } => {
                 format!("type=local,dest={},mode=max{ignore}", staging.display())
             }
-            (Backend::S3 { options, .. }, CacheLocation::Named(name)) => {
-                format!("type=s3,{}name={name},mode=max{ignore}", join_options(options, &["mode", "ignore-error"]))
+            Backend::S3 { options, .. } => {
+                format!("type=s3,{}name={location},mode=max{ignore}", join_options(options, &["mode", "ignore-error"]))
             }
-            (Backend::Gha { options, .. }, CacheLocation::Named(name)) => {
-                format!("type=gha,{}scope={name},mode=max{ignore}", join_options(options, &["mode", "ignore-error"]))
+            Backend::Gha { options, .. } => {
+                format!(
+                    "type=gha,{}scope={location},mode=max{ignore}",
+                    join_options(options, &["mode", "ignore-error"])
+                )
             }
-            (backend, location) => unreachable!("{} has no location {location:?}", backend.name()),
         };
         Some(arg)
+    }
+}
+
+impl Default for Backend {
+    /// `registry`: every layer of every stage, in the registry the images go to.
+    fn default() -> Backend {
+        Backend::Registry { options: BTreeMap::new() }
+    }
+}
+
+impl std::str::FromStr for Backend {
+    type Err = anyhow::Error;
+
+    /// [`Backend::parse`] without a default directory: `local` and `tarball` need `dir=DIR`.
+    fn from_str(text: &str) -> Result<Backend> {
+        Backend::parse(text, None)
+    }
+}
+
+impl std::fmt::Display for Backend {
+    /// `TYPE[,KEY=VALUE...]` as [`Backend::parse`] reads it, secret option values shown as `***`
+    /// and credentials left out (they travel in the environment).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())?;
+        let shown = |key: &String, value: &String| {
+            if crate::secrets::is_secret(key, value) {
+                crate::secrets::HIDDEN.to_string()
+            } else {
+                value.clone()
+            }
+        };
+        match self {
+            Backend::Inline => Ok(()),
+            Backend::Local { dir } | Backend::Tarball { dir } => write!(f, ",dir={}", dir.display()),
+            Backend::Registry { options } | Backend::S3 { options, .. } | Backend::Gha { options, .. } => {
+                options.iter().try_for_each(|(key, value)| write!(f, ",{key}={}", shown(key, value)))
+            }
+        }
     }
 }
 
@@ -376,5 +415,47 @@ mod tests {
             assert_eq!(serde_json::from_str::<Backend>(&json).unwrap(), backend, "{json}");
         }
         assert!(serde_json::from_str::<Backend>(r#"{"type":"local","dir":"/c","junk":1}"#).is_err());
+    }
+
+    #[test]
+    fn backends_round_trip_through_text() {
+        for text in [
+            "inline",
+            "registry",
+            "registry,compression=zstd",
+            "local,dir=/c",
+            "tarball,dir=/t",
+            "s3,bucket=b,region=r",
+            "gha,url=http://x",
+        ] {
+            let backend: Backend = text.parse().unwrap();
+            assert_eq!(backend.to_string(), text);
+            assert_eq!(backend.to_string().parse::<Backend>().unwrap(), backend);
+        }
+        assert_eq!(Backend::default(), "registry".parse().unwrap());
+        // Credentials are left out, secret values hidden.
+        let s3: Backend = "s3,bucket=b,region=r,secret_access_key=wJalrXUtnFEMIK7MDENGbPxRfiCY".parse().unwrap();
+        assert_eq!(s3.to_string(), "s3,bucket=b,region=r");
+        assert!("local".parse::<Backend>().unwrap_err().to_string().contains("dir=DIR"));
+    }
+
+    #[test]
+    fn every_backend_takes_every_location_without_panicking() {
+        let locations = [
+            CacheLocation::Image("127.0.0.1:5000/app:cache-deps".into()),
+            CacheLocation::Directory("/c/deps".into()),
+            CacheLocation::TarFile("/t/deps.tar".into()),
+            CacheLocation::Named("app-cache-deps".into()),
+        ];
+        for text in ["inline", "registry", "local,dir=/c", "tarball,dir=/t", "s3,bucket=b,region=r", "gha"] {
+            let backend: Backend = text.parse().unwrap();
+            for location in &locations {
+                let from = backend.cache_from_arg(location, Path::new("/u"));
+                assert!(!from.is_empty());
+                if let Some(to) = backend.cache_to_arg(location, Path::new("/s"), true) {
+                    assert!(to.ends_with("ignore-error=true"), "{to}");
+                }
+            }
+        }
     }
 }

@@ -3,7 +3,7 @@
 //! Parsing is done by the `parse-dockerfile` crate (heredocs, the escape directive, continuations,
 //! comments); this module resolves what the parser leaves alone, by BuildKit's rules (moby/buildkit
 //! `frontend/dockerfile/dockerfile2llb`): global `ARG`s and the automatic platform arguments
-//! expanded in `FROM` ([`crate::shell`]), stage names, references by name or index (forward ones
+//! expanded in `FROM` (a port of BuildKit's shell lexer), stage names, references by name or index (forward ones
 //! too), `ONBUILD` triggers, cycles, and which stages a target needs in which order.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -533,7 +533,8 @@ fn unquoted(text: &str) -> String {
 
 /// Expands `$V`, `${V}` and every other form of BuildKit's shell lexer (see [`crate::shell`]);
 /// an unset variable expands to the empty string. A word the lexer refuses is kept as written.
-pub fn expand_variables(text: &str, variables: &BTreeMap<String, String>) -> String {
+#[cfg(test)]
+fn expand_variables(text: &str, variables: &BTreeMap<String, String>) -> String {
     crate::shell::expand(text, variables, '\\').unwrap_or_else(|_| text.to_string())
 }
 

@@ -58,7 +58,7 @@ impl Engine {
         if !info.success || server_version.is_empty() {
             let host = std::env::var("DOCKER_HOST").unwrap_or_else(|_| "unix:///var/run/docker.sock".to_string());
             bail!(
-                "the Docker daemon does not answer at {host}: start it (in this repository: cargo xtask stack up), or set DOCKER_HOST; docker said: {}",
+                "the Docker daemon does not answer at {host}: start it (dockerd, or your system's docker service), or point DOCKER_HOST at one that runs; docker said: {}",
                 last_lines(&info.stderr, 3)
             );
         }

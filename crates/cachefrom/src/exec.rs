@@ -12,6 +12,7 @@ use crate::backend::{Backend, CacheLocation};
 use crate::ci::{step_summary_path, CiSystem, Environment};
 use crate::docker::{last_lines, run_program, Docker};
 use crate::engine::{BackendFallback, Engine};
+use crate::error::Error;
 use crate::inputs::CacheRecord;
 use crate::output::{Output, StandardStreams};
 use crate::plan::{
@@ -19,7 +20,7 @@ use crate::plan::{
 };
 use crate::progress::Renderer;
 use crate::registry::{Existence, RegistryClient};
-use crate::report::{ClassicRecord, ProgressEvent, ProgressRecord, RunReport, StageReport};
+use crate::report::{ClassicRecord, ProgressEvent, ProgressRecord, RunReport, StageReport, StageStatus};
 use crate::writes::{self, empty_dir, remove_dir};
 
 /// How progress is shown.
@@ -115,10 +116,10 @@ pub struct Resolution {
     /// The manifest digest of each location found, where the registry said: locations with the
     /// same digest hold the same cache, and are passed to BuildKit once.
     pub digests: BTreeMap<String, String>,
-    /// The hash of this run's inputs ([`crate::inputs::fingerprint`]), where one can be had.
-    pub inputs: Option<String>,
+    /// The hash of this run's inputs, where one can be had.
+    pub(crate) inputs: Option<String>,
     /// The record on the cache this run would export to, if it carries one.
-    pub record: Option<CacheRecord>,
+    pub(crate) record: Option<CacheRecord>,
 }
 
 impl Resolution {
@@ -146,7 +147,32 @@ impl Resolution {
 /// `HEAD`s in parallel, no layer download; files and directories for local and tarball), takes
 /// every stage from the most specific level that serves them all, else each stage from its own
 /// first hit. The classic builder then pulls the chosen images; tarball unpacks the chosen files.
+///
+/// First it checks that the engine can build the plan (docker answers; buildx and cache export
+/// where the backend needs them), at the same time as the caches: an engine that cannot is an
+/// error naming what to change. ([`build_with_cache`] can fall back to inline instead.)
 pub fn pull_cached(ctx: &Context, plan: &Plan) -> Result<Resolution> {
+    let builder_name = builder_from_docker_args(&plan.docker_args);
+    let (engine, resolution) = std::thread::scope(|scope| {
+        let probe = scope.spawn(|| Engine::probe(&ctx.docker, builder_name.as_deref()));
+        let resolution = check_caches(ctx, plan);
+        (probe.join().unwrap_or_else(|_| Err(anyhow::anyhow!("probing the engine panicked"))), resolution)
+    });
+    let engine = engine?;
+    engine.check_backend(&plan.backend, BackendFallback::Refuse)?;
+    if engine.builder() != plan.builder {
+        bail!(
+            "the plan is for {:?} but the engine builds with {:?}: plan with PlanOptions::builder = {:?}",
+            plan.builder,
+            engine.builder(),
+            engine.builder()
+        );
+    }
+    resolution
+}
+
+/// [`pull_cached`] without the engine check.
+pub(crate) fn check_caches(ctx: &Context, plan: &Plan) -> Result<Resolution> {
     let started = Instant::now();
     let mut warnings = Vec::new();
     let mut stages: BTreeMap<String, Choice> =
@@ -308,7 +334,11 @@ fn read_record(ctx: &Context, plan: &Plan, stages: &BTreeMap<String, Choice>) ->
 /// Without: every stage from the most specific level that serves them all (as seed 004 takes
 /// builder and runtime from one level), else each stage from its own first hit in chain order.
 /// Returns the level that serves them all, if there is one.
-pub fn choose_sources(chain: &[Level], stages: &mut BTreeMap<String, Choice>, covering: Option<&str>) -> Option<Level> {
+pub(crate) fn choose_sources(
+    chain: &[Level],
+    stages: &mut BTreeMap<String, Choice>,
+    covering: Option<&str>,
+) -> Option<Level> {
     let exists_at = |choice: &Choice, level: Level| {
         choice
             .checked
@@ -397,7 +427,12 @@ pub struct BuildOutcome {
 /// `resolution`, the backend's cache export, the user's options and the stage's tags. Progress
 /// streams to the user as it comes and is kept for the report: one report for every stage the
 /// build covered, each true to BuildKit's own per-step record.
-pub fn build_unit(ctx: &Context, plan: &Plan, stage_name: &str, resolution: &Resolution) -> Result<BuildOutcome> {
+pub(crate) fn build_unit(
+    ctx: &Context,
+    plan: &Plan,
+    stage_name: &str,
+    resolution: &Resolution,
+) -> Result<BuildOutcome> {
     let stage = plan.stage(stage_name).with_context(|| format!("the plan has no stage `{stage_name}`"))?;
     if matches!(plan.backend, Backend::Tarball { .. } | Backend::Local { .. }) {
         remove_dir(&plan.staging_dir(&stage.name))?;
@@ -485,11 +520,11 @@ pub fn build_unit(ctx: &Context, plan: &Plan, stage_name: &str, resolution: &Res
             finished.insert(covered_stage.name.clone());
         }
         let status = if is_finished {
-            "built"
+            StageStatus::Built
         } else if record.stage_failed(&name) || covered_stage.name == stage.name {
-            "failed"
+            StageStatus::Failed
         } else {
-            "not built"
+            StageStatus::NotBuilt
         };
         let own_source = resolution
             .stages
@@ -509,7 +544,7 @@ pub fn build_unit(ctx: &Context, plan: &Plan, stage_name: &str, resolution: &Res
             steps_total: steps.len(),
             seconds: stage_seconds,
             pushed: Vec::new(),
-            status: status.to_string(),
+            status,
             steps,
             warnings: Vec::new(),
         });
@@ -526,7 +561,7 @@ pub fn build_unit(ctx: &Context, plan: &Plan, stage_name: &str, resolution: &Res
             let detail = failed_step.unwrap_or_else(|| last_lines(&text_lines.join("\n"), 4));
             let failed_stage = reports
                 .iter()
-                .find(|report| report.status == "failed" && report.name != stage.name)
+                .find(|report| report.status == StageStatus::Failed && report.name != stage.name)
                 .map(|report| report.name.clone())
                 .unwrap_or_else(|| stage.name.clone());
             Some(format!(
@@ -628,18 +663,19 @@ fn credit_writes<'a>(plan: &Plan, reports: impl IntoIterator<Item = &'a mut Stag
     }
 }
 
-/// Builds one stage (see [`build_unit`]) and returns its report. A failed build is an error
-/// carrying a [`StageFailed`].
-pub fn build_stage(ctx: &Context, plan: &Plan, stage_name: &str, resolution: &Resolution) -> Result<StageReport> {
-    let outcome = build_unit(ctx, plan, stage_name, resolution)?;
+/// Builds one stage of `plan` with `--target` (and so every stage it reads from), its cache
+/// sources from `resolution`, and returns its report, true to BuildKit's per-step record. A failed build is an
+/// error carrying a [`StageFailed`]. [`PushGuard::build`] does the same and marks the stage built.
+pub fn build_stage(ctx: &Context, plan: &Plan, stage: &StagePlan, resolution: &Resolution) -> Result<StageReport> {
+    let outcome = build_unit(ctx, plan, &stage.name, resolution)?;
     if let Some(error) = outcome.error {
         return Err(error);
     }
     outcome
         .reports
         .into_iter()
-        .find(|report| report.name == stage_name)
-        .with_context(|| format!("the build of {stage_name} reported nothing for it"))
+        .find(|report| report.name == stage.name)
+        .with_context(|| format!("the build of {} reported nothing for it", stage.name))
 }
 
 /// What [`push_cached`] wrote, and what it could not.
@@ -655,8 +691,7 @@ pub struct PushOutcome {
 /// further tags by copying the cache manifest (registry), a copy a tag (local), a tar file a tag
 /// (tarball), `docker push` of each cache tag (inline). s3 and gha caches are written whole by
 /// BuildKit during the build.
-pub fn push_cached(ctx: &Context, plan: &Plan, stage_name: &str) -> Result<PushOutcome> {
-    let stage = plan.stage(stage_name).with_context(|| format!("the plan has no stage `{stage_name}`"))?;
+pub fn push_cached(ctx: &Context, plan: &Plan, stage: &StagePlan) -> Result<PushOutcome> {
     perform_writes(ctx, plan, &plan.writes_after(stage), &BTreeMap::new())
 }
 
@@ -683,7 +718,7 @@ fn perform_writes(
 /// After a failed one-build run: exports the cache of `stage`, which the build finished, from
 /// BuildKit's local cache (a `cacheonly` build of `--target stage`; nothing is rebuilt), then
 /// writes it like [`push_cached`]. Returns the reports of the export and what was written.
-pub fn recover_cached(
+pub(crate) fn recover_cached(
     ctx: &Context,
     plan: &Plan,
     stage_name: &str,
@@ -698,52 +733,127 @@ pub fn recover_cached(
     if outcome.export_failed {
         return Ok((reports, PushOutcome::default()));
     }
-    let written = push_cached(ctx, plan, stage_name)?;
+    let stage = plan.stage(stage_name).with_context(|| format!("the plan has no stage `{stage_name}`"))?;
+    let written = push_cached(ctx, plan, stage)?;
     credit_writes(plan, &mut reports, &written.pushed);
     Ok((reports, written))
 }
 
 /// Writes each built stage's cache when it goes out of scope, like `trap push_cached EXIT`: after
-/// a later stage fails, an early `?` return, or a panic. Call [`PushGuard::finish`] to get the
-/// result; `Drop` is the fallback and reports failures on stderr.
+/// a later stage fails, an early `?` return, or a panic. [`PushGuard::build`] builds a stage and
+/// marks it; [`PushGuard::finish`] writes the caches now and returns the run's [`RunReport`].
+/// `Drop` is the fallback and reports failures through the context's output.
 #[must_use = "a PushGuard pushes when dropped; call finish() to see the result"]
 pub struct PushGuard<'a> {
     ctx: &'a Context,
     plan: &'a Plan,
-    built: Vec<String>,
+    resolution: &'a Resolution,
+    started: Instant,
+    built: Vec<&'a StagePlan>,
+    /// Stages a failed build finished: their caches are exported from BuildKit's cache, then written.
+    recover: Vec<&'a StagePlan>,
+    reports: BTreeMap<String, StageReport>,
+    error: Option<String>,
     finished: bool,
 }
 
 impl<'a> PushGuard<'a> {
-    /// A guard for `plan`; nothing is pushed until a stage is marked built.
-    pub fn new(ctx: &'a Context, plan: &'a Plan) -> PushGuard<'a> {
-        PushGuard { ctx, plan, built: Vec::new(), finished: false }
+    /// A guard for `plan`, reading the caches [`pull_cached`] found; nothing is pushed until a
+    /// stage is built.
+    pub fn new(ctx: &'a Context, plan: &'a Plan, resolution: &'a Resolution) -> PushGuard<'a> {
+        PushGuard {
+            ctx,
+            plan,
+            resolution,
+            started: Instant::now(),
+            built: Vec::new(),
+            recover: Vec::new(),
+            reports: BTreeMap::new(),
+            error: None,
+            finished: false,
+        }
     }
 
-    /// Marks `stage` built: its cache will be written.
-    pub fn stage_built(&mut self, stage: &str) {
-        if !self.built.iter().any(|built| built == stage) {
-            self.built.push(stage.to_string());
+    /// Builds `stage` (as [`build_stage`] does) and marks it built: its cache will be written.
+    /// Build the stages of [`Plan::builds`], in order. A failed build is returned as the error
+    /// (carrying a [`StageFailed`]); the stages built before it, and those the failed build
+    /// finished, still have their caches written, by [`PushGuard::finish`] or on drop.
+    pub fn build(&mut self, stage: &'a StagePlan) -> Result<&StageReport> {
+        let outcome = build_unit(self.ctx, self.plan, &stage.name, self.resolution)?;
+        for report in outcome.reports {
+            self.reports.insert(report.name.clone(), report);
+        }
+        if let Some(error) = outcome.error {
+            self.error = Some(format!("{error:#}"));
+            for finished in self.plan.stages.iter().filter(|other| outcome.finished.contains(&other.name)) {
+                if finished.name != stage.name && !self.recover.iter().any(|known| known.name == finished.name) {
+                    self.recover.push(finished);
+                }
+            }
+            return Err(error);
+        }
+        self.stage_built(stage);
+        self.reports.get(&stage.name).with_context(|| format!("the build of {} reported nothing for it", stage.name))
+    }
+
+    /// Marks `stage` built (by [`build_stage`] or by the caller's own build): its cache will be written.
+    pub fn stage_built(&mut self, stage: &'a StagePlan) {
+        if !self.built.iter().any(|built| built.name == stage.name) {
+            self.built.push(stage);
         }
     }
 
     /// The stages marked built so far.
-    pub fn built(&self) -> &[String] {
-        &self.built
+    pub fn built(&self) -> Vec<&'a StagePlan> {
+        self.built.clone()
     }
 
-    /// Writes the caches of the built stages now and returns what happened, stage by stage.
-    pub fn finish(mut self) -> Result<Vec<(String, PushOutcome)>> {
+    /// Writes the caches of the built stages now and returns the run's report: every stage of
+    /// the plan (`not built` where nothing built it), where each cache went, the warnings.
+    /// With cache errors fatal (`--strict-cache`), a failed write is the error.
+    pub fn finish(mut self) -> Result<RunReport> {
         self.finished = true;
-        self.push_all()
+        let outcomes = self.push_all()?;
+        let mut reports = std::mem::take(&mut self.reports);
+        for (stage, outcome) in outcomes {
+            credit_writes(self.plan, reports.values_mut(), &outcome.pushed);
+            if let Some(report) = reports.get_mut(&stage) {
+                report.warnings.extend(outcome.warnings.into_iter().map(|w| format!("cache write failed: {w}")));
+            }
+        }
+        let stages: Vec<StageReport> = self
+            .plan
+            .stages
+            .iter()
+            .map(|stage| reports.remove(&stage.name).unwrap_or_else(|| not_built(&stage.name)))
+            .collect();
+        let all_built = stages.iter().all(|stage| stage.status == StageStatus::Built);
+        Ok(RunReport {
+            stages,
+            seconds: self.started.elapsed().as_secs_f64(),
+            backend: self.plan.backend.name().to_string(),
+            backend_fallback: None,
+            level: self.resolution.level,
+            check_seconds: self.resolution.seconds,
+            success: all_built && self.error.is_none(),
+            error: self.error.clone(),
+            warnings: self.resolution.warnings.clone(),
+            unchanged: None,
+            cancelled: self.ctx.docker.cancel.requested().map(signal_name),
+        })
     }
 
     fn push_all(&self) -> Result<Vec<(String, PushOutcome)>> {
         let mut outcomes = Vec::new();
+        for stage in &self.recover {
+            let (_, outcome) = recover_cached(self.ctx, self.plan, &stage.name, self.resolution)
+                .with_context(|| format!("writing the cache of stage {}", stage.name))?;
+            outcomes.push((stage.name.clone(), outcome));
+        }
         for stage in &self.built {
             let outcome = push_cached(self.ctx, self.plan, stage)
-                .with_context(|| format!("writing the cache of stage {stage}"))?;
-            outcomes.push((stage.clone(), outcome));
+                .with_context(|| format!("writing the cache of stage {}", stage.name))?;
+            outcomes.push((stage.name.clone(), outcome));
         }
         Ok(outcomes)
     }
@@ -751,11 +861,12 @@ impl<'a> PushGuard<'a> {
 
 impl Drop for PushGuard<'_> {
     fn drop(&mut self) {
-        if self.finished || self.built.is_empty() {
+        if self.finished || (self.built.is_empty() && self.recover.is_empty()) {
             return;
         }
         let why = if std::thread::panicking() { "after a panic" } else { "on the way out" };
-        self.ctx.say(&format!("cachefrom: writing the caches of {} {why}", self.built.join(", ")));
+        let names: Vec<&str> = self.recover.iter().chain(&self.built).map(|stage| stage.name.as_str()).collect();
+        self.ctx.say(&format!("cachefrom: writing the caches of {} {why}", names.join(", ")));
         match self.push_all() {
             Ok(outcomes) => {
                 for (stage, outcome) in outcomes {
@@ -766,6 +877,23 @@ impl Drop for PushGuard<'_> {
             }
             Err(error) => self.ctx.warn(&format!("{error:#}")),
         }
+    }
+}
+
+/// The report of a stage nothing built.
+fn not_built(name: &str) -> StageReport {
+    StageReport {
+        name: name.to_string(),
+        cache_source: None,
+        cache_level: None,
+        cache_from: Vec::new(),
+        steps_cached: 0,
+        steps_total: 0,
+        seconds: 0.0,
+        pushed: Vec::new(),
+        status: StageStatus::NotBuilt,
+        steps: Vec::new(),
+        warnings: Vec::new(),
     }
 }
 
@@ -810,6 +938,8 @@ pub struct BuildFailed {
     pub report: RunReport,
     /// The build's error, with push failures beside it.
     pub message: String,
+    /// True when every stage built and only writing a cache failed (fatal with `--strict-cache`).
+    pub cache_write_only: bool,
 }
 
 impl std::fmt::Display for BuildFailed {
@@ -849,34 +979,36 @@ fn fit_plan(options: &BuildOptions, engine: &Engine, planned: Option<Plan>) -> R
 
 /// The whole sequence for a Dockerfile and a target: probe the engine, plan, [`pull_cached`],
 /// build (one build of the target, or stage by stage for inline), write the caches, push the
-/// final tags, and report (a table on stderr, `--report` JSON, the GitHub step summary).
+/// final tags, and report (a table through the context's output, `report_file` JSON, the GitHub
+/// step summary).
 ///
-/// A failed build still has the caches of the stages it finished written; the error is the
-/// build's, with any cache-write failure beside it, and carries the report ([`BuildFailed`]).
-pub fn build_with_cache(ctx: &Context, options: &BuildOptions) -> Result<RunReport> {
+/// A failed build still has the caches of the stages it finished written; the error says what
+/// failed ([`Error`]) and carries the report ([`Error::report`]).
+pub fn build_with_cache(ctx: &Context, options: &BuildOptions) -> std::result::Result<RunReport, Error> {
     let started = Instant::now();
-    let plan = Plan::new(&options.plan)?;
-    let (plan, backend_fallback, resolution) = fit_and_check(ctx, options, plan)?;
+    let plan = Plan::new(&options.plan).map_err(Error::Usage)?;
+    let (plan, backend_fallback, resolution) = fit_and_check(ctx, options, plan).map_err(Error::Engine)?;
     execute_checked(ctx, &plan, backend_fallback, resolution, options.report_file.as_deref(), started)
+        .map_err(|error| Error::of_run(error, &ctx.docker.cancel))
 }
 
 /// Probes the engine and checks which caches exist at the same time (both ask over the network);
 /// the checks run again only when the engine changes the plan's backend or builder.
-pub fn fit_and_check(
+pub(crate) fn fit_and_check(
     ctx: &Context,
     options: &BuildOptions,
     plan: Plan,
 ) -> Result<(Plan, Option<String>, Result<Resolution>)> {
     let (engine, resolution) = std::thread::scope(|scope| {
         let probe = scope.spawn(|| Engine::probe(&ctx.docker, options.builder_name.as_deref()));
-        let resolution = pull_cached(ctx, &plan);
+        let resolution = check_caches(ctx, &plan);
         let engine = probe.join().unwrap_or_else(|_| Err(anyhow::anyhow!("probing the engine panicked")));
         (engine, resolution)
     });
     let (backend, builder) = (plan.backend.clone(), plan.builder);
     let (plan, fallback) = fit_plan(options, &engine?, Some(plan))?;
     let resolution =
-        if plan.backend == backend && plan.builder == builder { resolution } else { pull_cached(ctx, &plan) };
+        if plan.backend == backend && plan.builder == builder { resolution } else { check_caches(ctx, &plan) };
     Ok((plan, fallback, resolution))
 }
 
@@ -888,12 +1020,12 @@ pub fn execute_plan(
     report_file: Option<&Path>,
     started: Instant,
 ) -> Result<RunReport> {
-    let resolution = pull_cached(ctx, plan);
+    let resolution = check_caches(ctx, plan);
     execute_checked(ctx, plan, backend_fallback, resolution, report_file, started)
 }
 
 /// Runs a plan whose caches were checked already ([`pull_cached`]'s answer).
-pub fn execute_checked(
+pub(crate) fn execute_checked(
     ctx: &Context,
     plan: &Plan,
     backend_fallback: Option<String>,
@@ -1056,21 +1188,7 @@ pub fn execute_checked(
     let stage_reports: Vec<StageReport> = plan
         .stages
         .iter()
-        .map(|stage| {
-            stage_reports.remove(&stage.name).unwrap_or_else(|| StageReport {
-                name: stage.name.clone(),
-                cache_source: None,
-                cache_level: None,
-                cache_from: Vec::new(),
-                steps_cached: 0,
-                steps_total: 0,
-                seconds: 0.0,
-                pushed: Vec::new(),
-                status: "not built".to_string(),
-                steps: Vec::new(),
-                warnings: Vec::new(),
-            })
-        })
+        .map(|stage| stage_reports.remove(&stage.name).unwrap_or_else(|| not_built(&stage.name)))
         .collect();
     let mut run_warnings = resolution.warnings.clone();
     let push_error = write_error;
@@ -1114,7 +1232,9 @@ pub fn execute_checked(
     publish_report(ctx, &report, report_file)?;
     match message {
         None => Ok(report),
-        Some(message) => Err(anyhow::Error::new(BuildFailed { report, message })),
+        Some(message) => {
+            Err(anyhow::Error::new(BuildFailed { report, message, cache_write_only: build_error.is_none() }))
+        }
     }
 }
 
@@ -1196,7 +1316,7 @@ fn remove_scratch(plan: &Plan) {
 }
 
 /// `SIGINT` for 2, `SIGTERM` for 15, `signal N` otherwise.
-pub fn signal_name(signal: usize) -> String {
+pub(crate) fn signal_name(signal: usize) -> String {
     match signal {
         2 => "SIGINT".to_string(),
         15 => "SIGTERM".to_string(),
@@ -1258,7 +1378,7 @@ fn reuse_unchanged(
                 steps_total: steps,
                 seconds: 0.0,
                 pushed: Vec::new(),
-                status: "unchanged".to_string(),
+                status: StageStatus::Unchanged,
                 steps: Vec::new(),
                 warnings: written.warnings.clone(),
             }
@@ -1490,7 +1610,7 @@ mod tests {
     fn a_registry_that_is_down_gives_one_warning_not_one_per_tag() {
         // Nothing listens on port 1.
         let plan = three_stage_plan("127.0.0.1:1");
-        let resolution = pull_cached(&quick_context(), &plan).unwrap();
+        let resolution = check_caches(&quick_context(), &plan).unwrap();
         assert_eq!(resolution.warnings.len(), 1, "{:#?}", resolution.warnings);
         assert!(resolution.stages.values().all(|choice| choice.chosen.is_none()));
     }
@@ -1508,7 +1628,7 @@ mod tests {
         });
         let plan = three_stage_plan(&address);
         let started = std::time::Instant::now();
-        let resolution = pull_cached(&quick_context(), &plan).unwrap();
+        let resolution = check_caches(&quick_context(), &plan).unwrap();
         assert!(started.elapsed() < std::time::Duration::from_secs(8), "took {:?}", started.elapsed());
         assert_eq!(resolution.warnings.len(), 1, "{:#?}", resolution.warnings);
         drop(held);

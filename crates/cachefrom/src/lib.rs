@@ -9,21 +9,24 @@
 //! # The one call
 //!
 //! ```no_run
-//! use cachefrom::ci::Environment;
-//! use cachefrom::exec::{build_with_cache, BuildOptions, Context};
-//! use cachefrom::settings::Settings;
+//! use cachefrom::{build_with_cache, Backend, BuildOptions, Context, Environment, Settings};
 //!
 //! # fn main() -> anyhow::Result<()> {
-//! let mut settings = Settings::new("registry.example.com/team/app", "."); // REPOSITORY, context
-//! settings.backend = "registry".to_string(); // or inline, local,dir=…, tarball,dir=…, s3,…, gha
-//! settings.tags = vec!["registry.example.com/team/app:v1".to_string()];
-//! settings.push = true; // push the tags after a successful build
-//! settings.docker_args = vec!["--network=host".to_string()]; // passed to docker untouched
+//! let settings = Settings::new("registry.example.com/team/app", ".") // REPOSITORY, context
+//!     .backend(Backend::default()) // registry; or "local,dir=/cache".parse()?, Backend::Inline, …
+//!     .tag("registry.example.com/team/app:v1")
+//!     .push(true) // push the tags after a successful build
+//!     .docker_arg("--network=host"); // passed to docker untouched
 //!
 //! let options = BuildOptions::new(settings.plan_options(&Environment::from_process())?);
-//! let report = build_with_cache(&Context::from_environment(), &options)?;
-//! for stage in &report.stages {
-//!     println!("{}: {}/{} steps cached", stage.name, stage.steps_cached, stage.steps_total);
+//! match build_with_cache(&Context::from_environment(), &options) {
+//!     Ok(report) => {
+//!         for stage in &report.stages {
+//!             println!("{}: {}/{} steps cached", stage.name, stage.steps_cached, stage.steps_total);
+//!         }
+//!     }
+//!     // Usage, Engine, Cache, BuildFailed or Cancelled; the CLI exits with error.exit_code().
+//!     Err(error) => std::process::exit(i32::from(error.exit_code())),
 //! }
 //! # Ok(())
 //! # }
@@ -31,38 +34,38 @@
 //!
 //! # The three functions, for custom release tooling
 //!
-//! [`exec::pull_cached`] finds the cache each stage reads; [`exec::build_stage`] builds one stage;
-//! [`exec::push_cached`] writes a stage's cache. A [`exec::PushGuard`] calls `push_cached` for
-//! every stage marked built when it goes out of scope (an early `?`, a panic), like
-//! `trap push_cached EXIT`; [`exec::PushGuard::finish`] does it explicitly and returns the result.
+//! [`pull_cached`] checks the engine and finds the cache each stage reads; [`build_stage`] builds
+//! one stage; [`push_cached`] writes a stage's cache. A [`PushGuard`] composes them: its
+//! [`PushGuard::build`] builds a stage and marks it, and every stage marked has its cache written
+//! when the guard goes out of scope (an early `?`, a panic), like `trap push_cached EXIT`;
+//! [`PushGuard::finish`] does it explicitly and returns the same [`RunReport`] as
+//! [`build_with_cache`]. Stages are the plan's own [`plan::StagePlan`]s, not names.
 //!
 //! ```no_run
-//! use cachefrom::ci::Environment;
-//! use cachefrom::exec::{build_stage, pull_cached, push_cached, Context, PushGuard};
-//! use cachefrom::plan::Plan;
-//! use cachefrom::settings::Settings;
+//! use cachefrom::{pull_cached, Context, Environment, Plan, PushGuard, Settings, Silent};
 //!
 //! # fn main() -> anyhow::Result<()> {
-//! let ctx = Context::from_environment();
+//! let mut ctx = Context::from_environment();
+//! ctx.output = std::sync::Arc::new(Silent); // or your own log: see `Output`
 //! let plan = Plan::new(&Settings::new("127.0.0.1:5000/app", ".").plan_options(&Environment::from_process())?)?;
 //! print!("{plan}"); // the shell script this amounts to
 //!
 //! let resolution = pull_cached(&ctx, &plan)?;
-//! let mut guard = PushGuard::new(&ctx, &plan);
-//! for stage in &plan.stages {
-//!     build_stage(&ctx, &plan, &stage.name, &resolution)?; // on `?`, the guard pushes what built
-//!     guard.stage_built(&stage.name);
+//! let mut guard = PushGuard::new(&ctx, &plan, &resolution);
+//! for stage in plan.builds() {
+//!     guard.build(stage)?; // on `?`, the guard writes the caches of what built
 //! }
-//! for (stage, outcome) in guard.finish()? {
-//!     println!("{stage}: wrote {:?}", outcome.pushed);
-//! }
-//! # let _ = push_cached;
+//! let report = guard.finish()?;
+//! let (cached, total) = report.totals();
+//! println!("{cached}/{total} steps cached");
 //! # Ok(())
 //! # }
 //! ```
 //!
-//! The library prints nothing itself: what a run shows goes through [`output::Output`] in the
-//! [`exec::Context`] ([`output::StandardStreams`] by default; [`output::Silent`], or your own).
+//! `examples/release.rs` is a whole release tool written this way.
+//!
+//! The library prints nothing itself: what a run shows goes through the [`Output`] in the
+//! [`Context`] ([`StandardStreams`] by default; [`Silent`], [`Recorded`], or your own).
 //!
 //! The data flows one way: options → [`plan`] → [`exec`] → [`report`]. The modules below `exec`
 //! are pure except [`docker`] and [`registry`], the only ones that touch the outside world.
@@ -73,12 +76,13 @@
 pub use backend::Backend;
 pub use ci::Environment;
 pub use docker::Cancel;
+pub use error::Error;
 pub use exec::{
     build_stage, build_with_cache, pull_cached, push_cached, BuildFailed, BuildOptions, Context, PushGuard,
 };
 pub use output::{Output, Recorded, Silent, StandardStreams};
-pub use plan::{Access, Level, Plan, PlanOptions};
-pub use report::RunReport;
+pub use plan::{Access, Level, Plan, PlanOptions, StagePlan};
+pub use report::{RunReport, StageReport, StageStatus};
 pub use settings::Settings;
 
 pub mod backend;
@@ -86,9 +90,10 @@ pub mod ci;
 pub mod docker;
 pub mod dockerfile;
 pub mod engine;
+pub mod error;
 pub mod exec;
 pub mod git;
-pub mod inputs;
+mod inputs;
 pub mod output;
 pub mod plan;
 mod progress;
@@ -96,8 +101,8 @@ pub mod prune;
 pub mod refs;
 pub mod registry;
 pub mod report;
-pub mod script;
+mod script;
 pub mod secrets;
 pub mod settings;
-pub mod shell;
+mod shell;
 pub mod writes;

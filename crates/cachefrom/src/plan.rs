@@ -94,14 +94,53 @@ impl fmt::Display for Level {
     }
 }
 
-/// Whether the run may write caches.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+impl std::str::FromStr for Level {
+    type Err = anyhow::Error;
+
+    /// One level by its name (`branch`, `merge-base`, …); a chain is [`Level::parse_chain`].
+    fn from_str(text: &str) -> Result<Level> {
+        match Level::parse_chain(text)?.as_slice() {
+            [level] => Ok(*level),
+            _ => bail!("`{text}` is a chain, not one cache level"),
+        }
+    }
+}
+
+/// A chain as `--chain` writes it: `branch,merge-base,default-branch`.
+pub fn chain_text(chain: &[Level]) -> String {
+    chain.iter().map(|level| level.name()).collect::<Vec<_>>().join(",")
+}
+
+/// Whether the run may write caches; written `read-write` or `read-only`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Access {
     /// Read caches and write the tags this branch may write.
+    #[default]
     ReadWrite,
     /// Read caches, write nothing (e.g. pull requests from forks).
     ReadOnly,
+}
+
+impl fmt::Display for Access {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Access::ReadWrite => "read-write",
+            Access::ReadOnly => "read-only",
+        })
+    }
+}
+
+impl std::str::FromStr for Access {
+    type Err = anyhow::Error;
+
+    fn from_str(text: &str) -> Result<Access> {
+        match text.trim() {
+            "read-write" => Ok(Access::ReadWrite),
+            "read-only" => Ok(Access::ReadOnly),
+            other => bail!("unknown access `{}`; write read-write or read-only", crate::secrets::name_part(other)),
+        }
+    }
 }
 
 /// Which docker front end builds.
@@ -308,7 +347,7 @@ pub struct PlanOptions {
 }
 
 impl PlanOptions {
-    /// Options with the defaults: the last stage, the inline backend, the default chain, read-write.
+    /// Options with the defaults: the last stage, the registry backend, the default chain, read-write.
     pub fn new(context: impl Into<PathBuf>, repository: Repository, git: GitFacts) -> PlanOptions {
         // One scratch directory a process: two runs of one image on one host never share it.
         let work_dir = std::env::temp_dir().join("cachefrom").join(format!(
@@ -321,7 +360,7 @@ impl PlanOptions {
             dockerfile: None,
             target: None,
             repository,
-            backend: Backend::Inline,
+            backend: Backend::default(),
             git,
             chain: Level::DEFAULT_CHAIN.to_vec(),
             access: Access::ReadWrite,
@@ -663,13 +702,24 @@ impl Plan {
         Ok(plan)
     }
 
-    fn compute_steps(&self) -> Vec<Step> {
-        let built: Vec<&StagePlan> = match self.execution {
+    /// The stages the plan builds with a `docker build` of their own, in order: the target alone
+    /// for one build of the target (it builds and caches every stage it reads), every stage for
+    /// stage-by-stage builds (inline, the classic builder).
+    pub fn builds(&self) -> Vec<&StagePlan> {
+        match self.execution {
             Execution::OneBuild => self.stages.iter().filter(|stage| stage.is_target).collect(),
             Execution::StageByStage => self.stages.iter().collect(),
-        };
+        }
+    }
+
+    /// The stage built last, whose image is the result.
+    pub fn target_stage(&self) -> &StagePlan {
+        self.stages.iter().find(|stage| stage.is_target).unwrap_or_else(|| &self.stages[self.stages.len() - 1])
+    }
+
+    fn compute_steps(&self) -> Vec<Step> {
         let mut steps = Vec::new();
-        for stage in built {
+        for stage in self.builds() {
             steps.push(Step::Build { stage: stage.name.clone() });
             for write in self.writes_after(stage) {
                 steps.push(Step::Write { stage: stage.name.clone(), write });
@@ -1086,7 +1136,7 @@ fn serialize_docker_args<S: Serializer>(docker_args: &[String], serializer: S) -
 }
 
 /// Quotes `word` for a POSIX shell when it needs it.
-pub fn shell_quote(word: &str) -> String {
+pub(crate) fn shell_quote(word: &str) -> String {
     let plain = !word.is_empty() && word.chars().all(|c| c.is_ascii_alphanumeric() || "-_./:=,@%+".contains(c));
     if plain {
         word.to_string()
@@ -1096,7 +1146,7 @@ pub fn shell_quote(word: &str) -> String {
 }
 
 /// A docker command line, secrets hidden, as one shell line.
-pub fn render_command(args: &[String]) -> String {
+pub(crate) fn render_command(args: &[String]) -> String {
     let redacted = redact_docker_args(args);
     std::iter::once("docker".to_string())
         .chain(redacted.iter().map(|arg| shell_quote(arg)))

@@ -229,6 +229,7 @@ cachefrom copy-tag 127.0.0.1:5000/app:cache-app.main 127.0.0.1:5000/app:cache-ap
 #[test]
 fn the_inline_backend_builds_stage_by_stage_and_pushes_each_right_after() {
     let mut options = options(main_branch());
+    options.backend = Backend::Inline;
     options.chain = vec![Level::Branch];
     options.tags = vec!["127.0.0.1:5000/app:v1".into()];
     options.push_tags = true;
@@ -264,6 +265,7 @@ fn the_tarball_backend_unpacks_before_and_packs_after() {
 fn the_classic_builder_pulls_in_chain_order() {
     let mut options = options(feature_branch());
     options.builder = Builder::Classic;
+    options.backend = Backend::Inline;
     options.chain = vec![Level::Branch, Level::DefaultBranch];
     let script = plan("FROM alpine AS deps\n", &options).to_string();
     let feature = crate::refs::sanitize_tag("feature/login");

@@ -347,6 +347,34 @@ fn base64_decode(data: &str) -> Vec<u8> {
     base64::engine::general_purpose::STANDARD.decode(data).unwrap_or_default()
 }
 
+/// What became of one stage; in JSON `built`, `failed`, `not built` or `unchanged`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StageStatus {
+    /// Every step finished.
+    #[serde(rename = "built")]
+    Built,
+    /// A step of the stage failed (or the stage was the target of a failed build).
+    #[serde(rename = "failed")]
+    Failed,
+    /// The build stopped before the stage finished.
+    #[serde(rename = "not built")]
+    NotBuilt,
+    /// Nothing was built: the inputs were those recorded on the cache (see [`RunReport::unchanged`]).
+    #[serde(rename = "unchanged")]
+    Unchanged,
+}
+
+impl std::fmt::Display for StageStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            StageStatus::Built => "built",
+            StageStatus::Failed => "failed",
+            StageStatus::NotBuilt => "not built",
+            StageStatus::Unchanged => "unchanged",
+        })
+    }
+}
+
 /// What happened to one stage.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StageReport {
@@ -366,8 +394,8 @@ pub struct StageReport {
     pub seconds: f64,
     /// Where the stage's cache was written.
     pub pushed: Vec<String>,
-    /// `built`, `failed`, or `not built`.
-    pub status: String,
+    /// What became of the stage.
+    pub status: StageStatus,
     /// Each step as BuildKit reported it.
     pub steps: Vec<Step>,
     /// Cache problems that did not stop the build, one line each.
@@ -671,7 +699,7 @@ Step 5/5 : RUN echo two > /two
                 steps_total: 5,
                 seconds: 1.25,
                 pushed: vec!["127.0.0.1:5000/app:cache-deps-main".into()],
-                status: "built".into(),
+                status: StageStatus::Built,
                 steps: vec![],
                 warnings: vec![],
             }],

@@ -1,5 +1,17 @@
-//! Settings as a user writes them (strings, flags): what the `cachefrom` CLI and an xtask both
-//! turn into [`PlanOptions`], so the same inputs give the same plan whichever front end reads them.
+//! Settings as a user gives them: what the `cachefrom` CLI, an xtask and a release tool all turn
+//! into [`PlanOptions`], so the same inputs give the same plan whichever front end reads them.
+//! One set of defaults ([`Settings::new`]); chainable setters for the common ones:
+//!
+//! ```
+//! use cachefrom::{Access, Backend, Settings};
+//! let settings = Settings::new("127.0.0.1:5000/app", ".")
+//!     .backend("local,dir=/var/cache/docker".parse::<Backend>()?)
+//!     .tag("127.0.0.1:5000/app:v1")
+//!     .build_arg("PROFILE", "release")
+//!     .access(Access::ReadOnly);
+//! assert_eq!(settings.backend.to_string(), "local,dir=/var/cache/docker");
+//! # Ok::<(), anyhow::Error>(())
+//! ```
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -23,20 +35,18 @@ pub struct Settings {
     pub file: Option<PathBuf>,
     /// The stage to build (default: the last).
     pub target: Option<String>,
-    /// `TYPE[,KEY=VALUE...]` (default `registry`).
-    pub backend: String,
-    /// The shared directory for `local` and `tarball`.
-    pub cache_dir: Option<PathBuf>,
+    /// How the cache travels (default: [`Backend::default`], `registry`).
+    pub backend: Backend,
     /// The branch (default: CI variables, then git).
     pub branch: Option<String>,
     /// The default branch (default: CI variables, origin/HEAD, main, master).
     pub default_branch: Option<String>,
     /// The commit (default: git's HEAD).
     pub commit: Option<String>,
-    /// The chain, comma-separated (default `branch,merge-base,default-branch,parent,unprefixed`).
-    pub chain: String,
-    /// Write no cache.
-    pub read_only: bool,
+    /// Where caches are read from, most specific first (default [`Level::DEFAULT_CHAIN`]).
+    pub chain: Vec<Level>,
+    /// Whether caches are written (default read-write; a fork's pull request is read-only).
+    pub access: Access,
     /// Write caches even for a pull request from a fork (read-only by default).
     pub allow_fork_writes: bool,
     /// Tags of the final image.
@@ -55,10 +65,21 @@ pub struct Settings {
     pub platform: Option<String>,
 }
 
-/// The default `--chain`.
+/// The default `--chain` as text ([`Level::DEFAULT_CHAIN`]; a test holds them equal).
 pub const DEFAULT_CHAIN: &str = "branch,merge-base,default-branch,parent,unprefixed";
-/// The default `--backend`.
+/// The default `--backend` as text ([`Backend::default`]; a test holds them equal).
 pub const DEFAULT_BACKEND: &str = "registry";
+
+macro_rules! setters {
+    ($($(#[$doc:meta])* $name:ident: $type:ty => $value:expr;)*) => {$(
+        $(#[$doc])*
+        #[must_use]
+        pub fn $name(mut self, $name: $type) -> Settings {
+            self.$name = $value;
+            self
+        }
+    )*};
+}
 
 impl Settings {
     /// Settings for `image` and `context` with every default.
@@ -68,13 +89,12 @@ impl Settings {
             context: context.into(),
             file: None,
             target: None,
-            backend: DEFAULT_BACKEND.to_string(),
-            cache_dir: None,
+            backend: Backend::default(),
             branch: None,
             default_branch: None,
             commit: None,
-            chain: DEFAULT_CHAIN.to_string(),
-            read_only: false,
+            chain: Level::DEFAULT_CHAIN.to_vec(),
+            access: Access::default(),
             allow_fork_writes: false,
             tags: Vec::new(),
             push: false,
@@ -86,11 +106,62 @@ impl Settings {
         }
     }
 
+    setters! {
+        /// Sets the backend.
+        backend: Backend => backend;
+        /// Sets the Dockerfile.
+        file: impl Into<PathBuf> => Some(file.into());
+        /// Sets the stage to build.
+        target: impl Into<String> => Some(target.into());
+        /// Sets the branch (instead of the CI's variables and git).
+        branch: impl Into<String> => Some(branch.into());
+        /// Sets the default branch.
+        default_branch: impl Into<String> => Some(default_branch.into());
+        /// Sets the commit.
+        commit: impl Into<String> => Some(commit.into());
+        /// Sets the chain.
+        chain: impl Into<Vec<Level>> => chain.into();
+        /// Sets whether caches are written.
+        access: Access => access;
+        /// Pushes the tags after a successful build.
+        push: bool => push;
+        /// Makes cache failures fatal.
+        strict_cache: bool => strict_cache;
+        /// Sets the platform to build for.
+        platform: impl Into<String> => Some(platform.into());
+        /// Sets the scratch directory.
+        work_dir: impl Into<PathBuf> => Some(work_dir.into());
+    }
+
+    /// Adds a tag of the final image.
+    #[must_use]
+    pub fn tag(mut self, tag: impl Into<String>) -> Settings {
+        self.tags.push(tag.into());
+        self
+    }
+
+    /// Adds a build argument.
+    #[must_use]
+    pub fn build_arg(mut self, name: impl Into<String>, value: impl Into<String>) -> Settings {
+        self.build_args.push((name.into(), value.into()));
+        self
+    }
+
+    /// Adds an option for `docker build`, passed untouched.
+    #[must_use]
+    pub fn docker_arg(mut self, arg: impl Into<String>) -> Settings {
+        self.docker_args.push(arg.into());
+        self
+    }
+
     /// Checks the settings, reads git (and the CI's variables in `env`) and returns the plan's options.
     pub fn plan_options(&self, env: &Environment) -> Result<PlanOptions> {
         let repository = Repository::parse(&self.image)?;
-        let backend = Backend::parse(&self.backend, self.cache_dir.as_deref())?;
-        let chain = Level::parse_chain(&self.chain)?;
+        let backend = self.backend.clone();
+        if self.chain.is_empty() {
+            bail!("the chain is empty; give at least one level, e.g. --chain branch,default-branch");
+        }
+        let chain = self.chain.clone();
         if !self.context.is_dir() {
             bail!("the build context {} is not a directory", self.context.display());
         }
@@ -105,8 +176,8 @@ impl Settings {
         options.target = self.target.clone();
         options.backend = backend;
         options.chain = chain;
-        options.access = if self.read_only { Access::ReadOnly } else { Access::ReadWrite };
-        if !self.read_only {
+        options.access = self.access;
+        if self.access == Access::ReadWrite {
             if let Some(why) = crate::ci::fork_pull_request(env) {
                 if self.allow_fork_writes {
                     options.notes.push(format!("writes caches although {why}: --allow-fork-writes"));
@@ -139,5 +210,60 @@ impl Settings {
             options.work_dir = work_dir.clone();
         }
         Ok(options)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_text_defaults_are_the_typed_ones() {
+        assert_eq!(DEFAULT_BACKEND.parse::<Backend>().unwrap(), Backend::default());
+        assert_eq!(Level::parse_chain(DEFAULT_CHAIN).unwrap(), Level::DEFAULT_CHAIN.to_vec());
+        assert_eq!(crate::plan::chain_text(&Level::DEFAULT_CHAIN), DEFAULT_CHAIN);
+        let settings = Settings::new("127.0.0.1:5000/app", ".");
+        assert_eq!(
+            (settings.backend, settings.chain, settings.access),
+            (Backend::default(), Level::DEFAULT_CHAIN.to_vec(), Access::ReadWrite)
+        );
+    }
+
+    #[test]
+    fn settings_give_the_plan_options_they_say() {
+        let dir = tempfile::tempdir().unwrap();
+        let settings = Settings::new("127.0.0.1:5000/app", dir.path())
+            .backend(Backend::Inline)
+            .branch("feature")
+            .default_branch("main")
+            .chain([Level::Branch, Level::DefaultBranch])
+            .access(Access::ReadOnly)
+            .tag("127.0.0.1:5000/app:v1")
+            .push(true)
+            .build_arg("PROFILE", "release");
+        let options = settings.plan_options(&Environment::default()).unwrap();
+        assert_eq!(options.backend, Backend::Inline);
+        assert_eq!(options.chain, vec![Level::Branch, Level::DefaultBranch]);
+        assert_eq!(options.access, Access::ReadOnly);
+        assert_eq!(options.tags, vec!["127.0.0.1:5000/app:v1".to_string()]);
+        assert!(options.push_tags);
+        assert_eq!(options.build_args.get("PROFILE").map(String::as_str), Some("release"));
+        assert_eq!(options.git.branch.as_deref(), Some("feature"));
+        let empty = Settings::new("127.0.0.1:5000/app", dir.path()).chain(Vec::new());
+        assert!(empty.plan_options(&Environment::default()).unwrap_err().to_string().contains("chain is empty"));
+    }
+
+    #[test]
+    fn access_and_levels_read_and_write_text() {
+        for access in [Access::ReadWrite, Access::ReadOnly] {
+            assert_eq!(access.to_string().parse::<Access>().unwrap(), access);
+        }
+        assert!("rw".parse::<Access>().is_err());
+        for level in
+            [Level::Branch, Level::Commit, Level::MergeBase, Level::DefaultBranch, Level::Parent, Level::Unprefixed]
+        {
+            assert_eq!(level.to_string().parse::<Level>().unwrap(), level);
+        }
+        assert!("branch,parent".parse::<Level>().is_err());
     }
 }
