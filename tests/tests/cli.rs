@@ -163,3 +163,13 @@ fn xtask_docker_and_cachefrom_build_plan_the_same() {
     assert_eq!(cli, xtask);
     assert_eq!(cli["stages"].as_array().unwrap().len(), 3);
 }
+
+#[test]
+fn version_names_the_commit_it_was_built_from() {
+    let output = cachefrom(&["--version"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let version = String::from_utf8_lossy(&output.stdout).trim().to_string();
+    let head = git(&repository_root(), &["rev-parse", "--short=12", "HEAD"]).unwrap().trim().to_string();
+    assert!(version.starts_with("cachefrom "), "{version}");
+    assert!(version.contains(&format!(" (commit {head}")), "{version}");
+}

@@ -39,6 +39,7 @@ fn a_rerun_with_the_same_inputs_builds_nothing_and_any_change_builds() {
     assert!(annotations["dev.cachefrom.inputs"].as_str().unwrap().starts_with("sha256:"), "{manifest:#}");
     let built = registry_digest(REGISTRY, &path, "v1").unwrap();
     assert_eq!(annotations["dev.cachefrom.image"], built.as_str());
+    let seeded_config = manifest["config"]["digest"].clone();
 
     // A fresh runner, nothing changed: nothing is built, the same image keeps its tag, a new tag
     // points at it, and the cache's tags are written.
@@ -69,6 +70,10 @@ fn a_rerun_with_the_same_inputs_builds_nothing_and_any_change_builds() {
     fresh_runner().unwrap();
     let (_, local) = build(dir, &image, &["--tag", &tag]);
     assert!(local.get("unchanged").is_none(), "{local:#}");
+    // Every step hit: the cache keeps every result of the one it read (BuildKit's own export of
+    // such a build can lack the results it never loaded).
+    let after = registry_manifest(REGISTRY, &path, "cache-runtime.main").unwrap();
+    assert_eq!(after["config"]["digest"], seeded_config, "{after:#}");
 
     // A source edit builds again: the dependency stage from the cache, the builder stage anew.
     std::fs::write(dir.join("src/main.txt"), "fn main2\n").unwrap();

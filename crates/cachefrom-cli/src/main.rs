@@ -20,7 +20,7 @@ use cachefrom::error::{EXIT_ENVIRONMENT, EXIT_USAGE};
 #[derive(Parser, Debug)]
 #[command(
     name = "cachefrom",
-    version,
+    version = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("CACHEFROM_BUILD_COMMIT"), ")"),
     about = "Docker layer caching for CI runners that start empty",
     long_about = "Docker layer caching for CI runners that start empty.\n\n\
 cachefrom builds every stage of a multi-stage Dockerfile with its own cache, read from the most specific \

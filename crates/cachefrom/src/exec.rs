@@ -1073,6 +1073,9 @@ pub(crate) fn execute_checked(
     let mut write_error: Option<String> = None;
     let mut not_exported: BTreeSet<String> = BTreeSet::new();
     let mut refresh: Vec<CacheWrite> = Vec::new();
+    // The first write that found the disk full, and how many writes were skipped after it.
+    let mut disk_full: Option<String> = None;
+    let mut skipped_full = 0;
     for step in steps {
         match step {
             Step::Build { .. } if ctx.docker.cancel.requested().is_some() => {
@@ -1144,15 +1147,32 @@ pub(crate) fn execute_checked(
                     .unwrap_or_default();
                 if !outcome.export_failed {
                     refresh = stale_stage_writes(plan, stage, &resolution);
+                    if let Some((digest, primary)) =
+                        complete_cache_of_all_hit_build(plan, stage, &resolution, &stage_reports)
+                    {
+                        if let Err(error) = restore_cache(ctx, plan, &digest, &primary, &annotations) {
+                            resolution.warnings.push(format!("{error:#}"));
+                        }
+                    }
                 }
             }
             // The export failed (its warning is in the report): copying it would copy an older cache.
             Step::Write { stage, .. } if not_exported.contains(stage) => {}
+            // The cache directory is full: the other file writes would fail the same way.
+            Step::Write { write: CacheWrite::CopyDir { .. } | CacheWrite::Pack { .. }, .. } if disk_full.is_some() => {
+                skipped_full += 1;
+            }
             Step::Write { stage, write } => {
                 match perform_writes(ctx, plan, std::slice::from_ref(write), &annotations) {
                     Ok(outcome) => {
                         credit_writes(plan, stage_reports.values_mut(), &outcome.pushed);
-                        write_warnings.extend(outcome.warnings.into_iter().map(|w| (stage.clone(), w)));
+                        for warning in outcome.warnings {
+                            if is_disk_full(&warning) {
+                                disk_full.get_or_insert(warning);
+                            } else {
+                                write_warnings.push((stage.clone(), warning));
+                            }
+                        }
                     }
                     Err(error) => {
                         write_error = Some(format!("{error:#}"));
@@ -1171,7 +1191,7 @@ pub(crate) fn execute_checked(
             }
         }
     }
-    if build_error.is_none() && write_error.is_none() && !refresh.is_empty() {
+    if build_error.is_none() && write_error.is_none() && disk_full.is_none() && !refresh.is_empty() {
         match perform_writes(ctx, plan, &refresh, &annotations) {
             Ok(outcome) => {
                 credit_writes(plan, stage_reports.values_mut(), &outcome.pushed);
@@ -1191,6 +1211,13 @@ pub(crate) fn execute_checked(
         .map(|stage| stage_reports.remove(&stage.name).unwrap_or_else(|| not_built(&stage.name)))
         .collect();
     let mut run_warnings = resolution.warnings.clone();
+    if let Some(first) = disk_full {
+        // One warning for the cause, not one per tag; nothing partial was left (see `writes`).
+        run_warnings.push(format!(
+            "the cache directory is full: {first}; {} more cache writes skipped, nothing partial left behind; the build itself went on (free space, or point the backend's dir= elsewhere)",
+            skipped_full
+        ));
+    }
     let push_error = write_error;
 
     let cancelled = ctx.docker.cancel.requested().map(signal_name);
@@ -1236,6 +1263,11 @@ pub(crate) fn execute_checked(
             Err(anyhow::Error::new(BuildFailed { report, message, cache_write_only: build_error.is_none() }))
         }
     }
+}
+
+/// True for a write that failed because its disk is full.
+fn is_disk_full(error: &str) -> bool {
+    error.contains("No space left on device") || error.contains("os error 28") || error.contains("Disk quota exceeded")
 }
 
 /// The digest of cache content BuildKit could not fetch, from a build's error: a cache whose
@@ -1413,6 +1445,52 @@ fn stale_stage_writes(plan: &Plan, stage: &str, resolution: &Resolution) -> Vec<
         return Vec::new();
     }
     plan.writes_to(target, &stale)
+}
+
+/// After a registry build of `stage` whose every step was a hit from one cache: that cache's
+/// manifest digest and the tag the build exported to. BuildKit's export of such a build can lack
+/// results it never had to load (seen here: the layer of a `COPY` whose later steps hit too, so
+/// that the next run missed the whole stage); the cache it read holds every result of the same
+/// steps, so it is what the export's tag gets.
+fn complete_cache_of_all_hit_build(
+    plan: &Plan,
+    stage: &str,
+    resolution: &Resolution,
+    reports: &BTreeMap<String, StageReport>,
+) -> Option<(String, String)> {
+    if !matches!(plan.backend, Backend::Registry { .. }) {
+        return None;
+    }
+    let stage = plan.stage(stage)?;
+    let primary = plan.primary_write(stage)?;
+    let sources = resolution.sources(plan, stage);
+    let [(_, only)] = sources.as_slice() else { return None };
+    let digest = resolution.digests.get(&only.location.to_string())?;
+    let covered: Vec<&StagePlan> = match plan.execution {
+        Execution::OneBuild => plan.ancestors(stage).into_iter().chain(std::iter::once(stage)).collect(),
+        Execution::StageByStage => vec![stage],
+    };
+    let all_hit = covered
+        .iter()
+        .all(|covered| reports.get(&covered.name).is_some_and(|report| report.steps_cached == report.steps_total))
+        && covered.iter().any(|covered| reports.get(&covered.name).is_some_and(|report| report.steps_total > 0));
+    all_hit.then(|| (digest.clone(), primary.location.to_string()))
+}
+
+/// Puts the cache manifest `digest` (in the plan's repository) at `to`, with `annotations`.
+fn restore_cache(
+    ctx: &Context,
+    plan: &Plan,
+    digest: &str,
+    to: &str,
+    annotations: &BTreeMap<String, String>,
+) -> Result<()> {
+    let tag = writes::tag_of(&plan.repository, to)?;
+    let manifest = ctx.registry.manifest(&plan.repository, digest)?;
+    let manifest = if annotations.is_empty() { manifest } else { manifest.with_annotations(annotations)? };
+    ctx.registry
+        .put_manifest(&plan.repository, &manifest, &[tag])
+        .with_context(|| format!("writing the cache that was read ({digest}) to {to}"))
 }
 
 /// The record of a successful build of `stage`, when it is the target and the inputs are known.

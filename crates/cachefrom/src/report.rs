@@ -32,6 +32,8 @@ pub struct Step {
 struct Vertex {
     name: String,
     cached: bool,
+    /// True once the vertex printed a line: it ran, whatever it was first reported as.
+    logged: bool,
     started: Option<String>,
     completed: Option<String>,
     error: Option<String>,
@@ -157,7 +159,13 @@ impl ProgressRecord {
         }
         for log in value.get("logs").and_then(|v| v.as_array()).into_iter().flatten() {
             let digest = log.get("vertex").and_then(|v| v.as_str()).unwrap_or_default();
-            let name = self.vertices.get(digest).map(|v| v.name.clone()).unwrap_or_default();
+            let name = match self.vertices.get_mut(digest) {
+                Some(vertex) => {
+                    vertex.logged = true;
+                    vertex.name.clone()
+                }
+                None => String::new(),
+            };
             let data = log.get("data").and_then(|d| d.as_str()).unwrap_or_default();
             let bytes = base64_decode(data);
             for line in String::from_utf8_lossy(&bytes).lines() {
@@ -183,7 +191,8 @@ impl ProgressRecord {
                 Some(Step {
                     name: vertex.name.clone(),
                     stage,
-                    cached: vertex.cached,
+                    // A step whose output shows ran.
+                    cached: vertex.cached && !vertex.logged,
                     seconds: seconds_between(vertex.started.as_deref(), vertex.completed.as_deref()),
                     error: vertex.error.clone(),
                 })
@@ -638,6 +647,20 @@ WARNING: a line docker printed that is not JSON
         );
         assert_eq!(steps[1].seconds, Some(2.25));
         assert!(steps[2].error.as_deref().unwrap().contains("exit code: 2"));
+    }
+
+    #[test]
+    fn a_step_reported_cached_that_then_prints_ran() {
+        // A cache whose blobs cannot be loaded: BuildKit reports the hit, then runs the step.
+        let stream = r#"{"vertexes":[{"digest":"sha256:a","name":"[deps 2/2] RUN make","started":"2026-11-22T22:37:22Z","completed":"2026-11-22T22:37:22Z","cached":true}]}
+{"vertexes":[{"digest":"sha256:a","name":"[deps 2/2] RUN make","started":"2026-11-22T22:37:23Z"}]}
+{"logs":[{"vertex":"sha256:a","stream":1,"data":"Y29tcGlsaW5nCg=="}]}
+{"vertexes":[{"digest":"sha256:a","name":"[deps 2/2] RUN make","started":"2026-11-22T22:37:23Z","completed":"2026-11-22T22:37:24Z"}]}"#;
+        let mut record = ProgressRecord::default();
+        stream.lines().for_each(|line| drop(record.feed_line(line)));
+        let steps = record.steps();
+        assert_eq!(steps.len(), 1);
+        assert!(!steps[0].cached, "its output shows, so it ran: {steps:?}");
     }
 
     #[test]
