@@ -423,6 +423,27 @@ pub struct BuildOutcome {
     pub export_failed: bool,
 }
 
+impl BuildOutcome {
+    /// This outcome of a build tried again after `earlier`: a step that ran in the earlier try
+    /// ran (the later try finds it in the local build cache), so the counts stay true.
+    fn after(mut self, earlier: BuildOutcome) -> BuildOutcome {
+        for report in &mut self.reports {
+            let Some(before) = earlier.reports.iter().find(|before| before.name == report.name) else { continue };
+            for step in &mut report.steps {
+                if before.steps.iter().any(|ran| ran.name == step.name && !ran.cached) {
+                    step.cached = false;
+                }
+            }
+            report.steps_cached = report.steps.iter().filter(|step| step.cached).count();
+            if report.steps_cached == 0 {
+                report.cache_source = None;
+                report.cache_level = None;
+            }
+        }
+        self
+    }
+}
+
 /// Builds `stage` with `--target` (and so every stage it reads from), its cache sources from
 /// `resolution`, the backend's cache export, the user's options and the stage's tags. Progress
 /// streams to the user as it comes and is kept for the report: one report for every stage the
@@ -581,19 +602,21 @@ pub(crate) fn build_unit(
         });
     }
 
-    let export_errors: Vec<String> = record
+    // A cache source BuildKit could not read (truncated or half-written files): the steps ran
+    // without it; a warning, and nothing to do with this build's own export.
+    let (import_errors, export_errors): (Vec<String>, Vec<String>) = record
         .other_errors()
         .into_iter()
         .filter(|(name, _)| name.contains("cache"))
         .map(|(name, error)| format!("{name}: {error}"))
-        .collect();
+        .partition(|problem| problem.starts_with("importing cache"));
     let text_errors: Vec<String> = text_lines
         .iter()
         .filter(|line| line.contains("ERROR") || line.to_lowercase().contains("error:"))
         .map(|line| line.trim().to_string())
         .collect();
     let own = reports.iter_mut().find(|report| report.name == stage.name).expect("the stage is covered");
-    for problem in export_errors.iter().chain(text_errors.iter()) {
+    for problem in import_errors.iter().chain(export_errors.iter()).chain(text_errors.iter()) {
         own.warnings.push(format!("stage {}: {problem}", stage.name));
     }
     if plan.cache_errors == CacheErrors::Fail && !export_errors.is_empty() {
@@ -1099,7 +1122,7 @@ pub(crate) fn execute_checked(
                         ctx.warn(&warning);
                         resolution = fixed;
                         resolution.warnings.push(warning);
-                        outcome = build_unit(ctx, plan, stage, &resolution)?;
+                        outcome = build_unit(ctx, plan, stage, &resolution)?.after(outcome);
                     }
                 }
                 // An export the registry refused for a moment (writers racing on one tag answer
@@ -1116,14 +1139,14 @@ pub(crate) fn execute_checked(
                     ctx.say(&format!(
                         "cachefrom: building {stage} again: another build of the same image finished first"
                     ));
-                    outcome = build_unit(ctx, plan, stage, &resolution)?;
+                    outcome = build_unit(ctx, plan, stage, &resolution)?.after(outcome);
                 }
                 let mut attempt = 0;
                 while outcome.error.is_none() && outcome.export_failed && attempt < EXPORT_RETRIES {
                     std::thread::sleep(std::time::Duration::from_millis(500 * 2u64.pow(attempt)));
                     attempt += 1;
                     ctx.say(&format!("cachefrom: exporting the cache of {stage} again (try {})", attempt + 1));
-                    outcome = build_unit(ctx, plan, stage, &resolution)?;
+                    outcome = build_unit(ctx, plan, stage, &resolution)?.after(outcome);
                 }
                 if outcome.export_failed {
                     not_exported.insert(stage.clone());
@@ -1267,7 +1290,10 @@ pub(crate) fn execute_checked(
 
 /// True for a write that failed because its disk is full.
 fn is_disk_full(error: &str) -> bool {
-    error.contains("No space left on device") || error.contains("os error 28") || error.contains("Disk quota exceeded")
+    // GNU tar says "Wrote only N of M bytes" on a short write, which is what a full disk gives it.
+    ["No space left on device", "os error 28", "Disk quota exceeded", "Wrote only"]
+        .iter()
+        .any(|sign| error.contains(sign))
 }
 
 /// The digest of cache content BuildKit could not fetch, from a build's error: a cache whose
