@@ -31,6 +31,7 @@ Every option can also be set with an environment variable CACHEFROM_<OPTION> (sh
 cachefrom build --image registry.example.com/team/app .\n  \
 cachefrom build --image 127.0.0.1:5000/app --backend inline --tag 127.0.0.1:5000/app:v1 --push example-project -- --network=host\n  \
 cachefrom plan --image registry.example.com/team/app .        # the shell script it would run\n  \
+cachefrom explain --image registry.example.com/team/app .     # would each stage hit its cache? if not, why\n  \
 cachefrom stages -f Dockerfile --json\n\n\
 Exit codes: 0 success, 1 the build failed, 2 usage error (bad option, missing Dockerfile, unknown target),\n\
 3 the environment is not ready (docker missing, daemon not answering; with --strict-cache, a cache that cannot be read or written),\n\
@@ -47,6 +48,10 @@ enum Command {
     Build(BuildArgs),
     /// Print the plan as the shell script it amounts to (a dry run; nothing runs).
     Plan(PlanArgs),
+    /// Say, without building, whether each stage would hit its cache and if not why: the first
+    /// instruction whose inputs (files, build arguments, base image, text) differ from the record
+    /// written beside the cache it would read. Takes the same options as `build`.
+    Explain(PlanArgs),
     /// List the Dockerfile's stages and the build order for a target.
     Stages(StagesArgs),
     /// Give a cache (or any manifest) in a registry further tags in the same repository: the
@@ -238,6 +243,7 @@ fn main() -> ExitCode {
         Command::Stages(args) => stages(&args).map_err(usage),
         Command::Plan(args) => plan_options(&args).and_then(|options| print_plan(&options, args.json)).map_err(usage),
         Command::Build(args) => build(&args),
+        Command::Explain(args) => explain(&args),
         Command::CopyTag(args) => copy_tag(&args),
         Command::Prune(args) => prune(&args),
     };
@@ -248,6 +254,30 @@ fn main() -> ExitCode {
             ExitCode::from(code)
         }
     }
+}
+
+fn explain(args: &PlanArgs) -> std::result::Result<(), Failure> {
+    let options = plan_options(args).map_err(usage)?;
+    let plan = Plan::new(&options).map_err(usage)?;
+    let ctx = Context::from_environment();
+    let explanations =
+        cachefrom::exec::explain(&ctx, &plan).map_err(|error| Failure { code: EXIT_ENVIRONMENT, error })?;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({ "stages": explanations })).unwrap_or_default()
+        );
+        return Ok(());
+    }
+    for stage in &explanations {
+        let line = match (&stage.miss, &stage.reads) {
+            (None, Some(reads)) => format!("would hit: every input matches the record on {reads}"),
+            (None, None) => "would hit".to_string(),
+            (Some(miss), _) => format!("would miss: {}", miss.line),
+        };
+        println!("{}: {}", stage.stage, cachefrom::secrets::scrub(&line));
+    }
+    Ok(())
 }
 
 fn stages(args: &StagesArgs) -> Result<()> {

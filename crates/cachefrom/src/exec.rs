@@ -13,6 +13,7 @@ use crate::ci::{step_summary_path, CiSystem, Environment};
 use crate::docker::{last_lines, run_program, Docker};
 use crate::engine::{BackendFallback, Engine};
 use crate::error::Error;
+use crate::explain::{Miss, StageInputs};
 use crate::inputs::CacheRecord;
 use crate::output::{Output, StandardStreams};
 use crate::plan::{
@@ -281,24 +282,11 @@ fn input_fingerprint(ctx: &Context, plan: &Plan) -> Option<String> {
     }
     let target = plan.stages.iter().find(|stage| stage.is_target)?;
     plan.primary_write(target)?;
-    let mut lookups = Vec::new();
-    let mut image_digests = Vec::new();
-    for image in &plan.external_images {
-        let (repository, reference) = crate::inputs::image_reference(image)?;
-        if crate::inputs::is_digest(&reference) {
-            image_digests.push((image.clone(), reference));
-        } else {
-            lookups.push((image.clone(), (repository, reference)));
-        }
+    let (digests, all_known) = image_digests(ctx, plan);
+    if !all_known {
+        return None;
     }
-    let refs: Vec<_> = lookups.iter().map(|(_, lookup)| lookup.clone()).collect();
-    for ((image, _), (answer, digest)) in lookups.iter().zip(ctx.registry.check_all_with_digests(&refs)) {
-        match (answer, digest) {
-            (Existence::Exists, Some(digest)) => image_digests.push((image.clone(), digest)),
-            _ => return None,
-        }
-    }
-    image_digests.sort();
+    let image_digests: Vec<(String, String)> = digests.into_iter().collect();
     let inputs = crate::inputs::Inputs {
         context: &plan.context,
         dockerfile: &plan.dockerfile,
@@ -308,6 +296,204 @@ fn input_fingerprint(ctx: &Context, plan: &Plan) -> Option<String> {
         image_digests,
     };
     crate::inputs::fingerprint(&inputs).ok()
+}
+
+/// The digest of each image the Dockerfile reads, where the registry says; and whether it said
+/// for every one.
+fn image_digests(ctx: &Context, plan: &Plan) -> (BTreeMap<String, String>, bool) {
+    let mut digests = BTreeMap::new();
+    let mut lookups = Vec::new();
+    let mut all_known = true;
+    for image in &plan.external_images {
+        match crate::inputs::image_reference(image) {
+            Some((_, reference)) if crate::inputs::is_digest(&reference) => {
+                digests.insert(image.clone(), reference);
+            }
+            Some(lookup) => lookups.push((image.clone(), lookup)),
+            None => all_known = false,
+        }
+    }
+    let refs: Vec<_> = lookups.iter().map(|(_, lookup)| lookup.clone()).collect();
+    for ((image, _), (answer, digest)) in lookups.iter().zip(ctx.registry.check_all_with_digests(&refs)) {
+        match (answer, digest) {
+            (Existence::Exists, Some(digest)) => {
+                digests.insert(image.clone(), digest);
+            }
+            _ => all_known = false,
+        }
+    }
+    (digests, all_known)
+}
+
+/// Each stage's inputs now and the records on the caches the stages read (by location), read
+/// before the build overwrites them.
+struct MissEvidence {
+    now: BTreeMap<String, StageInputs>,
+    records: BTreeMap<String, Option<BTreeMap<String, StageInputs>>>,
+}
+
+fn gather_evidence(ctx: &Context, plan: &Plan, resolution: &Resolution) -> Result<MissEvidence> {
+    let (digests, _) = image_digests(ctx, plan);
+    let now = crate::explain::current_inputs(plan, &digests)?;
+    let mut records = BTreeMap::new();
+    for stage in &plan.stages {
+        let Some(chosen) = resolution.stages.get(&stage.name).and_then(|choice| choice.chosen.as_ref()) else {
+            continue;
+        };
+        let key = chosen.location.to_string();
+        if records.contains_key(&key) {
+            continue;
+        }
+        let text = match (&plan.backend, &chosen.location) {
+            (Backend::Registry { .. }, CacheLocation::Image(_)) => ctx
+                .registry
+                .manifest(&plan.repository, &chosen.tag)
+                .ok()
+                .and_then(|manifest| manifest.annotations().get(crate::explain::ANNOTATION).cloned()),
+            (Backend::Local { .. }, CacheLocation::Directory(dir)) => {
+                std::fs::read_to_string(dir.join(crate::explain::FILE)).ok()
+            }
+            (Backend::Tarball { .. }, _) => {
+                std::fs::read_to_string(plan.unpacked_dir(&stage.name).join(crate::explain::FILE)).ok()
+            }
+            _ => None,
+        };
+        records.insert(key, text.as_deref().and_then(crate::explain::from_json));
+    }
+    Ok(MissEvidence { now, records })
+}
+
+/// The evidence gathered in the background, once it is there.
+fn joined(
+    ctx: &Context,
+    gathering: &mut Option<std::thread::JoinHandle<Result<MissEvidence>>>,
+    evidence: &mut Option<MissEvidence>,
+) {
+    if let Some(handle) = gathering.take() {
+        match handle.join() {
+            Ok(Ok(gathered)) => *evidence = Some(gathered),
+            Ok(Err(error)) => ctx.say(&format!("cachefrom: no record of the inputs: {error:#}")),
+            Err(_) => ctx.warn("reading the inputs panicked"),
+        }
+    }
+}
+
+/// Writes the records of the stages a build of `stage` covered beside the cache it exported:
+/// an annotation of the cache manifest (registry, set by the writes that follow), a file in the
+/// exported directory (local, tarball: copied and packed with it).
+fn write_stage_records(
+    plan: &Plan,
+    stage: &str,
+    now: &BTreeMap<String, StageInputs>,
+    annotations: &mut BTreeMap<String, String>,
+) {
+    let Some(built) = plan.stage(stage) else { return };
+    let covered: BTreeSet<String> = match plan.execution {
+        Execution::OneBuild => {
+            plan.ancestors(built).into_iter().chain(std::iter::once(built)).map(|s| s.name.clone()).collect()
+        }
+        Execution::StageByStage => std::iter::once(built.name.clone()).collect(),
+    };
+    let records: BTreeMap<String, StageInputs> = now
+        .iter()
+        .filter(|(name, _)| covered.contains(*name))
+        .map(|(name, inputs)| (name.clone(), inputs.clone()))
+        .collect();
+    let json = crate::explain::to_json(&records);
+    match plan.backend {
+        Backend::Registry { .. } => {
+            annotations.insert(crate::explain::ANNOTATION.to_string(), json);
+        }
+        Backend::Local { .. } | Backend::Tarball { .. } => {
+            let staging = plan.staging_dir(stage);
+            if staging.join("index.json").is_file() {
+                let _ = std::fs::write(staging.join(crate::explain::FILE), json);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Why `stage` misses, against the record on the cache it reads; `None` when its inputs match.
+/// `changed` says whether another stage misses (a stage reading it misses too).
+fn miss_of(
+    plan: &Plan,
+    stage: &StagePlan,
+    resolution: &Resolution,
+    evidence: &MissEvidence,
+    changed: &dyn Fn(&str) -> bool,
+) -> Option<Miss> {
+    let choice = resolution.stages.get(&stage.name)?;
+    let Some(chosen) = &choice.chosen else {
+        let tried: Vec<String> = choice.checked.iter().map(|(candidate, _)| candidate.tag.clone()).collect();
+        return plan.backend.can_check_existence().then(|| Miss::no_cache(&tried));
+    };
+    let location = chosen.location.to_string();
+    let record = evidence.records.get(&location).and_then(Option::as_ref).and_then(|records| records.get(&stage.name));
+    match (record, evidence.now.get(&stage.name)) {
+        (Some(then), Some(now)) => crate::explain::compare(now, then, changed),
+        _ => Some(Miss::no_record(&location)),
+    }
+}
+
+/// Why each stage in `missed` did (BuildKit's record says it missed).
+fn explain_stages(
+    plan: &Plan,
+    resolution: &Resolution,
+    evidence: &MissEvidence,
+    missed: &BTreeSet<String>,
+) -> BTreeMap<String, Miss> {
+    plan.stages
+        .iter()
+        .filter(|stage| missed.contains(&stage.name))
+        .filter_map(|stage| {
+            let miss = match miss_of(plan, stage, resolution, evidence, &|other| missed.contains(other)) {
+                Some(miss) => miss,
+                None => {
+                    let chosen = resolution.stages.get(&stage.name)?.chosen.as_ref()?;
+                    Miss::matched(&chosen.location.to_string())
+                }
+            };
+            Some((stage.name.clone(), miss))
+        })
+        .collect()
+}
+
+/// What `cachefrom explain` says of one stage.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Explanation {
+    /// The stage.
+    pub stage: String,
+    /// The cache it would read, if any.
+    pub reads: Option<String>,
+    /// True when every input matches the record of that cache.
+    pub would_hit: bool,
+    /// Why it would miss.
+    pub miss: Option<Miss>,
+}
+
+/// Without building: for each stage of `plan`, the cache it would read and whether its inputs
+/// match that cache's record, and if not why (the first instruction that differs).
+pub fn explain(ctx: &Context, plan: &Plan) -> Result<Vec<Explanation>> {
+    let resolution = check_caches(ctx, plan)?;
+    let evidence = gather_evidence(ctx, plan, &resolution)?;
+    let mut missed: BTreeMap<String, Miss> = BTreeMap::new();
+    // In build order: a stage reading one that misses misses too.
+    for stage in &plan.stages {
+        if let Some(miss) = miss_of(plan, stage, &resolution, &evidence, &|other| missed.contains_key(other)) {
+            missed.insert(stage.name.clone(), miss);
+        }
+    }
+    Ok(plan
+        .stages
+        .iter()
+        .map(|stage| Explanation {
+            stage: stage.name.clone(),
+            reads: resolution.stages.get(&stage.name).and_then(|c| c.chosen.as_ref()).map(|c| c.location.to_string()),
+            would_hit: !missed.contains_key(&stage.name),
+            miss: missed.remove(&stage.name),
+        })
+        .collect())
 }
 
 /// The record on the target's cache at the tag this run exports to, when that cache exists.
@@ -568,6 +754,8 @@ pub(crate) fn build_unit(
             status,
             steps,
             warnings: Vec::new(),
+            miss_reason: None,
+            miss: None,
         });
     }
 
@@ -917,6 +1105,8 @@ fn not_built(name: &str) -> StageReport {
         status: StageStatus::NotBuilt,
         steps: Vec::new(),
         warnings: Vec::new(),
+        miss_reason: None,
+        miss: None,
     }
 }
 
@@ -1089,6 +1279,16 @@ pub(crate) fn execute_checked(
     let steps: &[Step] = if unchanged.is_some() { &[] } else { &plan.steps };
     // The record written on the exported cache, once the target's build has succeeded.
     let mut annotations: BTreeMap<String, String> = BTreeMap::new();
+    // Each stage's inputs and the records on the caches read, gathered while the build runs (the
+    // build overwrites the caches it read): what a miss is explained with, and the records this
+    // run writes.
+    let keeps_records =
+        matches!(plan.backend, Backend::Registry { .. } | Backend::Local { .. } | Backend::Tarball { .. });
+    let mut gathering = (keeps_records && !steps.is_empty()).then(|| {
+        let (ctx, plan, resolution) = (ctx.clone(), plan.clone(), resolution.clone());
+        std::thread::spawn(move || gather_evidence(&ctx, &plan, &resolution))
+    });
+    let mut evidence: Option<MissEvidence> = None;
 
     // Walk the plan's steps; a failed build stops the walk after recovering what it finished.
     let mut build_error: Option<anyhow::Error> = None;
@@ -1168,6 +1368,10 @@ pub(crate) fn execute_checked(
                 annotations = record_of(plan, stage, &resolution, &stage_reports)
                     .map(|record| record.to_annotations())
                     .unwrap_or_default();
+                joined(ctx, &mut gathering, &mut evidence);
+                if let Some(gathered) = evidence.as_ref().filter(|_| !outcome.export_failed) {
+                    write_stage_records(plan, stage, &gathered.now, &mut annotations);
+                }
                 if !outcome.export_failed {
                     refresh = stale_stage_writes(plan, stage, &resolution);
                     if let Some((digest, primary)) =
@@ -1233,6 +1437,21 @@ pub(crate) fn execute_checked(
         .iter()
         .map(|stage| stage_reports.remove(&stage.name).unwrap_or_else(|| not_built(&stage.name)))
         .collect();
+    // Why each stage that missed did.
+    joined(ctx, &mut gathering, &mut evidence);
+    let mut stage_reports = stage_reports;
+    let missed: BTreeSet<String> = stage_reports
+        .iter()
+        .filter(|report| report.steps_total > 0 && report.steps_cached < report.steps_total)
+        .map(|report| report.name.clone())
+        .collect();
+    let empty = MissEvidence { now: BTreeMap::new(), records: BTreeMap::new() };
+    for (stage, miss) in explain_stages(plan, &resolution, evidence.as_ref().unwrap_or(&empty), &missed) {
+        if let Some(report) = stage_reports.iter_mut().find(|report| report.name == stage) {
+            report.miss_reason = Some(crate::secrets::scrub(&miss.line).into_owned());
+            report.miss = Some(miss);
+        }
+    }
     let mut run_warnings = resolution.warnings.clone();
     if let Some(first) = disk_full {
         // One warning for the cause, not one per tag; nothing partial was left (see `writes`).
@@ -1439,6 +1658,8 @@ fn reuse_unchanged(
                 status: StageStatus::Unchanged,
                 steps: Vec::new(),
                 warnings: written.warnings.clone(),
+                miss_reason: None,
+                miss: None,
             }
         })
         .collect();

@@ -186,7 +186,7 @@ impl IgnoreRules {
 
 /// Path segments against pattern segments: `**` is any number of segments, `*` and `?` stay
 /// within one segment.
-fn matches_segments(pattern: &[String], parts: &[&str]) -> bool {
+pub(crate) fn matches_segments(pattern: &[String], parts: &[&str]) -> bool {
     match pattern.split_first() {
         None => parts.is_empty(),
         Some((first, rest)) if first == "**" => (0..=parts.len()).any(|skip| matches_segments(rest, &parts[skip..])),

@@ -92,6 +92,7 @@ pub mod dockerfile;
 pub mod engine;
 pub mod error;
 pub mod exec;
+pub mod explain;
 pub mod git;
 mod inputs;
 pub mod output;

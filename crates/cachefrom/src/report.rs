@@ -409,6 +409,13 @@ pub struct StageReport {
     pub steps: Vec<Step>,
     /// Cache problems that did not stop the build, one line each.
     pub warnings: Vec<String>,
+    /// Why the stage missed its cache, in one line (when it missed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub miss_reason: Option<String>,
+    /// Why the stage missed, structured: `step`, `kind` (files, base, arg, instruction,
+    /// no-cache, unknown) and the details.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub miss: Option<crate::explain::Miss>,
 }
 
 /// What happened in one run.
@@ -514,6 +521,11 @@ impl RunReport {
         if let Some(unchanged) = &self.unchanged {
             let _ = writeln!(out, "cachefrom: {unchanged}");
         }
+        for stage in &self.stages {
+            if let Some(reason) = &stage.miss_reason {
+                let _ = writeln!(out, "cachefrom: {}: {reason}", stage.name);
+            }
+        }
         for warning in self.distinct_warnings() {
             let _ = writeln!(out, "cachefrom: warning: {warning}");
         }
@@ -539,6 +551,11 @@ impl RunReport {
         }
         let (cached, total) = self.totals();
         let _ = writeln!(out, "\n{cached} of {total} steps cached, {:.1}s, {} backend.", self.seconds, self.backend);
+        for stage in &self.stages {
+            if let Some(reason) = &stage.miss_reason {
+                let _ = writeln!(out, "\n- **{}**: {}", stage.name, reason.replace('|', "\\|"));
+            }
+        }
         for warning in self.distinct_warnings() {
             let _ = writeln!(out, "\n> warning: {warning}");
         }
@@ -725,6 +742,8 @@ Step 5/5 : RUN echo two > /two
                 status: StageStatus::Built,
                 steps: vec![],
                 warnings: vec![],
+                miss_reason: None,
+                miss: None,
             }],
             seconds: 2.0,
             backend: "registry".into(),
