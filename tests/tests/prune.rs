@@ -128,3 +128,58 @@ fn prune_removes_exactly_the_tags_nobody_reads() {
         assert_eq!(stage["steps_cached"], stage["steps_total"], "{report:#}");
     }
 }
+
+#[test]
+fn prune_cleans_a_local_cache_directory_too() {
+    let _serial = serial();
+    if !stack_ready("prune_cleans_a_local_cache_directory_too") {
+        return;
+    }
+    let project = synthetic_project(SYNTHETIC_DOCKERFILE).unwrap();
+    let dir = project.path();
+    let cache = tempfile::tempdir().unwrap();
+    let image = unique_repository("prune-local");
+    let report = dir.join("report.json");
+    let build = |branch: &str| {
+        let output = Command::new(cachefrom_binary())
+            .args(["build", "--quiet", "--image", &image, "--branch", branch, "--default-branch", "main"])
+            .args(["--backend", &format!("local,dir={}", cache.path().display())])
+            .args(["--build-arg", &format!("BASE={RUNTIME_BASE_IMAGE}"), "--report"])
+            .arg(&report)
+            .arg(dir)
+            .args(["--", "--network=none"])
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{branch}: {}", String::from_utf8_lossy(&output.stderr));
+    };
+    build("main");
+    build("gone-branch");
+    let branches = dir.join("branches.txt");
+    std::fs::write(&branches, "main\n").unwrap();
+    let prune = |apply: bool| {
+        let mut command = Command::new(cachefrom_binary());
+        command.args(["prune", "--image", &image, "--default-branch", "main", "--branches"]).arg(&branches);
+        command.arg("--cache-dir").arg(cache.path());
+        if apply {
+            command.arg("--apply");
+        }
+        let output = command.arg(dir).output().unwrap();
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    let folder = cache.path().join(image.replace(['/', ':'], "-"));
+    let dry = prune(false);
+    assert!(dry.contains("cache-runtime.gone-branch"), "{dry}");
+    assert!(folder.join("cache-runtime.gone-branch").is_dir(), "a dry run removes nothing");
+    prune(true);
+    assert!(!folder.join("cache-runtime.gone-branch").exists());
+    assert!(folder.join("cache-runtime.main").is_dir() && folder.join("cache-runtime").is_dir());
+
+    // main still reads its cache.
+    fresh_runner().unwrap();
+    build("main");
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    for stage in report["stages"].as_array().unwrap() {
+        assert_eq!(stage["steps_cached"], stage["steps_total"], "{report:#}");
+    }
+}

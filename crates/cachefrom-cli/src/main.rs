@@ -81,6 +81,10 @@ struct PruneArgs {
     /// Also remove commit tags whose commit is older than this: 30d, 12h, 2w.
     #[arg(long, value_name = "DURATION")]
     older_than: Option<String>,
+    /// Prune the shared directory of the local or tarball backend instead of the registry: a
+    /// folder or .tar file a tag, and half-written copies left by runs that stopped.
+    #[arg(long, env = "CACHEFROM_CACHE_DIR", value_name = "DIR")]
+    cache_dir: Option<PathBuf>,
     /// Delete what the dry run lists.
     #[arg(long)]
     apply: bool,
@@ -337,7 +341,10 @@ fn prune(args: &PruneArgs) -> std::result::Result<(), Failure> {
     let overrides = cachefrom::git::GitOverrides { default_branch: args.default_branch.clone(), ..Default::default() };
     let git = cachefrom::git::GitFacts::discover(&args.context, &overrides, &env).map_err(usage)?;
     let ctx = Context::from_environment();
-    let tags = ctx.registry.list_tags(&repository).map_err(|error| Failure { code: EXIT_ENVIRONMENT, error })?;
+    let tags = match &args.cache_dir {
+        Some(dir) => cachefrom::prune::dir_tags(dir, &repository),
+        None => ctx.registry.list_tags(&repository).map_err(|error| Failure { code: EXIT_ENVIRONMENT, error })?,
+    };
     let commits = tags.iter().filter_map(|tag| match cachefrom::prune::CacheTag::parse(tag) {
         Some(cachefrom::prune::CacheTag::Commit { commit, .. }) => Some(commit),
         _ => None,
@@ -353,6 +360,35 @@ fn prune(args: &PruneArgs) -> std::result::Result<(), Failure> {
         now,
     };
     let environment = |error| Failure { code: EXIT_ENVIRONMENT, error };
+    if let Some(dir) = &args.cache_dir {
+        let plan = cachefrom::prune::plan_dir(dir, &repository, &options).map_err(environment)?;
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&plan).expect("plain data"));
+        } else {
+            for line in plan.lines() {
+                println!("{line}");
+            }
+        }
+        let bytes: u64 = plan.remove.iter().map(|(_, _, size)| size).sum();
+        if args.apply {
+            let freed = plan.apply().map_err(environment)?;
+            eprintln!(
+                "cachefrom: removed {} entries ({:.1} MB) from {}",
+                plan.remove.len(),
+                freed as f64 / 1e6,
+                plan.dir.display()
+            );
+        } else {
+            eprintln!(
+                "cachefrom: {} entries ({:.1} MB) would be removed from {} (default branch `{}` kept); pass --apply to remove them",
+                plan.remove.len(),
+                bytes as f64 / 1e6,
+                plan.dir.display(),
+                git.default_branch
+            );
+        }
+        return Ok(());
+    }
     let plan = cachefrom::prune::plan(&ctx.registry, &repository, &options).map_err(environment)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&plan).expect("plain data"));

@@ -326,7 +326,7 @@ fn join_options(options: &BTreeMap<String, String>, skip: &[&str]) -> String {
 }
 
 /// A file-system-safe name for a repository: `127.0.0.1:5000/team/app` → `127.0.0.1-5000-team-app`.
-fn repository_dir_name(repository: &Repository) -> String {
+pub(crate) fn repository_dir_name(repository: &Repository) -> String {
     format!("{}/{}", repository.registry, repository.path).replace(['/', ':'], "-")
 }
 

@@ -6,9 +6,13 @@
 //! each stage, and commit tags older than `older_than`. Never the default branch's tags, never
 //! the unprefixed ones. A registry deletes a manifest, with every tag that names it: a manifest
 //! that a kept tag also names is left alone, and the plan says so.
+//!
+//! The shared directory of the local and tarball backends is pruned the same way
+//! ([`plan_dir`]): a folder (local) or a `.tar` file (tarball) a tag; half-written copies left by
+//! a run that stopped (`.partial.PID`, the PID gone) go too.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context as _, Result};
@@ -144,6 +148,98 @@ pub struct PrunePlan {
     pub remove: Vec<(Removal, Option<String>)>,
     /// Tags that would go but stay: their manifest is also named by a tag that is kept.
     pub shared: Vec<(Removal, Vec<String>)>,
+}
+
+/// The prune of a local or tarball cache directory.
+#[derive(Debug, Clone, Serialize)]
+pub struct DirPrune {
+    /// The repository's folder in the shared directory.
+    pub dir: PathBuf,
+    /// What goes: why, the path, its size in bytes.
+    pub remove: Vec<(Removal, PathBuf, u64)>,
+}
+
+/// Works out the prune of `dir` (the backend's shared directory) for `repository`.
+pub fn plan_dir(dir: &Path, repository: &Repository, options: &PruneOptions) -> Result<DirPrune> {
+    let dir = dir.join(crate::backend::repository_dir_name(repository));
+    let mut by_tag: BTreeMap<String, PathBuf> = BTreeMap::new();
+    let mut remove = Vec::new();
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(entries) => entries,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(DirPrune { dir, remove }),
+        Err(error) => return Err(error).with_context(|| format!("reading {}", dir.display())),
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().to_string();
+        let path = entry.path();
+        if let Some((_, pid)) = name.rsplit_once(".partial.") {
+            let alive = pid.parse::<u32>().is_ok_and(|pid| Path::new(&format!("/proc/{pid}")).exists());
+            if !alive {
+                let why = "a half-written copy left by a run that stopped".to_string();
+                remove.push((Removal { tag: name.clone(), why }, path.clone(), size_of(&path)));
+            }
+            continue;
+        }
+        let tag = if path.is_dir() { name.clone() } else { name.strip_suffix(".tar").unwrap_or_default().to_string() };
+        if !tag.is_empty() {
+            by_tag.insert(tag, path);
+        }
+    }
+    let tags: Vec<String> = by_tag.keys().cloned().collect();
+    for removal in select(&tags, options) {
+        if let Some(path) = by_tag.get(&removal.tag) {
+            let size = size_of(path);
+            remove.push((removal, path.clone(), size));
+        }
+    }
+    remove.sort_by(|a, b| a.1.cmp(&b.1));
+    Ok(DirPrune { dir, remove })
+}
+
+/// The tags with a cache in `dir` (the backend's shared directory) for `repository`.
+pub fn dir_tags(dir: &Path, repository: &Repository) -> Vec<String> {
+    let root = dir.join(crate::backend::repository_dir_name(repository));
+    let mut tags: Vec<String> = std::fs::read_dir(root)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|entry| entry.file_name().to_string_lossy().trim_end_matches(".tar").to_string())
+        .filter(|name| !name.contains(".partial."))
+        .collect();
+    tags.sort();
+    tags
+}
+
+/// Bytes under `path` (symlinks not followed).
+fn size_of(path: &Path) -> u64 {
+    let Ok(metadata) = std::fs::symlink_metadata(path) else { return 0 };
+    if !metadata.is_dir() {
+        return metadata.len();
+    }
+    std::fs::read_dir(path).into_iter().flatten().flatten().map(|entry| size_of(&entry.path())).sum()
+}
+
+impl DirPrune {
+    /// Removes what goes. Returns the bytes freed.
+    pub fn apply(&self) -> Result<u64> {
+        let mut freed = 0;
+        for (_, path, size) in &self.remove {
+            let removed = if path.is_dir() { std::fs::remove_dir_all(path) } else { std::fs::remove_file(path) };
+            removed.with_context(|| format!("removing {}", path.display()))?;
+            freed += size;
+        }
+        Ok(freed)
+    }
+
+    /// The plan as lines a person reads.
+    pub fn lines(&self) -> Vec<String> {
+        self.remove
+            .iter()
+            .map(|(removal, path, size)| {
+                format!("remove  {}  ({}, {:.1} MB)", path.display(), removal.why, *size as f64 / 1e6)
+            })
+            .collect()
+    }
 }
 
 /// Reads the repository's tags and their digests and works out the prune.
@@ -309,6 +405,30 @@ mod tests {
         options.older_than = Some(Duration::from_secs(999_750));
         let removed: Vec<String> = select(&tags, &options).into_iter().map(|removal| removal.tag).collect();
         assert_eq!(removed, [tag("deps", commit('1')), tag("deps", commit('2')), tag("deps", branch("feature/gone"))]);
+    }
+
+    #[test]
+    fn a_cache_directory_is_pruned_like_the_registry() {
+        let dir = tempfile::tempdir().unwrap();
+        let repository = Repository::parse("127.0.0.1:5000/app").unwrap();
+        let root = dir.path().join("127.0.0.1-5000-app");
+        for tag in ["cache-deps.main", "cache-deps.gone", "cache-deps"] {
+            std::fs::create_dir_all(root.join(tag).join("blobs")).unwrap();
+            std::fs::write(root.join(tag).join("index.json"), "{}").unwrap();
+        }
+        std::fs::write(root.join("cache-app.gone.tar"), vec![0u8; 2048]).unwrap();
+        std::fs::create_dir_all(root.join("cache-deps.main.partial.999999999")).unwrap();
+        let mut options = options(&["main"]);
+        options.keep_commits = 5;
+        let plan = plan_dir(dir.path(), &repository, &options).unwrap();
+        let going: Vec<String> =
+            plan.remove.iter().map(|(_, path, _)| path.file_name().unwrap().to_string_lossy().to_string()).collect();
+        assert_eq!(going, ["cache-app.gone.tar", "cache-deps.gone", "cache-deps.main.partial.999999999"]);
+        assert_eq!(plan.remove[0].2, 2048);
+        plan.apply().unwrap();
+        let left: BTreeSet<String> =
+            std::fs::read_dir(&root).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().to_string()).collect();
+        assert_eq!(left, ["cache-deps", "cache-deps.main"].map(String::from).into());
     }
 
     #[test]
