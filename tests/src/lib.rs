@@ -374,3 +374,72 @@ impl Drop for TempRegistry {
 
 #[doc = include_str!("../../docs/xtask.md")]
 pub mod xtask_guide {}
+
+/// The `run: |` script of the step with `id: <id>` in `action.yml`, unindented.
+pub fn action_script(id: &str) -> String {
+    let action = std::fs::read_to_string(repository_root().join("action.yml")).expect("action.yml");
+    let lines: Vec<&str> = action.lines().collect();
+    let at = lines.iter().position(|line| line.trim() == format!("id: {id}")).expect("the step exists");
+    let run = at + lines[at..].iter().position(|line| line.trim() == "run: |").expect("the step runs a script");
+    let indent_of = |line: &str| line.len() - line.trim_start().len();
+    let body: Vec<&str> = lines[run + 1..]
+        .iter()
+        .take_while(|line| line.trim().is_empty() || indent_of(line) > indent_of(lines[run]))
+        .copied()
+        .collect();
+    let body_indent = body.iter().filter(|line| !line.trim().is_empty()).map(|line| indent_of(line)).min().unwrap_or(0);
+    body.iter().map(|line| line.get(body_indent..).unwrap_or("")).collect::<Vec<_>>().join("\n")
+}
+
+/// `action.yml`'s inputs with their defaults, as the `INPUT_*` variables its build step reads.
+pub fn action_defaults() -> Vec<(String, String)> {
+    let action = std::fs::read_to_string(repository_root().join("action.yml")).expect("action.yml");
+    let mut defaults = Vec::new();
+    let mut current: Option<String> = None;
+    let mut in_inputs = false;
+    for line in action.lines() {
+        if !line.starts_with(' ') {
+            in_inputs = line == "inputs:";
+            continue;
+        }
+        if !in_inputs {
+            continue;
+        }
+        if let Some(name) =
+            line.strip_prefix("  ").and_then(|rest| rest.strip_suffix(':')).filter(|n| !n.starts_with(' '))
+        {
+            current = Some(name.to_string());
+        } else if let (Some(name), Some(value)) = (&current, line.trim().strip_prefix("default: ")) {
+            let value = value.trim_matches('"').to_string();
+            defaults.push((format!("INPUT_{}", name.to_uppercase().replace('-', "_")), value));
+        }
+    }
+    defaults
+}
+
+/// Runs `script` as the GitHub runner runs a composite action's bash step (`bash --noprofile
+/// --norc -eo pipefail`), in `workdir`, with this workspace's `cachefrom` first on `PATH`, the
+/// runner's `GITHUB_*` variables (a push to main; outputs and summary files in `github`), and `env`.
+pub fn run_action_step(script: &str, github: &Path, workdir: &Path, env: &[(String, String)]) -> std::process::Output {
+    let binary_dir = cachefrom_binary().parent().expect("a directory").to_path_buf();
+    let path = format!("{}:{}", binary_dir.display(), std::env::var("PATH").unwrap_or_default());
+    let mut command = std::process::Command::new("bash");
+    command
+        .args(["--noprofile", "--norc", "-eo", "pipefail", "-c", script])
+        .current_dir(workdir)
+        .env("PATH", path)
+        .env("CI", "true")
+        .env("GITHUB_ACTIONS", "true")
+        .env("GITHUB_EVENT_NAME", "push")
+        .env("GITHUB_REF", "refs/heads/main")
+        .env("GITHUB_REF_NAME", "main")
+        .env("GITHUB_OUTPUT", github.join("output"))
+        .env("GITHUB_STEP_SUMMARY", github.join("summary.md"))
+        .env("GITHUB_ACTION_PATH", repository_root())
+        .env("ACTION_PATH", repository_root())
+        .env("CACHEFROM_DEFAULT_BRANCH", "main");
+    for (name, value) in env {
+        command.env(name, value);
+    }
+    command.output().expect("bash runs")
+}

@@ -1,24 +1,28 @@
-//! docs/ci/github-actions.yml's build step, run as GitHub Actions would run it (bash -e, its
-//! environment variables) on the local stack: stage groups, the step summary, the pushed image.
-
-use std::process::Command;
+//! docs/ci/github-actions.yml's build step, the repository's own action (`action.yml`) with the
+//! workflow's `with:` inputs, run as the GitHub runner runs it on the local stack: stage groups,
+//! the step summary, the step's outputs, the pushed image.
 
 use cachefrom_tests::*;
 
-/// The `run: |` block of the step called `name`, unindented.
-fn run_block(yaml: &str, name: &str) -> String {
+/// The `with:` inputs of the step called `name`, `${{ … }}` replaced by `expressions`.
+fn with_inputs(yaml: &str, name: &str, expressions: &[(&str, &str)]) -> Vec<(String, String)> {
     let lines: Vec<&str> = yaml.lines().collect();
     let start = lines.iter().position(|line| line.trim() == format!("- name: {name}")).expect("the step exists");
-    let run = lines[start..].iter().position(|line| line.trim() == "run: |").expect("the step has a run block") + start;
-    let indent = lines[run].len() - lines[run].trim_start().len();
-    let body: Vec<&str> = lines[run + 1..]
+    let with = lines[start..].iter().position(|line| line.trim() == "with:").expect("the step has inputs") + start;
+    let indent = lines[with].len() - lines[with].trim_start().len();
+    lines[with + 1..]
         .iter()
-        .take_while(|line| line.trim().is_empty() || line.len() - line.trim_start().len() > indent)
-        .copied()
-        .collect();
-    let body_indent =
-        body.iter().filter(|l| !l.trim().is_empty()).map(|l| l.len() - l.trim_start().len()).min().unwrap_or(0);
-    body.iter().map(|line| line.get(body_indent..).unwrap_or("")).collect::<Vec<_>>().join("\n")
+        .take_while(|line| line.len() - line.trim_start().len() > indent)
+        .filter_map(|line| line.trim().split_once(": "))
+        .map(|(key, value)| {
+            let mut value = value.trim_matches('"').to_string();
+            for (expression, replacement) in expressions {
+                value = value.replace(expression, replacement);
+            }
+            assert!(!value.contains("${{"), "an expression the test does not know: {value}");
+            (format!("INPUT_{}", key.to_uppercase().replace('-', "_")), value)
+        })
+        .collect()
 }
 
 #[test]
@@ -28,43 +32,38 @@ fn the_github_actions_step_runs_with_github_variables() {
         return;
     }
     let yaml = std::fs::read_to_string(repository_root().join("docs/ci/github-actions.yml")).unwrap();
-    let script = run_block(&yaml, "Build with cache");
-    assert!(script.starts_with("cachefrom build"), "{script}");
+    assert!(yaml.contains("uses: OWNER/cachefrom@v1"), "the workflow uses the action");
 
     let repo = example_repository_copy().unwrap();
     let sha = git(repo.path(), &["rev-parse", "HEAD"]).unwrap();
     let image = unique_repository("github");
-    let summary = repo.path().join("step-summary.md");
-    let mut options: Vec<String> =
-        example_build_args().into_iter().map(|(k, v)| format!("--build-arg {k}={v}")).collect();
-    options.extend(example_docker_args());
-    let bin_dir = cachefrom_binary().parent().unwrap().to_path_buf();
-    let path = format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap_or_default());
+    let github = tempfile::tempdir().unwrap();
+    let docker_args = example_docker_args().join(" ");
+    let mut inputs = action_defaults();
+    inputs.extend(with_inputs(
+        &yaml,
+        "Build with cache",
+        &[
+            ("${{ env.CACHEFROM_IMAGE }}", &image),
+            ("${{ github.sha }}", &sha),
+            ("${{ env.DOCKER_BUILD_OPTIONS }}", &docker_args),
+        ],
+    ));
+    let build_args: Vec<String> = example_build_args().into_iter().map(|(k, v)| format!("{k}={v}")).collect();
+    inputs.push(("INPUT_BUILD_ARGS".to_string(), build_args.join("\n")));
 
-    let output = Command::new("bash")
-        .args(["-e", "-c", &script])
-        .current_dir(repo.path())
-        .env("PATH", path)
-        .env("CI", "true")
-        .env("GITHUB_ACTIONS", "true")
-        .env("GITHUB_REF_NAME", "main")
-        .env("GITHUB_SHA", &sha)
-        .env("GITHUB_STEP_SUMMARY", &summary)
-        .env("CACHEFROM_IMAGE", &image)
-        .env("CACHEFROM_DEFAULT_BRANCH", "main")
-        .env("CACHEFROM_READ_ONLY", "false")
-        .env("DOCKER_BUILD_OPTIONS", options.join(" "))
-        .output()
-        .unwrap();
+    let output = run_action_step(&action_script("build"), github.path(), repo.path(), &inputs);
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "{stdout}\n{stderr}");
     // One build of the target, with the stages it needs, in one group.
     assert!(stdout.contains("::group::runtime with deps, builder\n"), "{stdout}");
     assert_eq!(stdout.matches("::endgroup::").count(), 1, "{stdout}");
-    let summary = std::fs::read_to_string(&summary).unwrap();
+    let summary = std::fs::read_to_string(github.path().join("summary.md")).unwrap();
     assert!(summary.contains("| stage | cached steps | seconds | cache source | pushed |"), "{summary}");
     assert!(summary.contains("| deps |"), "{summary}");
+    let outputs = std::fs::read_to_string(github.path().join("output")).unwrap();
+    assert!(outputs.contains("report=cachefrom-report.json\n") && outputs.contains("total="), "{outputs}");
     let path = image.strip_prefix(&format!("{REGISTRY}/")).unwrap();
     let tags = registry_tags(REGISTRY, path).unwrap();
     assert!(tags.contains(&sha), "the final image was pushed as {sha}: {tags:?}");

@@ -115,7 +115,9 @@ struct DockerfileArgs {
     #[arg(long, env = "CACHEFROM_TARGET", value_name = "STAGE")]
     target: Option<String>,
     /// A build argument, passed to docker and used to expand ARGs in FROM lines. Repeatable.
-    /// (Checked by cachefrom, not by the parser, so that an error never repeats a value.)
+    /// `--build-arg NAME` alone takes the value from the environment variable NAME, as docker
+    /// does (keeps a secret off the command line). (Checked by cachefrom, not by the parser, so
+    /// that an error never repeats a value.)
     #[arg(long = "build-arg", value_name = "NAME=VALUE")]
     build_args: Vec<String>,
     /// The platform to build for (passed to docker): sets TARGETPLATFORM, TARGETOS, TARGETARCH
@@ -223,12 +225,25 @@ fn parse_build_args(texts: &[String]) -> Result<Vec<(String, String)>> {
                 anyhow::bail!("a --build-arg has nothing before `=`; write NAME=VALUE")
             }
             Some((name, value)) => Ok((name.to_string(), value.to_string())),
+            // As docker reads it: `--build-arg NAME` takes NAME's value from the environment, so
+            // a secret never stands on a command line.
+            None if is_variable_name(text) => match std::env::var(text) {
+                Ok(value) => Ok((text.clone(), value)),
+                Err(_) => anyhow::bail!(
+                    "--build-arg {text}: {text} is not set in the environment; set it, or write NAME=VALUE"
+                ),
+            },
             None => anyhow::bail!(
                 "the --build-arg starting `{}` has no `=`; write NAME=VALUE (the value is not shown)",
                 cachefrom::secrets::name_part(text)
             ),
         })
         .collect()
+}
+
+fn is_variable_name(text: &str) -> bool {
+    text.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && text.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
 /// A failure with its exit code.

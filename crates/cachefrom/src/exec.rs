@@ -1819,6 +1819,20 @@ pub fn publish_report(ctx: &Context, report: &RunReport, report_file: Option<&Pa
         file.write_all(crate::secrets::scrub(&report.markdown()).as_bytes())
             .with_context(|| format!("writing the step summary {}", summary.display()))?;
     }
+    // GitHub Actions: the counts and the report's path as the step's outputs.
+    if let Some(outputs) = ctx.env.get("GITHUB_OUTPUT").filter(|path| !path.is_empty()) {
+        let (cached, total) = report.totals();
+        let mut lines = format!("cached={cached}\ntotal={total}\nsuccess={}\n", report.success);
+        if let Some(file) = report_file.and_then(|file| file.to_str()).filter(|file| !file.contains('\n')) {
+            lines.push_str(&format!("report={file}\n"));
+        }
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(outputs)
+            .and_then(|mut file| file.write_all(lines.as_bytes()))
+            .with_context(|| format!("writing the step's outputs to {outputs}"))?;
+    }
     Ok(())
 }
 
