@@ -443,3 +443,116 @@ pub fn run_action_step(script: &str, github: &Path, workdir: &Path, env: &[(Stri
     }
     command.output().expect("bash runs")
 }
+
+/// A second Docker engine on this machine, as a team's shared remote engine: its own socket,
+/// data root and exec root (under the stack's state directory), reachable as `host()` and as the
+/// docker context `context`. Stopped by its PID, its mounts and context removed, when dropped.
+pub struct SecondEngine {
+    /// The docker context that names it.
+    pub context: String,
+    /// Its data root (`docker info`'s DockerRootDir).
+    pub root: PathBuf,
+    dir: PathBuf,
+    child: std::process::Child,
+}
+
+impl SecondEngine {
+    /// Starts `dockerd` with the stack's settings (containerd image store, no bridge, the local
+    /// registry insecure) and waits until it answers.
+    pub fn start() -> Result<SecondEngine> {
+        use std::os::unix::process::CommandExt;
+        let dir = PathBuf::from(format!("/var/lib/cachefrom-stack/e{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let root = dir.join("data");
+        let config = serde_json::json!({
+            "data-root": root,
+            "exec-root": dir.join("exec"),
+            "pidfile": dir.join("dockerd.pid"),
+            "hosts": [format!("unix://{}", dir.join("docker.sock").display())],
+            "bridge": "none",
+            "iptables": false,
+            "ip6tables": false,
+            "ip-forward": false,
+            "ip-masq": false,
+            "features": { "containerd-snapshotter": true },
+            "insecure-registries": [REGISTRY],
+        });
+        std::fs::write(dir.join("daemon.json"), serde_json::to_string_pretty(&config)?)?;
+        let log = std::fs::File::create(dir.join("dockerd.log"))?;
+        let child = std::process::Command::new("dockerd")
+            .arg("--config-file")
+            .arg(dir.join("daemon.json"))
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .process_group(0)
+            .spawn()
+            .context("starting a second dockerd")?;
+        let context = format!("cachefrom-e2e-{}", std::process::id());
+        let engine = SecondEngine { context: context.clone(), root, dir, child };
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while duct::cmd!("docker", "version")
+            .env("DOCKER_HOST", engine.host())
+            .stdout_null()
+            .stderr_null()
+            .unchecked()
+            .run()?
+            .status
+            .code()
+            != Some(0)
+        {
+            if std::time::Instant::now() > deadline {
+                bail!(
+                    "the second dockerd did not answer within 60 s; see {}",
+                    engine.dir.join("dockerd.log").display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        duct::cmd!("docker", "context", "create", &context, "--docker", format!("host={}", engine.host()))
+            .stdout_null()
+            .run()?;
+        Ok(engine)
+    }
+
+    /// Its `DOCKER_HOST`.
+    pub fn host(&self) -> String {
+        format!("unix://{}", self.dir.join("docker.sock").display())
+    }
+
+    /// Removes its images and build cache: a fresh remote engine.
+    pub fn fresh(&self) -> Result<()> {
+        for args in [["image", "prune", "-af"], ["buildx", "prune", "-af"]] {
+            duct::cmd("docker", args).env("DOCKER_HOST", self.host()).stdout_null().stderr_null().run()?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for SecondEngine {
+    fn drop(&mut self) {
+        let _ = duct::cmd!("docker", "context", "rm", "-f", &self.context).stdout_null().stderr_null().run();
+        // SAFETY: kill(2) on the dockerd this value started.
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while std::time::Instant::now() < deadline && matches!(self.child.try_wait(), Ok(None)) {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+        let prefix = self.dir.display().to_string();
+        let mut left: Vec<&str> = mounts
+            .lines()
+            .filter_map(|line| line.split_whitespace().nth(1))
+            .filter(|m| m.starts_with(&prefix))
+            .collect();
+        left.sort_by_key(|mount| std::cmp::Reverse(mount.len()));
+        for mount in left {
+            let _ = std::process::Command::new("umount").arg("-l").arg(mount).status();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

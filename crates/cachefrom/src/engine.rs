@@ -22,7 +22,14 @@ pub struct Engine {
     pub containerd_store: bool,
     /// The selected builder's driver (`docker`, `docker-container`, `remote`, …).
     pub driver: Option<String>,
+    /// The daemon's root directory (`docker info`'s DockerRootDir): which engine this is.
+    #[serde(default)]
+    pub root_dir: String,
 }
+
+/// The oldest BuildKit whose `gha` cache speaks GitHub's current cache service (v2); the one
+/// older releases speak has been retired.
+const GHA_MIN_BUILDKIT: (u64, u64) = (0, 20);
 
 /// Whether a backend the engine cannot serve may fall back to `inline`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -41,7 +48,7 @@ impl Engine {
     pub fn probe(docker: &Docker, builder_name: Option<&str>) -> Result<Engine> {
         let timeout = docker.timeouts.probe;
         let args = |words: &[&str]| words.iter().map(|w| w.to_string()).collect::<Vec<String>>();
-        let info_args = args(&["info", "--format", "{{.ServerVersion}}\t{{json .DriverStatus}}"]);
+        let info_args = args(&["info", "--format", "{{.ServerVersion}}\t{{json .DriverStatus}}\t{{.DockerRootDir}}"]);
         let mut inspect_args = args(&["buildx", "inspect"]);
         inspect_args.extend(builder_name.map(str::to_string));
         let (info, inspect) = std::thread::scope(|scope| {
@@ -54,7 +61,9 @@ impl Engine {
             result.unwrap_or_else(|_| Err(anyhow::anyhow!("a probe thread panicked")))
         };
         let info = joined(info)?;
-        let (server_version, driver_status) = info.stdout.trim().split_once('\t').unwrap_or((info.stdout.trim(), ""));
+        let mut fields = info.stdout.trim().splitn(3, '\t');
+        let (server_version, driver_status, root_dir) =
+            (fields.next().unwrap_or_default(), fields.next().unwrap_or_default(), fields.next().unwrap_or_default());
         if !info.success || server_version.is_empty() {
             let host = std::env::var("DOCKER_HOST").unwrap_or_else(|_| "unix:///var/run/docker.sock".to_string());
             bail!(
@@ -80,7 +89,29 @@ impl Engine {
             buildkit_version,
             containerd_store: driver_status.contains("io.containerd.snapshotter"),
             driver,
+            root_dir: root_dir.to_string(),
         })
+    }
+
+    /// One line naming the engine: `dockerd 26.1.5 (root /var/lib/docker, docker driver, BuildKit v0.13.2)`.
+    pub fn describe(&self) -> String {
+        format!(
+            "dockerd {} (root {}, {} driver, BuildKit {})",
+            self.server_version,
+            if self.root_dir.is_empty() { "unknown" } else { &self.root_dir },
+            self.driver.as_deref().unwrap_or("no buildx"),
+            self.buildkit_version.as_deref().unwrap_or("none")
+        )
+    }
+
+    /// The BuildKit version as (major, minor), when the builder says one.
+    fn buildkit_release(&self) -> Option<(u64, u64)> {
+        let version = self.buildkit_version.as_deref()?.trim_start_matches('v');
+        let mut parts = version.split(['.', '-', '+']);
+        let major = parts.next()?.parse().ok()?;
+        let minor = parts.next()?.parse().ok()?;
+        // Distribution builds without a version say v0.0.0+unknown.
+        ((major, minor) != (0, 0)).then_some((major, minor))
     }
 
     /// The docker front end to use.
@@ -104,6 +135,21 @@ impl Engine {
             Some(format!(
                 "the {} backend needs cache export, which the docker driver offers only with the containerd image store (\"Cache export is not supported for the docker driver\"): turn it on with \"features\": {{\"containerd-snapshotter\": true}} in daemon.json, or pick a docker-container builder (-- --builder NAME), or use --backend inline",
                 backend.name()
+            ))
+        } else if matches!(backend, Backend::S3 { .. }) && self.driver.as_deref() == Some("docker") {
+            // Seen here: dockerd 26's BuildKit answers "unknown cache exporter: \"s3\"".
+            Some(
+                "the s3 backend needs a BuildKit builder with the s3 cache exporter, which the docker driver's built-in BuildKit lacks: create one (docker buildx create --driver docker-container, or --driver remote for a buildkitd you run) and pass -- --builder NAME, or use --backend registry"
+                    .to_string(),
+            )
+        } else if matches!(backend, Backend::Gha { .. })
+            && self.buildkit_release().is_some_and(|release| release < GHA_MIN_BUILDKIT)
+        {
+            Some(format!(
+                "the gha backend needs BuildKit {}.{} or newer (GitHub has retired the cache service older releases speak); this builder's BuildKit is {}: use a newer builder (docker/setup-buildx-action), or --backend registry",
+                GHA_MIN_BUILDKIT.0,
+                GHA_MIN_BUILDKIT.1,
+                self.buildkit_version.as_deref().unwrap_or("unknown")
             ))
         } else {
             None
@@ -129,7 +175,31 @@ mod tests {
             buildkit_version: buildx.then(|| "v0.12.5".into()),
             containerd_store,
             driver: Some(driver.into()),
+            root_dir: "/var/lib/docker".into(),
         }
+    }
+
+    #[test]
+    fn backends_an_engine_cannot_serve_say_what_they_need_in_one_line() {
+        let s3 = Backend::parse("s3,bucket=b,region=r", None).unwrap();
+        let error = engine(true, true, "docker").check_backend(&s3, BackendFallback::Refuse).unwrap_err().to_string();
+        assert!(error.contains("s3 cache exporter") && error.contains("--builder NAME"), "{error}");
+        assert!(engine(true, true, "docker-container").check_backend(&s3, BackendFallback::Refuse).is_ok());
+        let gha = Backend::parse("gha", None).unwrap();
+        let error = engine(true, true, "docker-container")
+            .check_backend(&gha, BackendFallback::Refuse)
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("BuildKit 0.20 or newer") && error.contains("v0.12.5"), "{error}");
+        let mut newer = engine(true, true, "docker-container");
+        newer.buildkit_version = Some("v0.21.1".into());
+        assert!(newer.check_backend(&gha, BackendFallback::Refuse).is_ok());
+        newer.buildkit_version = Some("v0.0.0+unknown".into());
+        assert!(newer.check_backend(&gha, BackendFallback::Refuse).is_ok(), "an unknown version is not refused");
+        assert_eq!(
+            newer.describe(),
+            "dockerd 26.1.5 (root /var/lib/docker, docker-container driver, BuildKit v0.0.0+unknown)"
+        );
     }
 
     #[test]

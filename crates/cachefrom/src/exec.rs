@@ -1051,6 +1051,7 @@ impl<'a> PushGuard<'a> {
             warnings: self.resolution.warnings.clone(),
             unchanged: None,
             cancelled: self.ctx.docker.cancel.requested().map(signal_name),
+            engine: None,
         })
     }
 
@@ -1199,10 +1200,56 @@ fn fit_plan(options: &BuildOptions, engine: &Engine, planned: Option<Plan>) -> R
 /// failed ([`Error`]) and carries the report ([`Error::report`]).
 pub fn build_with_cache(ctx: &Context, options: &BuildOptions) -> std::result::Result<RunReport, Error> {
     let started = Instant::now();
+    // Check the Dockerfile and the target before asking Docker anything.
+    Plan::new(&options.plan).map_err(Error::Usage)?;
+    let moved = on_builders_context(ctx, options).map_err(Error::Engine)?;
+    let (ctx, options) = match &moved {
+        Some((ctx, options)) => (ctx, options),
+        None => (ctx, options),
+    };
     let plan = Plan::new(&options.plan).map_err(Error::Usage)?;
-    let (plan, backend_fallback, resolution) = fit_and_check(ctx, options, plan).map_err(Error::Engine)?;
-    execute_checked(ctx, &plan, backend_fallback, resolution, options.report_file.as_deref(), started)
+    let (plan, backend_fallback, resolution, engine) = fit_and_check(ctx, options, plan).map_err(Error::Engine)?;
+    execute_checked(ctx, &plan, backend_fallback, resolution, options.report_file.as_deref(), started, Some(engine))
         .map_err(|error| Error::of_run(error, &ctx.docker.cancel))
+}
+
+/// `-- --builder NAME` naming the docker driver of another docker context: buildx builds there
+/// only from that context ("use `docker --context=NAME buildx`"), so the run moves to it
+/// (`DOCKER_CONTEXT`) and leaves `--builder` out; every docker call, the probe included, then
+/// asks the engine that builds. `None` when nothing moves.
+fn on_builders_context(ctx: &Context, options: &BuildOptions) -> Result<Option<(Context, BuildOptions)>> {
+    let Some(name) = &options.builder_name else { return Ok(None) };
+    let args = vec!["buildx".to_string(), "inspect".to_string(), name.clone()];
+    let inspect = ctx.docker.run("asking buildx about the builder", &args, ctx.docker.timeouts.probe)?;
+    if !inspect.success {
+        bail!("buildx does not know the builder `{name}`: {}", last_lines(&inspect.stderr, 2));
+    }
+    let field = |key: &str| {
+        inspect.stdout.lines().find_map(|line| line.trim().strip_prefix(key).map(|value| value.trim().to_string()))
+    };
+    let (Some(driver), Some(endpoint)) = (field("Driver:"), field("Endpoint:")) else { return Ok(None) };
+    if driver != "docker" || endpoint.contains("://") || endpoint == "default" {
+        return Ok(None);
+    }
+    let mut moved_ctx = ctx.clone();
+    moved_ctx.docker.env.retain(|(key, _)| key != "DOCKER_CONTEXT");
+    moved_ctx.docker.env.push(("DOCKER_CONTEXT".to_string(), endpoint.clone()));
+    let mut moved = options.clone();
+    let mut kept = Vec::new();
+    let mut args = options.plan.docker_args.iter();
+    while let Some(arg) = args.next() {
+        if arg == "--builder" {
+            args.next();
+        } else if !arg.starts_with("--builder=") {
+            kept.push(arg.clone());
+        }
+    }
+    moved.plan.docker_args = kept;
+    moved.builder_name = None;
+    moved.plan.notes.push(format!(
+        "builder {name} is the docker engine of context {endpoint}: the build runs there (DOCKER_CONTEXT={endpoint})"
+    ));
+    Ok(Some((moved_ctx, moved)))
 }
 
 /// Probes the engine and checks which caches exist at the same time (both ask over the network);
@@ -1211,7 +1258,7 @@ pub(crate) fn fit_and_check(
     ctx: &Context,
     options: &BuildOptions,
     plan: Plan,
-) -> Result<(Plan, Option<String>, Result<Resolution>)> {
+) -> Result<(Plan, Option<String>, Result<Resolution>, String)> {
     let (engine, resolution) = std::thread::scope(|scope| {
         let probe = scope.spawn(|| Engine::probe(&ctx.docker, options.builder_name.as_deref()));
         let resolution = check_caches(ctx, &plan);
@@ -1219,10 +1266,11 @@ pub(crate) fn fit_and_check(
         (engine, resolution)
     });
     let (backend, builder) = (plan.backend.clone(), plan.builder);
-    let (plan, fallback) = fit_plan(options, &engine?, Some(plan))?;
+    let engine = engine?;
+    let (plan, fallback) = fit_plan(options, &engine, Some(plan))?;
     let resolution =
         if plan.backend == backend && plan.builder == builder { resolution } else { check_caches(ctx, &plan) };
-    Ok((plan, fallback, resolution))
+    Ok((plan, fallback, resolution, engine.describe()))
 }
 
 /// Runs an already computed plan. See [`build_with_cache`].
@@ -1234,7 +1282,7 @@ pub fn execute_plan(
     started: Instant,
 ) -> Result<RunReport> {
     let resolution = check_caches(ctx, plan);
-    execute_checked(ctx, plan, backend_fallback, resolution, report_file, started)
+    execute_checked(ctx, plan, backend_fallback, resolution, report_file, started, None)
 }
 
 /// Runs a plan whose caches were checked already ([`pull_cached`]'s answer).
@@ -1245,6 +1293,7 @@ pub(crate) fn execute_checked(
     resolution: Result<Resolution>,
     report_file: Option<&Path>,
     started: Instant,
+    engine: Option<String>,
 ) -> Result<RunReport> {
     for note in &plan.notes {
         ctx.say(&format!("cachefrom: {note}"));
@@ -1480,6 +1529,7 @@ pub(crate) fn execute_checked(
         run_warnings.push("the build succeeded but writing its cache failed".to_string());
     }
     let report = RunReport {
+        engine,
         cancelled,
         stages: stage_reports,
         seconds: started.elapsed().as_secs_f64(),

@@ -443,6 +443,9 @@ pub struct RunReport {
     /// so the cache and the image it pushed were reused (says which cache).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unchanged: Option<String>,
+    /// The engine that built, in one line (its version, root directory, driver, BuildKit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub engine: Option<String>,
     /// Set when the run was cancelled (a signal, or [`crate::docker::Cancel::request`]): by what.
     /// The stages it finished had their caches written.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -730,6 +733,7 @@ Step 5/5 : RUN echo two > /two
     fn the_report_renders_as_table_markdown_and_json() {
         let report = RunReport {
             cancelled: None,
+            engine: None,
             stages: vec![StageReport {
                 name: "deps".into(),
                 cache_source: Some("127.0.0.1:5000/app:cache-deps-main".into()),
