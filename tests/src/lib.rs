@@ -322,6 +322,18 @@ impl TempRegistry {
 
     /// Starts a registry that wants a login: `htpasswd` is the file's content (bcrypt entries).
     pub fn start_with_auth(port: u16, htpasswd: Option<&str>) -> Result<TempRegistry> {
+        let auth = |dir: &Path| -> Result<String> {
+            let Some(htpasswd) = htpasswd else { return Ok(String::new()) };
+            let file = dir.join("htpasswd");
+            std::fs::write(&file, htpasswd)?;
+            Ok(format!("auth:\n  htpasswd:\n    realm: cachefrom-tests\n    path: {}\n", file.display()))
+        };
+        TempRegistry::start_with_auth_config(port, auth)
+    }
+
+    /// Starts a registry whose `auth:` section `auth` writes (given the registry's own directory,
+    /// for files it needs).
+    pub fn start_with_auth_config(port: u16, auth: impl FnOnce(&Path) -> Result<String>) -> Result<TempRegistry> {
         use std::os::unix::process::CommandExt;
         let address = format!("127.0.0.1:{port}");
         if registry_listens(&address) {
@@ -333,11 +345,7 @@ impl TempRegistry {
             "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {address}\n",
             storage.path().join("data").display()
         );
-        if let Some(htpasswd) = htpasswd {
-            let file = storage.path().join("htpasswd");
-            std::fs::write(&file, htpasswd)?;
-            text.push_str(&format!("auth:\n  htpasswd:\n    realm: cachefrom-tests\n    path: {}\n", file.display()));
-        }
+        text.push_str(&auth(storage.path())?);
         std::fs::write(&config, text)?;
         let child = std::process::Command::new("docker-registry")
             .arg("serve")
@@ -542,17 +550,36 @@ impl Drop for SecondEngine {
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
-        let prefix = self.dir.display().to_string();
-        let mut left: Vec<&str> = mounts
-            .lines()
-            .filter_map(|line| line.split_whitespace().nth(1))
-            .filter(|m| m.starts_with(&prefix))
-            .collect();
-        left.sort_by_key(|mount| std::cmp::Reverse(mount.len()));
-        for mount in left {
-            let _ = std::process::Command::new("umount").arg("-l").arg(mount).status();
-        }
+        unmount_under(&self.dir);
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// Unmounts (lazily) whatever a stopped dockerd left mounted under `dir`, deepest first.
+pub fn unmount_under(dir: &Path) {
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+    let prefix = dir.display().to_string();
+    let mut left: Vec<&str> =
+        mounts.lines().filter_map(|line| line.split_whitespace().nth(1)).filter(|m| m.starts_with(&prefix)).collect();
+    left.sort_by_key(|mount| std::cmp::Reverse(mount.len()));
+    for mount in left {
+        let _ = std::process::Command::new("umount").arg("-l").arg(mount).status();
+    }
+}
+
+/// Each stage of a `--report` JSON as (name, steps cached, steps in all).
+pub fn stage_counts(report: &serde_json::Value) -> Vec<(String, u64, u64)> {
+    report["stages"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+        .iter()
+        .map(|stage| {
+            (
+                stage["name"].as_str().unwrap_or_default().to_string(),
+                stage["steps_cached"].as_u64().unwrap_or_default(),
+                stage["steps_total"].as_u64().unwrap_or_default(),
+            )
+        })
+        .collect()
 }

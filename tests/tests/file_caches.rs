@@ -27,21 +27,6 @@ fn build(dir: &Path, image: &str, backend: &str) -> (std::process::Output, serde
     (output, serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap())
 }
 
-fn counts(report: &serde_json::Value) -> Vec<(String, u64, u64)> {
-    report["stages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|stage| {
-            (
-                stage["name"].as_str().unwrap().to_string(),
-                stage["steps_cached"].as_u64().unwrap(),
-                stage["steps_total"].as_u64().unwrap(),
-            )
-        })
-        .collect()
-}
-
 fn files_under(dir: &Path) -> Vec<PathBuf> {
     let mut found = Vec::new();
     let mut pending = vec![dir.to_path_buf()];
@@ -86,7 +71,7 @@ fn a_local_cache_cut_short_is_built_without_and_replaced_and_the_counts_are_true
     let stderr = String::from_utf8_lossy(&output.stderr);
     // The step ran (its output shows), and the report says so.
     assert!(stderr.lines().any(|line| line.ends_with(" deps-step-ran")), "{stderr}");
-    assert_eq!(counts(&report), [("deps".to_string(), 0, 2), ("app".to_string(), 0, 2)], "{report:#}");
+    assert_eq!(stage_counts(&report), [("deps".to_string(), 0, 2), ("app".to_string(), 0, 2)], "{report:#}");
     let warnings: Vec<&str> = report["stages"]
         .as_array()
         .unwrap()
@@ -100,7 +85,7 @@ fn a_local_cache_cut_short_is_built_without_and_replaced_and_the_counts_are_true
     // The run wrote a good cache over the broken one.
     fresh_runner().unwrap();
     let (_, next) = build(project.path(), &image, &backend);
-    assert_eq!(counts(&next), [("deps".to_string(), 2, 2), ("app".to_string(), 2, 2)], "{next:#}");
+    assert_eq!(stage_counts(&next), [("deps".to_string(), 2, 2), ("app".to_string(), 2, 2)], "{next:#}");
 }
 
 /// A tmpfs of `size`, unmounted when dropped.

@@ -27,24 +27,9 @@ fn build(dir: &Path, image: &str, env: &[(&str, &str)], docker: &[&str]) -> serd
     serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap()
 }
 
-fn counts(report: &serde_json::Value) -> Vec<(String, u64, u64)> {
-    report["stages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| {
-            (
-                s["name"].as_str().unwrap().to_string(),
-                s["steps_cached"].as_u64().unwrap(),
-                s["steps_total"].as_u64().unwrap(),
-            )
-        })
-        .collect()
-}
-
 /// A source edit: the dependency stage comes from the cache, the rest builds.
 fn deps_from_cache(report: &serde_json::Value, what: &str) {
-    let counts = counts(report);
+    let counts = stage_counts(report);
     assert_eq!(counts[0], ("deps".to_string(), 2, 2), "{what}: {report:#}");
     assert!(counts[1].1 < counts[1].2, "{what}: the builder stage saw the edit: {report:#}");
 }

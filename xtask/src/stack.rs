@@ -322,17 +322,7 @@ impl Stack {
             let _ = fs::remove_file(&pid_file);
         }
         // dockerd unmounts its overlays on a clean stop; take away anything it left.
-        let mounts = fs::read_to_string("/proc/mounts").unwrap_or_default();
-        let prefix = self.dir.display().to_string();
-        let mut left: Vec<&str> = mounts
-            .lines()
-            .filter_map(|line| line.split_whitespace().nth(1))
-            .filter(|m| m.starts_with(&prefix))
-            .collect();
-        left.sort_by_key(|mount| std::cmp::Reverse(mount.len()));
-        for mount in left {
-            let _ = Command::new("umount").arg("-l").arg(mount).status();
-        }
+        cachefrom_tests::unmount_under(&self.dir);
         eprintln!("stack: down");
         Ok(())
     }

@@ -67,7 +67,7 @@ pub struct Files {
     pub hash: String,
     /// How many files.
     pub count: usize,
-    /// Path → content hash, when there are at most [`MAX_FILES_EACH`].
+    /// Path → content hash, when there are at most 2,000.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub each: BTreeMap<String, String>,
 }
