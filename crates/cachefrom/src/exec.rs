@@ -1827,6 +1827,12 @@ fn recover(
             finished.extend(stage.depends_on.iter().cloned());
         }
     }
+    // The report says so too.
+    for name in &finished {
+        if let Some(report) = reports.get_mut(name).filter(|report| report.status == StageStatus::NotBuilt) {
+            report.status = StageStatus::Built;
+        }
+    }
     let mut covered: BTreeSet<String> = BTreeSet::new();
     for recovery in &plan.recovery {
         if covered.contains(&recovery.stage) || !finished.contains(&recovery.stage) {
