@@ -72,10 +72,11 @@ pub fn run(sh: &Shell) -> Result<()> {
     );
     println!("rebuild: {cached} of {total} steps cached");
     for stage in &warm.stages {
-        let source = match (&stage.cache_source, stage.cache_from.first()) {
-            (Some(source), _) => format!("from {source}"),
-            (None, Some(offered)) => format!("rebuilt: its inputs changed since {offered}"),
-            (None, None) => "no cache yet".to_string(),
+        let source = match (&stage.cache_source, &stage.miss_reason, stage.cache_from.first()) {
+            (Some(source), _, _) => format!("from {source}"),
+            (None, Some(why), _) => format!("rebuilt: {why}"),
+            (None, None, Some(offered)) => format!("rebuilt: its inputs changed since {offered}"),
+            (None, None, None) => "no cache yet".to_string(),
         };
         println!(
             "  {:<8} {}/{} cached  {:>5.1}s  {source}",
