@@ -472,19 +472,8 @@ impl SecondEngine {
         let dir = PathBuf::from(format!("/var/lib/cachefrom-stack/e{}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
         let root = dir.join("data");
-        let config = serde_json::json!({
-            "data-root": root,
-            "exec-root": dir.join("exec"),
-            "pidfile": dir.join("dockerd.pid"),
-            "hosts": [format!("unix://{}", dir.join("docker.sock").display())],
-            "bridge": "none",
-            "iptables": false,
-            "ip6tables": false,
-            "ip-forward": false,
-            "ip-masq": false,
-            "features": { "containerd-snapshotter": true },
-            "insecure-registries": [REGISTRY],
-        });
+        let host = format!("unix://{}", dir.join("docker.sock").display());
+        let config = dockerd_config(&root, &dir.join("exec"), &dir.join("dockerd.pid"), &host);
         std::fs::write(dir.join("daemon.json"), serde_json::to_string_pretty(&config)?)?;
         let log = std::fs::File::create(dir.join("dockerd.log"))?;
         let child = std::process::Command::new("dockerd")
@@ -582,4 +571,23 @@ pub fn stage_counts(report: &serde_json::Value) -> Vec<(String, u64, u64)> {
             )
         })
         .collect()
+}
+
+/// The `daemon.json` of an engine of the stack: the containerd image store (cache export with the
+/// docker driver), no bridge network and no iptables (none on these machines), the local registry
+/// without TLS, and its own data and exec roots, pid file and socket.
+pub fn dockerd_config(data_root: &Path, exec_root: &Path, pidfile: &Path, host: &str) -> serde_json::Value {
+    serde_json::json!({
+        "data-root": data_root,
+        "exec-root": exec_root,
+        "pidfile": pidfile,
+        "hosts": [host],
+        "bridge": "none",
+        "iptables": false,
+        "ip6tables": false,
+        "ip-forward": false,
+        "ip-masq": false,
+        "features": { "containerd-snapshotter": true },
+        "insecure-registries": [REGISTRY],
+    })
 }

@@ -173,19 +173,8 @@ impl Stack {
         let config = self.path("daemon.json");
         let data_root = self.path("docker-data");
         let exec_root = self.path("docker-exec");
-        let daemon_json = serde_json::json!({
-            "data-root": data_root,
-            "exec-root": exec_root,
-            "pidfile": self.path("dockerd.pid.daemon"),
-            "hosts": [DOCKER_HOST],
-            "bridge": "none",
-            "iptables": false,
-            "ip6tables": false,
-            "ip-forward": false,
-            "ip-masq": false,
-            "features": { "containerd-snapshotter": true },
-            "insecure-registries": [REGISTRY],
-        });
+        let daemon_json =
+            cachefrom_tests::dockerd_config(&data_root, &exec_root, &self.path("dockerd.pid.daemon"), DOCKER_HOST);
         fs::write(&config, serde_json::to_string_pretty(&daemon_json)?)?;
         let args = ["--config-file".as_ref(), config.as_os_str()];
         self.launch("dockerd", "dockerd", &args, DOCKER_HOST, Duration::from_secs(60), || docker_answers(sh))
