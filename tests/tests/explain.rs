@@ -1,6 +1,7 @@
 //! `cachefrom explain` and the report's `miss_reason`/`miss`, on the real engine and registry:
 //! the records written beside the caches (never a build argument's value), and the first
-//! instruction that missed named with why: files, a build argument, no cache at all.
+//! instruction that missed named with why: files, a build argument, no cache at all. For the
+//! registry, local and tarball backends.
 
 use std::path::Path;
 use std::process::Output;
@@ -118,4 +119,6 @@ fn explain_and_the_report_say_why_a_stage_missed() {
     scenario("registry");
     let cache = tempfile::tempdir().unwrap();
     scenario(&format!("local,dir={}", cache.path().display()));
+    let tarballs = tempfile::tempdir().unwrap();
+    scenario(&format!("tarball,dir={}", tarballs.path().display()));
 }
