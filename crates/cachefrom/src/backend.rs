@@ -206,6 +206,11 @@ impl Backend {
         matches!(self, Backend::Inline)
     }
 
+    /// True when a record of the stages' inputs is written beside the cache ([`crate::explain`]).
+    pub fn keeps_records(&self) -> bool {
+        matches!(self, Backend::Registry { .. } | Backend::Local { .. } | Backend::Tarball { .. })
+    }
+
     /// True when the existence of a location can be checked before the build.
     pub fn can_check_existence(&self) -> bool {
         !matches!(self, Backend::S3 { .. } | Backend::Gha { .. })
@@ -437,6 +442,21 @@ mod tests {
         let s3: Backend = "s3,bucket=b,region=r,secret_access_key=wJalrXUtnFEMIK7MDENGbPxRfiCY".parse().unwrap();
         assert_eq!(s3.to_string(), "s3,bucket=b,region=r");
         assert!("local".parse::<Backend>().unwrap_err().to_string().contains("dir=DIR"));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_backend_text_is_refused_or_reads_back_the_same(text in proptest::prelude::any::<String>()) {
+            if let Ok(backend) = text.parse::<Backend>() {
+                let shown = backend.to_string();
+                for (_, value) in backend.credentials_env() {
+                    proptest::prop_assert!(value.is_empty() || !shown.contains(&value), "a credential shows: {shown}");
+                }
+                if !shown.contains(crate::secrets::HIDDEN) && backend.credentials_env().is_empty() {
+                    proptest::prop_assert_eq!(shown.parse::<Backend>().ok(), Some(backend));
+                }
+            }
+        }
     }
 
     #[test]

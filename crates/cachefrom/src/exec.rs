@@ -121,6 +121,8 @@ pub struct Resolution {
     pub(crate) inputs: Option<String>,
     /// The record on the cache this run would export to, if it carries one.
     pub(crate) record: Option<CacheRecord>,
+    /// The digest of each image the Dockerfile reads, where the registry said.
+    pub(crate) image_digests: BTreeMap<String, String>,
 }
 
 impl Resolution {
@@ -187,6 +189,7 @@ pub(crate) fn check_caches(ctx: &Context, plan: &Plan) -> Result<Resolution> {
             digests: BTreeMap::new(),
             inputs: None,
             record: None,
+            image_digests: BTreeMap::new(),
         });
     }
 
@@ -201,12 +204,21 @@ pub(crate) fn check_caches(ctx: &Context, plan: &Plan) -> Result<Resolution> {
         .map(|(_, candidate)| (plan.repository.clone(), candidate.tag.clone()))
         .collect();
     let mut digests = BTreeMap::new();
-    // The hash of the inputs asks the registry for base image digests: beside the checks.
-    let (checked, inputs) = std::thread::scope(|scope| {
-        let inputs = scope.spawn(|| input_fingerprint(ctx, plan));
-        let checked = ctx.registry.check_all_with_digests(&image_checks);
-        (checked, inputs.join().ok().flatten())
-    });
+    // The base images' digests (for the hash of the inputs and the stages' records), asked
+    // once, beside the checks.
+    let (checked, (image_digests, all_known)) =
+        std::thread::scope(|scope| {
+            let looked_up = scope.spawn(|| {
+                if plan.backend.keeps_records() {
+                    image_digests(ctx, plan)
+                } else {
+                    (BTreeMap::new(), false)
+                }
+            });
+            let checked = ctx.registry.check_all_with_digests(&image_checks);
+            (checked, looked_up.join().unwrap_or_default())
+        });
+    let inputs = input_fingerprint(plan, &image_digests, all_known);
     let mut image_answers = checked.into_iter();
     let answers: Vec<Existence> = candidates
         .iter()
@@ -271,22 +283,27 @@ pub(crate) fn check_caches(ctx: &Context, plan: &Plan) -> Result<Resolution> {
             _ => {}
         }
     }
-    Ok(Resolution { stages, level, warnings, seconds: started.elapsed().as_secs_f64(), digests, inputs, record })
+    Ok(Resolution {
+        stages,
+        level,
+        warnings,
+        seconds: started.elapsed().as_secs_f64(),
+        digests,
+        inputs,
+        record,
+        image_digests,
+    })
 }
 
 /// The hash of the run's inputs, for a one-build registry run that writes its cache: every
 /// image the Dockerfile reads must answer with a digest, else there is none.
-fn input_fingerprint(ctx: &Context, plan: &Plan) -> Option<String> {
-    if plan.execution != Execution::OneBuild || !matches!(plan.backend, Backend::Registry { .. }) {
+fn input_fingerprint(plan: &Plan, digests: &BTreeMap<String, String>, all_known: bool) -> Option<String> {
+    if plan.execution != Execution::OneBuild || !matches!(plan.backend, Backend::Registry { .. }) || !all_known {
         return None;
     }
     let target = plan.stages.iter().find(|stage| stage.is_target)?;
     plan.primary_write(target)?;
-    let (digests, all_known) = image_digests(ctx, plan);
-    if !all_known {
-        return None;
-    }
-    let image_digests: Vec<(String, String)> = digests.into_iter().collect();
+    let image_digests: Vec<(String, String)> = digests.clone().into_iter().collect();
     let inputs = crate::inputs::Inputs {
         context: &plan.context,
         dockerfile: &plan.dockerfile,
@@ -333,8 +350,7 @@ struct MissEvidence {
 }
 
 fn gather_evidence(ctx: &Context, plan: &Plan, resolution: &Resolution) -> Result<MissEvidence> {
-    let (digests, _) = image_digests(ctx, plan);
-    let now = crate::explain::current_inputs(plan, &digests)?;
+    let now = crate::explain::current_inputs(plan, &resolution.image_digests)?;
     let mut records = BTreeMap::new();
     for stage in &plan.stages {
         let Some(chosen) = resolution.stages.get(&stage.name).and_then(|choice| choice.chosen.as_ref()) else {
@@ -1331,9 +1347,7 @@ pub(crate) fn execute_checked(
     // Each stage's inputs and the records on the caches read, gathered while the build runs (the
     // build overwrites the caches it read): what a miss is explained with, and the records this
     // run writes.
-    let keeps_records =
-        matches!(plan.backend, Backend::Registry { .. } | Backend::Local { .. } | Backend::Tarball { .. });
-    let mut gathering = (keeps_records && !steps.is_empty()).then(|| {
+    let mut gathering = (plan.backend.keeps_records() && !steps.is_empty()).then(|| {
         let (ctx, plan, resolution) = (ctx.clone(), plan.clone(), resolution.clone());
         std::thread::spawn(move || gather_evidence(&ctx, &plan, &resolution))
     });
@@ -1973,6 +1987,7 @@ mod tests {
             digests: BTreeMap::new(),
             inputs: None,
             record: None,
+            image_digests: BTreeMap::new(),
         };
         let sources: Vec<String> =
             resolution.sources(&plan, plan.stage("app").unwrap()).into_iter().map(|(name, _)| name).collect();
