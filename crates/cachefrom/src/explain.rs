@@ -157,7 +157,24 @@ impl Miss {
 
 /// Compares a stage's inputs now with the record of the cache it read; `None` when they match.
 /// `changed_stage` says whether a stage this one reads missed too (then it is named as the cause).
+/// The line is one line, whatever the instructions hold (heredocs, control characters).
 pub fn compare(now: &StageInputs, then: &StageInputs, changed_stage: &dyn Fn(&str) -> bool) -> Option<Miss> {
+    first_difference(now, then, changed_stage).map(|mut miss| {
+        miss.line = one_line(&miss.line);
+        miss
+    })
+}
+
+/// `text` on one line: line breaks and other control characters as spaces, at most 400 characters.
+fn one_line(text: &str) -> String {
+    let flat: String = text.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
+    match flat.char_indices().nth(400) {
+        Some((cut, _)) => format!("{}…", &flat[..cut]),
+        None => flat,
+    }
+}
+
+fn first_difference(now: &StageInputs, then: &StageInputs, changed_stage: &dyn Fn(&str) -> bool) -> Option<Miss> {
     let first = now.steps.first();
     if now.base != then.base {
         return Some(Miss::new(
@@ -662,6 +679,33 @@ mod tests {
         assert_eq!(recorded.args["NPM_TOKEN"], "secret");
         let json = to_json(&current_inputs(&plan, &BTreeMap::new()).unwrap());
         assert!(!json.contains("npm_abcdef"), "{json}");
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_dockerfile_text_splits_into_instructions(text in proptest::prelude::any::<String>()) {
+            for stage in split_stages(&text) {
+                for instruction in stage {
+                    proptest::prop_assert!(!instruction.trim().is_empty());
+                    proptest::prop_assert!(!instruction.split_whitespace().next().unwrap_or_default().eq_ignore_ascii_case("FROM"));
+                }
+            }
+        }
+
+        #[test]
+        fn a_miss_is_one_line_whatever_the_instructions(
+            old in proptest::prelude::any::<String>(),
+            new in proptest::prelude::any::<String>(),
+            base in proptest::prelude::any::<String>(),
+        ) {
+            let then = stage(vec![step(&old)]);
+            let mut now = stage(vec![step(&new)]);
+            now.base = base;
+            if let Some(miss) = compare(&now, &then, &none) {
+                proptest::prop_assert!(!miss.line.contains('\n') && !miss.line.contains('\r'), "{}", miss.line);
+                proptest::prop_assert!(miss.line.chars().count() <= 401);
+            }
+        }
     }
 
     #[test]
