@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use cachefrom::ci::Environment;
+use cachefrom::output::safe_line;
 use cachefrom::dockerfile::read_dockerfile_with;
 use cachefrom::engine::BackendFallback;
 use cachefrom::exec::{build_with_cache, BuildOptions, Context, OutputStyle};
@@ -269,7 +270,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure { code, error }) => {
-            eprintln!("cachefrom: error: {}", cachefrom::secrets::scrub(&format!("{error:#}")));
+            eprintln!("cachefrom: error: {}", safe_line(&format!("{error:#}")));
             ExitCode::from(code)
         }
     }
@@ -279,22 +280,35 @@ fn explain(args: &PlanArgs) -> std::result::Result<(), Failure> {
     let options = plan_options(args).map_err(usage)?;
     let plan = Plan::new(&options).map_err(usage)?;
     let ctx = Context::from_environment();
-    let explanations =
-        cachefrom::exec::explain(&ctx, &plan).map_err(|error| Failure { code: EXIT_ENVIRONMENT, error })?;
+    // A pattern cachefrom will not read (a `.dockerignore` line, a COPY source) is the user's to
+    // change: exit 2, as for any other refused input.
+    let explanations = cachefrom::exec::explain(&ctx, &plan).map_err(|error| {
+        let refused = error.chain().any(|cause| cause.downcast_ref::<cachefrom::inputs::RefusedPattern>().is_some());
+        Failure { code: if refused { EXIT_USAGE } else { EXIT_ENVIRONMENT }, error }
+    })?;
     if args.json {
         println!(
             "{}",
             serde_json::to_string_pretty(&serde_json::json!({ "stages": explanations })).unwrap_or_default()
         );
-        return Ok(());
     }
-    for stage in &explanations {
+    for stage in explanations.iter().filter(|_| !args.json) {
         let line = match (&stage.miss, &stage.reads) {
             (None, Some(reads)) => format!("would hit: every input matches the record on {reads}"),
             (None, None) => "would hit".to_string(),
             (Some(miss), _) => format!("would miss: {}", miss.line),
         };
-        println!("{}: {}", stage.stage, cachefrom::secrets::scrub(&line));
+        println!("{}", safe_line(&format!("{}: {line}", stage.stage)));
+    }
+    let unchecked = explanations
+        .iter()
+        .filter(|stage| stage.miss.as_ref().is_some_and(|miss| miss.kind == cachefrom::explain::MissKind::Unchecked))
+        .count();
+    if unchecked > 0 {
+        return Err(Failure {
+            code: EXIT_ENVIRONMENT,
+            error: anyhow::anyhow!("could not check the caches of {unchecked} stage(s): no answer is given for them"),
+        });
     }
     Ok(())
 }
@@ -328,13 +342,16 @@ fn stages(args: &StagesArgs) -> Result<()> {
                 format!("  <- {}", stage.depends_on.join(", "))
             };
             println!(
-                "{:>3}  {:<20} FROM {}{depends}{needed}",
-                stage.index,
-                stage.name.as_deref().unwrap_or("-"),
-                stage.base
+                "{}",
+                safe_line(&format!(
+                    "{:>3}  {:<20} FROM {}{depends}{needed}",
+                    stage.index,
+                    stage.name.as_deref().unwrap_or("-"),
+                    stage.base
+                ))
             );
         }
-        println!("build order: {}", order.join(" -> "));
+        println!("{}", safe_line(&format!("build order: {}", order.join(" -> "))));
     }
     Ok(())
 }
@@ -344,17 +361,26 @@ fn prune(args: &PruneArgs) -> std::result::Result<(), Failure> {
     let repository = cachefrom::refs::Repository::parse(&args.image).map_err(usage)?;
     let older_than = args.older_than.as_deref().map(parse_duration).transpose().map_err(usage)?;
     let branches = match &args.branches {
-        Some(file) => std::fs::read_to_string(file)
-            .map_err(|error| usage(anyhow::anyhow!("cannot read the branches file {}: {error}", file.display())))?
+        Some(file) => cachefrom::files::read_text(file, cachefrom::files::MAX_LIST_BYTES)
+            .map_err(|error| usage(error.context("cannot read the branches file")))?
             .lines()
-            .map(|line| line.trim().strip_prefix("refs/heads/").unwrap_or(line.trim()).to_string())
+            .map(str::trim)
             .filter(|line| !line.is_empty())
-            .collect(),
+            .map(|line| cachefrom::git::check_branch(line, "the branches file"))
+            .collect::<Result<_>>()
+            .map_err(usage)?,
         None => remote_branches(&args.context, std::time::Duration::from_secs(60)).map_err(usage)?,
     };
     let env = Environment::from_process();
     let overrides = cachefrom::git::GitOverrides { default_branch: args.default_branch.clone(), ..Default::default() };
     let git = cachefrom::git::GitFacts::discover(&args.context, &overrides, &env).map_err(usage)?;
+    if !branches.contains(&git.default_branch) {
+        return Err(usage(anyhow::anyhow!(
+            "the default branch {} is not among the {} branches that exist; pass --default-branch with one of them (a branch name, not origin/NAME)",
+            cachefrom::secrets::quoted(&git.default_branch),
+            branches.len()
+        )));
+    }
     let ctx = Context::from_environment();
     let tags = match &args.cache_dir {
         Some(dir) => cachefrom::prune::dir_tags(dir, &repository),
@@ -381,44 +407,63 @@ fn prune(args: &PruneArgs) -> std::result::Result<(), Failure> {
             println!("{}", serde_json::to_string_pretty(&plan).expect("plain data"));
         } else {
             for line in plan.lines() {
-                println!("{line}");
+                println!("{}", safe_line(&line));
             }
         }
         let bytes: u64 = plan.remove.iter().map(|(_, _, size)| size).sum();
         if args.apply {
             let freed = plan.apply().map_err(environment)?;
             eprintln!(
-                "cachefrom: removed {} entries ({:.1} MB) from {}",
-                plan.remove.len(),
-                freed as f64 / 1e6,
-                plan.dir.display()
+                "{}",
+                safe_line(&format!(
+                    "cachefrom: removed {} entries ({:.1} MB) from {}",
+                    plan.remove.len(),
+                    freed as f64 / 1e6,
+                    plan.dir.display()
+                ))
             );
         } else {
             eprintln!(
-                "cachefrom: {} entries ({:.1} MB) would be removed from {} (default branch `{}` kept); pass --apply to remove them",
-                plan.remove.len(),
-                bytes as f64 / 1e6,
-                plan.dir.display(),
-                git.default_branch
+                "{}",
+                safe_line(&format!(
+                    "cachefrom: {} entries ({:.1} MB) would be removed from {} (default branch `{}` kept); pass --apply to remove them",
+                    plan.remove.len(),
+                    bytes as f64 / 1e6,
+                    plan.dir.display(),
+                    git.default_branch
+                ))
             );
         }
         return Ok(());
     }
-    let plan = cachefrom::prune::plan(&ctx.registry, &repository, &options).map_err(environment)?;
+    let plan = cachefrom::prune::plan(&ctx.registry, &repository, &tags, &options);
     if args.json {
         println!("{}", serde_json::to_string_pretty(&plan).expect("plain data"));
     } else {
         for line in plan.lines() {
-            println!("{line}");
+            println!("{}", safe_line(&line));
         }
     }
+    if !plan.unchecked.is_empty() {
+        eprintln!(
+            "cachefrom: warning: {} tag(s) kept because a check could not be made (the first: {}); run again when the registry answers",
+            plan.unchecked.len(),
+            safe_line(&plan.unchecked[0].1)
+        );
+    }
     if args.apply {
-        let deleted = plan.apply(&ctx.registry, &repository).map_err(environment)?;
-        eprintln!("cachefrom: removed {} tag(s) ({deleted} manifest(s)) from {repository}", plan.remove.len());
+        let removed = plan.apply(&ctx.registry, &repository).map_err(environment)?;
+        eprintln!("cachefrom: removed {removed} tag(s) from {repository}");
+        if !plan.unchecked.is_empty() {
+            return Err(environment(anyhow::anyhow!(
+                "{} tag(s) were not removed: a check could not be made",
+                plan.unchecked.len()
+            )));
+        }
     } else {
         eprintln!(
             "cachefrom: {} tag(s) would be removed from {repository} (default branch `{}` kept); pass --apply to remove them",
-            plan.remove.len(),
+            plan.going(),
             git.default_branch
         );
     }

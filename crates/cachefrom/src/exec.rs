@@ -14,7 +14,7 @@ use crate::docker::{last_lines, run_program, Docker};
 use crate::engine::{BackendFallback, Engine};
 use crate::error::Error;
 use crate::explain::{Miss, StageInputs};
-use crate::inputs::CacheRecord;
+use crate::inputs::{CacheRecord, ContextWalk};
 use crate::output::{Output, StandardStreams};
 use crate::plan::{
     render_command, Builder, CacheErrors, CacheRef, CacheWrite, Execution, Level, Plan, PlanOptions, StagePlan, Step,
@@ -123,6 +123,8 @@ pub struct Resolution {
     pub(crate) record: Option<CacheRecord>,
     /// The digest of each image the Dockerfile reads, where the registry said.
     pub(crate) image_digests: BTreeMap<String, String>,
+    /// The build context, read once for the inputs' hash and the stages' records (or why not).
+    pub(crate) context: Option<std::sync::Arc<std::result::Result<ContextWalk, String>>>,
 }
 
 impl Resolution {
@@ -190,6 +192,7 @@ pub(crate) fn check_caches(ctx: &Context, plan: &Plan) -> Result<Resolution> {
             inputs: None,
             record: None,
             image_digests: BTreeMap::new(),
+            context: None,
         });
     }
 
@@ -206,19 +209,29 @@ pub(crate) fn check_caches(ctx: &Context, plan: &Plan) -> Result<Resolution> {
     let mut digests = BTreeMap::new();
     // The base images' digests (for the hash of the inputs and the stages' records), asked
     // once, beside the checks.
-    let (checked, (image_digests, all_known)) =
-        std::thread::scope(|scope| {
-            let looked_up = scope.spawn(|| {
-                if plan.backend.keeps_records() {
-                    image_digests(ctx, plan)
-                } else {
-                    (BTreeMap::new(), false)
-                }
-            });
-            let checked = ctx.registry.check_all_with_digests(&image_checks);
-            (checked, looked_up.join().unwrap_or_default())
+    // The build context, walked once (beside the checks) for the inputs' hash and the records.
+    let (checked, (image_digests, all_known), context) = std::thread::scope(|scope| {
+        let looked_up = scope.spawn(|| {
+            if plan.backend.keeps_records() {
+                image_digests(ctx, plan)
+            } else {
+                (BTreeMap::new(), false)
+            }
         });
-    let inputs = input_fingerprint(plan, &image_digests, all_known);
+        let walked = scope.spawn(|| plan.backend.keeps_records().then(|| std::sync::Arc::new(walk_context(plan))));
+        let checked = ctx.registry.check_all_with_digests(&image_checks);
+        let context = walked.join().unwrap_or_else(|_| Some(std::sync::Arc::new(Err("reading it panicked".to_string()))));
+        (checked, looked_up.join().unwrap_or_default(), context)
+    });
+    if let Some(Err(why)) = context.as_deref() {
+        warnings.push(format!(
+            "the build context is not hashed ({why}): the build runs as usual, without the check for an unchanged build or the record of why a stage missed"
+        ));
+    }
+    let inputs = match context.as_deref() {
+        Some(Ok(walk)) => input_fingerprint(plan, &image_digests, all_known, walk),
+        _ => None,
+    };
     let mut image_answers = checked.into_iter();
     let answers: Vec<Existence> = candidates
         .iter()
@@ -292,12 +305,24 @@ pub(crate) fn check_caches(ctx: &Context, plan: &Plan) -> Result<Resolution> {
         inputs,
         record,
         image_digests,
+        context,
     })
 }
 
 /// The hash of the run's inputs, for a one-build registry run that writes its cache: every
 /// image the Dockerfile reads must answer with a digest, else there is none.
-fn input_fingerprint(plan: &Plan, digests: &BTreeMap<String, String>, all_known: bool) -> Option<String> {
+/// The build context as the plan's `.dockerignore` lets it through, read once; or why not.
+pub(crate) fn walk_context(plan: &Plan) -> std::result::Result<ContextWalk, String> {
+    let ignore = crate::inputs::IgnoreRules::for_build(&plan.context, &plan.dockerfile).map_err(|e| format!("{e:#}"))?;
+    ContextWalk::read(&plan.context, &ignore).map_err(|error| format!("{error:#}"))
+}
+
+fn input_fingerprint(
+    plan: &Plan,
+    digests: &BTreeMap<String, String>,
+    all_known: bool,
+    walk: &ContextWalk,
+) -> Option<String> {
     if plan.execution != Execution::OneBuild || !matches!(plan.backend, Backend::Registry { .. }) || !all_known {
         return None;
     }
@@ -305,14 +330,13 @@ fn input_fingerprint(plan: &Plan, digests: &BTreeMap<String, String>, all_known:
     plan.primary_write(target)?;
     let image_digests: Vec<(String, String)> = digests.clone().into_iter().collect();
     let inputs = crate::inputs::Inputs {
-        context: &plan.context,
         dockerfile: &plan.dockerfile,
         target: &plan.target,
         build_args: plan.build_args.iter().map(|(name, value)| (name.as_str(), value.as_str())).collect(),
         docker_args: &plan.docker_args,
         image_digests,
     };
-    crate::inputs::fingerprint(&inputs).ok()
+    crate::inputs::fingerprint(&inputs, walk).ok()
 }
 
 /// The digest of each image the Dockerfile reads, where the registry says; and whether it said
@@ -350,7 +374,22 @@ struct MissEvidence {
 }
 
 fn gather_evidence(ctx: &Context, plan: &Plan, resolution: &Resolution) -> Result<MissEvidence> {
-    let now = crate::explain::current_inputs(plan, &resolution.image_digests)?;
+    let walked;
+    let walk = match resolution.context.as_deref() {
+        Some(walk) => walk,
+        None => {
+            walked = walk_context(plan);
+            &walked
+        }
+    };
+    let walk = walk.as_ref().map_err(|why| {
+        // A refused `.dockerignore` pattern keeps its type (the CLI answers it with exit 2).
+        match crate::inputs::IgnoreRules::for_build(&plan.context, &plan.dockerfile) {
+            Err(error) => error,
+            Ok(_) => anyhow::anyhow!("the build context was not read: {why}"),
+        }
+    })?;
+    let now = crate::explain::current_inputs(plan, &resolution.image_digests, walk)?;
     let mut records = BTreeMap::new();
     for stage in &plan.stages {
         let Some(chosen) = resolution.stages.get(&stage.name).and_then(|choice| choice.chosen.as_ref()) else {
@@ -367,11 +406,13 @@ fn gather_evidence(ctx: &Context, plan: &Plan, resolution: &Resolution) -> Resul
                 .ok()
                 .and_then(|manifest| manifest.annotations().get(crate::explain::ANNOTATION).cloned()),
             (Backend::Local { .. }, CacheLocation::Directory(dir)) => {
-                std::fs::read_to_string(dir.join(crate::explain::FILE)).ok()
+                crate::files::read_text(&dir.join(crate::explain::FILE), crate::files::MAX_RECORD_BYTES).ok()
             }
-            (Backend::Tarball { .. }, _) => {
-                std::fs::read_to_string(plan.unpacked_dir(&stage.name).join(crate::explain::FILE)).ok()
-            }
+            (Backend::Tarball { .. }, _) => crate::files::read_text(
+                &plan.unpacked_dir(&stage.name).join(crate::explain::FILE),
+                crate::files::MAX_RECORD_BYTES,
+            )
+            .ok(),
             _ => None,
         };
         records.insert(key, text.as_deref().and_then(crate::explain::from_json));
@@ -441,6 +482,14 @@ fn miss_of(
 ) -> Option<Miss> {
     let choice = resolution.stages.get(&stage.name)?;
     let Some(chosen) = &choice.chosen else {
+        // A level that could not be asked is no answer: never "none exists".
+        let unknown = choice.checked.iter().find_map(|(_, answer)| match answer {
+            Existence::Unknown(why) => Some(why.as_str()),
+            _ => None,
+        });
+        if let Some(why) = unknown {
+            return Some(Miss::unchecked(why));
+        }
         let tried: Vec<String> = choice.checked.iter().map(|(candidate, _)| candidate.tag.clone()).collect();
         return plan.backend.can_check_existence().then(|| Miss::no_cache(&tried));
     };
@@ -709,6 +758,11 @@ pub(crate) fn build_unit(
         env_docker.env.push(("DOCKER_BUILDKIT".into(), "0".into()));
     }
     env_docker.env.extend(plan.docker_env());
+    // On GitHub Actions, nothing the build prints is read as a workflow command.
+    let stop_commands = (ctx.style == OutputStyle::GithubActions).then(crate::output::stop_commands);
+    if let Some((stop, _)) = &stop_commands {
+        ctx.out().ci_line(stop);
+    }
     let exit = env_docker.stream(&format!("building {title}"), &args, ctx.docker.timeouts.build, |line| {
         if plan.builder == Builder::Classic {
             classic_record.feed_line(line);
@@ -721,6 +775,9 @@ pub(crate) fn build_unit(
         }
     });
     renderer.finish(started.elapsed().as_secs_f64());
+    if let Some((_, resume)) = &stop_commands {
+        ctx.out().ci_line(resume);
+    }
     if ctx.style == OutputStyle::GithubActions {
         ctx.out().ci_line("::endgroup::");
     }
@@ -1820,7 +1877,7 @@ fn record_of(
 
 /// `containerimage.digest` from buildx's `--metadata-file`.
 fn pushed_digest(file: &Path) -> Option<String> {
-    let value: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(file).ok()?).ok()?;
+    let value: serde_json::Value = serde_json::from_str(&crate::files::read_text(file, crate::files::MAX_RECORD_BYTES).ok()?).ok()?;
     value.get("containerimage.digest")?.as_str().filter(|digest| crate::inputs::is_digest(digest)).map(str::to_string)
 }
 
@@ -1988,6 +2045,7 @@ mod tests {
             inputs: None,
             record: None,
             image_digests: BTreeMap::new(),
+            context: None,
         };
         let sources: Vec<String> =
             resolution.sources(&plan, plan.stage("app").unwrap()).into_iter().map(|(name, _)| name).collect();

@@ -10,13 +10,12 @@
 //! (registry), the file `cachefrom-inputs.json` in the cache directory (local, tarball).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
 
 use anyhow::{Context as _, Result};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::inputs::IgnoreRules;
+use crate::inputs::ContextWalk;
 use crate::plan::Plan;
 
 /// The manifest annotation holding the records (registry).
@@ -27,8 +26,6 @@ pub const FILE: &str = "cachefrom-inputs.json";
 const NAMED_IN_LINE: usize = 5;
 /// Files recorded one by one per instruction; beyond, only their combined hash.
 const MAX_FILES_EACH: usize = 2_000;
-/// Files of the build context looked at, at most.
-const MAX_CONTEXT_FILES: usize = 200_000;
 
 /// One stage's inputs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -42,6 +39,10 @@ pub struct StageInputs {
     pub options: String,
     /// The instructions after `FROM`, in order.
     pub steps: Vec<StepInputs>,
+    /// The salt of this record's argument hashes, new for every record: a short value cannot be
+    /// found by hashing guesses once for every record.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub salt: String,
 }
 
 /// One instruction's inputs.
@@ -58,6 +59,22 @@ pub struct StepInputs {
     /// The stages read (`COPY --from`, `--mount=…,from=`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub stages: Vec<String>,
+    /// The values of the (not secret) `ARG`s declared here, kept in memory only: to hash them
+    /// with another record's salt when comparing.
+    #[serde(skip)]
+    pub(crate) values: BTreeMap<String, String>,
+}
+
+/// The recorded form of an argument's value: salted SHA-256 (`secret` for a secret one).
+fn arg_hash(salt: &str, name: &str, value: &str) -> String {
+    let mut hash = Sha256::new();
+    hash.update(b"cachefrom-arg\0");
+    hash.update(salt.as_bytes());
+    hash.update([0]);
+    hash.update(name.as_bytes());
+    hash.update([0]);
+    hash.update(value.as_bytes());
+    format!("sha256:{:x}", hash.finalize())
 }
 
 /// Files an instruction reads.
@@ -86,6 +103,9 @@ pub enum MissKind {
     Instruction,
     /// No cache was there to read.
     NoCache,
+    /// Whether a cache is there could not be asked (the registry down, refusing, or too slow):
+    /// no answer, and never taken for "no cache".
+    Unchecked,
     /// The cache carries no record, or the record matches and BuildKit missed anyway.
     Unknown,
 }
@@ -134,6 +154,11 @@ impl Miss {
             format!("no cache: none of {} exists", tried.join(", "))
         };
         Miss::new(MissKind::NoCache, None, line)
+    }
+
+    /// Whether a cache exists could not be checked: `why`.
+    pub fn unchecked(why: &str) -> Miss {
+        Miss::new(MissKind::Unchecked, None, format!("could not check ({why})"))
     }
 
     /// The inputs match the record, and BuildKit missed anyway.
@@ -223,7 +248,12 @@ fn first_difference(now: &StageInputs, then: &StageInputs, changed_stage: &dyn F
             ));
         }
         for (name, value) in &step.args {
-            if old.args.get(name) != Some(value) {
+            // The value now, hashed with the salt of the record it is compared with.
+            let value = match step.values.get(name) {
+                Some(raw) => arg_hash(&then.salt, name, raw),
+                None => value.clone(),
+            };
+            if old.args.get(name) != Some(&value) {
                 changed_args.push(name.clone());
             }
         }
@@ -292,8 +322,13 @@ fn changed_paths(new: &Files, old: &Files) -> Vec<String> {
 
 /// Every stage's inputs now, by stage key. `image_digests` maps an image reference (as the
 /// Dockerfile names it once expanded) to its digest, where known.
-pub fn current_inputs(plan: &Plan, image_digests: &BTreeMap<String, String>) -> Result<BTreeMap<String, StageInputs>> {
-    let text = std::fs::read(&plan.dockerfile)
+/// `walk` is the build context as read once for the run.
+pub fn current_inputs(
+    plan: &Plan,
+    image_digests: &BTreeMap<String, String>,
+    walk: &ContextWalk,
+) -> Result<BTreeMap<String, StageInputs>> {
+    let text = crate::files::read_bytes(&plan.dockerfile, crate::files::MAX_TEXT_BYTES)
         .with_context(|| format!("reading the Dockerfile {}", plan.dockerfile.display()))?;
     let text = String::from_utf8_lossy(&text).trim_start_matches('\u{feff}').to_string();
     let parse_options = crate::dockerfile::ParseOptions {
@@ -305,8 +340,8 @@ pub fn current_inputs(plan: &Plan, image_digests: &BTreeMap<String, String>) -> 
         ..Default::default()
     };
     let parsed = crate::dockerfile::parse_dockerfile_with(&text, &parse_options)?;
-    let ignore = IgnoreRules::for_build(&plan.context, &plan.dockerfile)?;
-    let context_files = hash_context(&plan.context, &ignore)?;
+    let context_files = walk.file_hashes();
+    let salt = crate::files::random_hex(16);
     let options = {
         let mut hash = Sha256::new();
         for arg in &plan.docker_args {
@@ -329,11 +364,19 @@ pub fn current_inputs(plan: &Plan, image_digests: &BTreeMap<String, String>) -> 
             None => stage.base.clone(),
         };
         let mut args: BTreeMap<String, String> = plan.build_args.clone();
-        let steps =
-            instructions.iter().map(|instruction| step_inputs(instruction, &mut args, plan, &context_files)).collect();
+        let steps = instructions
+            .iter()
+            .map(|instruction| step_inputs(instruction, &mut args, plan, &context_files, &salt))
+            .collect::<Result<Vec<_>>>()?;
         inputs.insert(
             stage.key(),
-            StageInputs { base_digest: image_digests.get(&stage.base).cloned(), base, options: options.clone(), steps },
+            StageInputs {
+                base_digest: image_digests.get(&stage.base).cloned(),
+                base,
+                options: options.clone(),
+                steps,
+                salt: salt.clone(),
+            },
         );
     }
     Ok(inputs)
@@ -405,12 +448,18 @@ fn step_inputs(
     args: &mut BTreeMap<String, String>,
     plan: &Plan,
     context_files: &[(String, String)],
-) -> StepInputs {
+    salt: &str,
+) -> Result<StepInputs> {
     let mut words = instruction.split_whitespace();
     let keyword = words.next().unwrap_or_default().to_ascii_uppercase();
     let rest: Vec<&str> = words.collect();
-    let mut step =
-        StepInputs { instruction: instruction.to_string(), args: BTreeMap::new(), files: None, stages: Vec::new() };
+    let mut step = StepInputs {
+        instruction: instruction.to_string(),
+        args: BTreeMap::new(),
+        files: None,
+        stages: Vec::new(),
+        values: BTreeMap::new(),
+    };
     match keyword.as_str() {
         "ARG" => {
             for word in &rest {
@@ -423,12 +472,8 @@ fn step_inputs(
                 let recorded = if crate::secrets::is_secret(&name, &value) {
                     "secret".to_string()
                 } else {
-                    let mut hash = Sha256::new();
-                    hash.update(b"cachefrom-arg\0");
-                    hash.update(name.as_bytes());
-                    hash.update([0]);
-                    hash.update(value.as_bytes());
-                    format!("sha256:{:x}", hash.finalize())
+                    step.values.insert(name.clone(), value.clone());
+                    arg_hash(salt, &name, &value)
                 };
                 step.args.insert(name, recorded);
             }
@@ -461,7 +506,7 @@ fn step_inputs(
                 .map(|source| crate::shell::expand(&source, args, '\\').unwrap_or(source))
                 .collect();
             if !sources.is_empty() {
-                step.files = Some(files_read(&sources, context_files));
+                step.files = Some(files_read(&sources, context_files)?);
             }
         }
         "RUN" => {
@@ -485,30 +530,24 @@ fn step_inputs(
                 }
             }
             if !sources.is_empty() {
-                step.files = Some(files_read(&sources, context_files));
+                step.files = Some(files_read(&sources, context_files)?);
             }
         }
         _ => {}
     }
-    step
+    Ok(step)
 }
 
-/// The context's files under `sources` (paths or globs, relative to the context).
-fn files_read(sources: &[String], context_files: &[(String, String)]) -> Files {
-    let patterns: Vec<Vec<String>> = sources
-        .iter()
-        .map(|source| source.split('/').filter(|part| !part.is_empty() && *part != ".").map(str::to_string).collect())
-        .collect();
+/// The context's files under `sources` (paths or globs, relative to the context, each naming
+/// the path itself or a directory above it), compiled once and matched in linear time. A
+/// source cachefrom will not read (more than three `**`, a character class) is refused.
+fn files_read(sources: &[String], context_files: &[(String, String)]) -> Result<Files> {
+    let patterns = crate::inputs::PatternSet::sources(sources)?;
     let mut hash = Sha256::new();
     let mut each = BTreeMap::new();
     let mut count = 0;
     for (path, content) in context_files {
-        let parts: Vec<&str> = path.split('/').collect();
-        // A source names the path itself or a directory above it.
-        let read = patterns.iter().any(|pattern| {
-            pattern.is_empty() || (1..=parts.len()).any(|len| crate::inputs::matches_segments(pattern, &parts[..len]))
-        });
-        if read {
+        if patterns.any_matches(path) {
             count += 1;
             hash.update(path.as_bytes());
             hash.update([0]);
@@ -521,45 +560,7 @@ fn files_read(sources: &[String], context_files: &[(String, String)]) -> Files {
     if count > MAX_FILES_EACH {
         each.clear();
     }
-    Files { hash: format!("sha256:{:x}", hash.finalize()), count, each }
-}
-
-/// Every file of the build context `.dockerignore` lets through: relative path → a hash of its
-/// kind, permissions and content (a symlink's target, not what it points to). Sorted.
-fn hash_context(context: &Path, ignore: &IgnoreRules) -> Result<Vec<(String, String)>> {
-    use std::os::unix::fs::PermissionsExt;
-    let mut files = Vec::new();
-    let mut pending = vec![String::new()];
-    while let Some(relative) = pending.pop() {
-        let dir = if relative.is_empty() { context.to_path_buf() } else { context.join(&relative) };
-        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
-        for entry in entries.flatten() {
-            let name = entry.file_name().to_string_lossy().to_string();
-            let path = if relative.is_empty() { name } else { format!("{relative}/{name}") };
-            if ignore.excludes(&path) {
-                continue;
-            }
-            let Ok(metadata) = std::fs::symlink_metadata(entry.path()) else { continue };
-            if metadata.is_dir() {
-                pending.push(path);
-                continue;
-            }
-            let mut hash = Sha256::new();
-            hash.update(metadata.permissions().mode().to_le_bytes());
-            if metadata.file_type().is_symlink() {
-                hash.update(std::fs::read_link(entry.path()).unwrap_or_default().as_os_str().as_encoded_bytes());
-            } else if metadata.is_file() {
-                let mut file = std::fs::File::open(entry.path()).with_context(|| format!("reading {path}"))?;
-                std::io::copy(&mut file, &mut hash).with_context(|| format!("reading {path}"))?;
-            }
-            files.push((path, format!("sha256:{:x}", hash.finalize())));
-            if files.len() > MAX_CONTEXT_FILES {
-                anyhow::bail!("the build context has more than {MAX_CONTEXT_FILES} files");
-            }
-        }
-    }
-    files.sort();
-    Ok(files)
+    Ok(Files { hash: format!("sha256:{:x}", hash.finalize()), count, each })
 }
 
 /// The records as written beside a cache.
@@ -580,11 +581,23 @@ mod tests {
     use super::*;
 
     fn step(instruction: &str) -> StepInputs {
-        StepInputs { instruction: instruction.to_string(), args: BTreeMap::new(), files: None, stages: Vec::new() }
+        StepInputs {
+            instruction: instruction.to_string(),
+            args: BTreeMap::new(),
+            files: None,
+            stages: Vec::new(),
+            values: BTreeMap::new(),
+        }
     }
 
     fn stage(steps: Vec<StepInputs>) -> StageInputs {
-        StageInputs { base: "debian:12".into(), base_digest: Some("sha256:aaaa".into()), options: "o".into(), steps }
+        StageInputs {
+            base: "debian:12".into(),
+            base_digest: Some("sha256:aaaa".into()),
+            options: "o".into(),
+            steps,
+            salt: String::new(),
+        }
     }
 
     fn none(_: &str) -> bool {
@@ -611,11 +624,11 @@ mod tests {
             ("x".into(), "3".into()),
         ];
         let mut then = step("COPY src ./src");
-        then.files = Some(files_read(&["src".into()], &context));
+        then.files = Some(files_read(&["src".into()], &context).unwrap());
         let mut changed = context.clone();
         changed[1].1 = "22".into();
         let mut now = step("COPY src ./src");
-        now.files = Some(files_read(&["src".into()], &changed));
+        now.files = Some(files_read(&["src".into()], &changed).unwrap());
         assert_eq!(now.files.as_ref().unwrap().count, 2);
         let miss = compare(&stage(vec![now]), &stage(vec![then]), &none).unwrap();
         assert_eq!(miss.kind, MissKind::Files);
@@ -675,9 +688,9 @@ mod tests {
         let mut options = crate::plan::PlanOptions::new(dir.path(), repository, git);
         options.build_args = plan_args.clone();
         let plan = Plan::new(&options).unwrap();
-        let recorded = step_inputs("ARG NPM_TOKEN", &mut args, &plan, &[]);
+        let recorded = step_inputs("ARG NPM_TOKEN", &mut args, &plan, &[], "salt").unwrap();
         assert_eq!(recorded.args["NPM_TOKEN"], "secret");
-        let json = to_json(&current_inputs(&plan, &BTreeMap::new()).unwrap());
+        let json = to_json(&current_inputs(&plan, &BTreeMap::new(), &ContextWalk::default()).unwrap());
         assert!(!json.contains("npm_abcdef"), "{json}");
     }
 

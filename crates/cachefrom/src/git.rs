@@ -190,13 +190,7 @@ pub fn check_commit(value: &str, source: &str) -> Result<String> {
 /// `value` quoted, with control characters and non-ASCII escaped, cut to 80 characters: safe in
 /// an error line.
 pub(crate) fn escaped(value: &str) -> String {
-    let quoted = format!("{:?}", value.chars().take(80).collect::<String>());
-    let mut out: String =
-        quoted.chars().map(|c| if c.is_ascii() { c.to_string() } else { c.escape_unicode().to_string() }).collect();
-    if value.chars().count() > 80 {
-        out.push_str("...");
-    }
-    out
+    crate::secrets::quoted(value)
 }
 
 fn current_branch(repository: &git2::Repository) -> Option<String> {

@@ -19,8 +19,6 @@ const UNHASHED_OPTIONS: [&str; 5] = ["--no-cache", "--no-cache-filter", "--pull"
 
 /// What the hash is computed from, besides the build context's files.
 pub struct Inputs<'a> {
-    /// The build context.
-    pub context: &'a Path,
     /// The Dockerfile.
     pub dockerfile: &'a Path,
     /// The stage built.
@@ -33,8 +31,9 @@ pub struct Inputs<'a> {
     pub image_digests: Vec<(String, String)>,
 }
 
-/// The hash of `inputs` (`sha256:` and 64 hex digits), or why there is none.
-pub fn fingerprint(inputs: &Inputs) -> Result<String> {
+/// The hash of `inputs` (`sha256:` and 64 hex digits) over the build context as `walk` read it,
+/// or why there is none.
+pub fn fingerprint(inputs: &Inputs, walk: &ContextWalk) -> Result<String> {
     for arg in inputs.docker_args {
         let flag = arg.split('=').next().unwrap_or(arg);
         if UNHASHED_OPTIONS.contains(&flag) {
@@ -47,8 +46,8 @@ pub fn fingerprint(inputs: &Inputs) -> Result<String> {
         hash.update((value.len() as u64).to_le_bytes());
         hash.update(value);
     };
-    field("version", b"cachefrom-inputs-1");
-    let dockerfile = std::fs::read(inputs.dockerfile)
+    field("version", b"cachefrom-inputs-2");
+    let dockerfile = crate::files::read_bytes(inputs.dockerfile, crate::files::MAX_TEXT_BYTES)
         .with_context(|| format!("reading the Dockerfile {}", inputs.dockerfile.display()))?;
     field("dockerfile", &dockerfile);
     field("target", inputs.target.as_bytes());
@@ -68,13 +67,121 @@ pub fn fingerprint(inputs: &Inputs) -> Result<String> {
         field(name, std::env::var(name).unwrap_or_default().as_bytes());
     }
     field("arch", std::env::consts::ARCH.as_bytes());
-    let ignore = IgnoreRules::for_build(inputs.context, inputs.dockerfile)?;
-    hash_tree(inputs.context, inputs.context, &ignore, &mut field)?;
+    for entry in &walk.entries {
+        field("path", entry.path.as_bytes());
+        field("mode", &entry.mode.to_le_bytes());
+        field("owner", &[entry.uid.to_le_bytes(), entry.gid.to_le_bytes()].concat());
+        match &entry.kind {
+            EntryKind::Link(target) => field("link", target),
+            EntryKind::Dir => field("dir", b""),
+            EntryKind::File(content) => field("file", content),
+        }
+    }
     Ok(format!("sha256:{:x}", hash.finalize()))
 }
 
-fn hash_tree(root: &Path, dir: &Path, ignore: &IgnoreRules, field: &mut impl FnMut(&str, &[u8])) -> Result<()> {
+/// Entries of the build context read at the most.
+pub const MAX_CONTEXT_ENTRIES: usize = 200_000;
+/// Bytes of file content hashed at the most: a larger context is not hashed (hashing it would
+/// take longer than the build's cache checks), and the build runs as usual.
+pub const MAX_CONTEXT_BYTES: u64 = 512 * 1024 * 1024;
+/// The longest the walk and the hashing may take together.
+pub const MAX_CONTEXT_TIME: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// What one entry of the build context is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EntryKind {
+    /// A directory.
+    Dir,
+    /// A symbolic link, and its target (never followed).
+    Link(Vec<u8>),
+    /// A regular file, and the SHA-256 of its content.
+    File([u8; 32]),
+}
+
+/// One entry of the build context that `.dockerignore` lets through.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContextEntry {
+    /// Relative, `/`-separated.
+    pub path: String,
+    /// Permission bits and file type, as `stat` gives them.
+    pub mode: u32,
+    /// Owner.
+    pub uid: u32,
+    /// Group.
+    pub gid: u32,
+    /// What it is.
+    pub kind: EntryKind,
+}
+
+/// The build context as Docker would send it, read once: every entry `.dockerignore` lets
+/// through, depth first, each directory's entries by name, each file hashed once. Both the
+/// inputs' hash ([`fingerprint`]) and the stages' records (`explain`) read this one walk.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ContextWalk {
+    /// The entries, in walk order.
+    pub entries: Vec<ContextEntry>,
+}
+
+impl ContextWalk {
+    /// Walks `context` under `ignore`, within [`MAX_CONTEXT_ENTRIES`], [`MAX_CONTEXT_BYTES`] and
+    /// [`MAX_CONTEXT_TIME`]; past any of them, or on a name that is not UTF-8 or an entry that is
+    /// neither a file, a directory nor a link, an error that says why (the caller builds without
+    /// a hash).
+    pub fn read(context: &Path, ignore: &IgnoreRules) -> Result<ContextWalk> {
+        let started = std::time::Instant::now();
+        let mut listed: Vec<(ContextEntry, Option<(std::path::PathBuf, u64)>)> = Vec::new();
+        let mut bytes = 0u64;
+        list_tree(context, context, ignore, &mut listed, &mut bytes, started)?;
+        let mut entries = Vec::with_capacity(listed.len());
+        for (mut entry, file) in listed {
+            if let Some((path, _)) = file {
+                entry.kind = EntryKind::File(hash_file(&path, started)?);
+            }
+            entries.push(entry);
+        }
+        Ok(ContextWalk { entries })
+    }
+
+    /// Every file and link with a hash of its mode and content (a link: its target), sorted by
+    /// path: what the stages' records compare.
+    pub fn file_hashes(&self) -> Vec<(String, String)> {
+        let mut files: Vec<(String, String)> = self
+            .entries
+            .iter()
+            .filter_map(|entry| {
+                let mut hash = Sha256::new();
+                hash.update(entry.mode.to_le_bytes());
+                match &entry.kind {
+                    EntryKind::Dir => return None,
+                    EntryKind::Link(target) => hash.update(target),
+                    EntryKind::File(content) => hash.update(content),
+                }
+                Some((entry.path.clone(), format!("sha256:{:x}", hash.finalize())))
+            })
+            .collect();
+        files.sort();
+        files
+    }
+}
+
+fn over_time(started: std::time::Instant) -> Result<()> {
+    if started.elapsed() > MAX_CONTEXT_TIME {
+        bail!("reading the build context took more than {} s", MAX_CONTEXT_TIME.as_secs());
+    }
+    Ok(())
+}
+
+fn list_tree(
+    root: &Path,
+    dir: &Path,
+    ignore: &IgnoreRules,
+    out: &mut Vec<(ContextEntry, Option<(std::path::PathBuf, u64)>)>,
+    bytes: &mut u64,
+    started: std::time::Instant,
+) -> Result<()> {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    over_time(started)?;
     let mut entries: Vec<_> = std::fs::read_dir(dir)
         .with_context(|| format!("reading {}", dir.display()))?
         .collect::<std::io::Result<Vec<_>>>()
@@ -89,21 +196,30 @@ fn hash_tree(root: &Path, dir: &Path, ignore: &IgnoreRules, field: &mut impl FnM
         if ignore.excludes(relative_text) {
             continue;
         }
+        if out.len() >= MAX_CONTEXT_ENTRIES {
+            bail!("the build context has more than {MAX_CONTEXT_ENTRIES} entries");
+        }
         let metadata = std::fs::symlink_metadata(&path).with_context(|| format!("reading {}", path.display()))?;
-        field("path", relative_text.as_bytes());
-        field("mode", &metadata.permissions().mode().to_le_bytes());
-        field("owner", &[metadata.uid().to_le_bytes(), metadata.gid().to_le_bytes()].concat());
+        let mut entry = ContextEntry {
+            path: relative_text.to_string(),
+            mode: metadata.permissions().mode(),
+            uid: metadata.uid(),
+            gid: metadata.gid(),
+            kind: EntryKind::Dir,
+        };
         if metadata.is_symlink() {
-            let target = std::fs::read_link(&path)?;
-            field("link", target.as_os_str().as_encoded_bytes());
+            entry.kind = EntryKind::Link(std::fs::read_link(&path)?.into_os_string().into_encoded_bytes());
+            out.push((entry, None));
         } else if metadata.is_dir() {
-            field("dir", b"");
-            hash_tree(root, &path, ignore, field)?;
+            out.push((entry, None));
+            list_tree(root, &path, ignore, out, bytes, started)?;
         } else if metadata.is_file() {
-            let mut file = std::fs::File::open(&path).with_context(|| format!("reading {}", path.display()))?;
-            let mut content = Sha256::new();
-            std::io::copy(&mut file, &mut content).with_context(|| format!("reading {}", path.display()))?;
-            field("file", &content.finalize());
+            *bytes = bytes.saturating_add(metadata.len());
+            if *bytes > MAX_CONTEXT_BYTES {
+                bail!("the build context holds more than {} MB of files", MAX_CONTEXT_BYTES / (1024 * 1024));
+            }
+            entry.kind = EntryKind::File([0; 32]);
+            out.push((entry, Some((path, metadata.len()))));
         } else {
             bail!("the build context holds {}, which is neither a file, a directory nor a link", path.display());
         }
@@ -111,14 +227,148 @@ fn hash_tree(root: &Path, dir: &Path, ignore: &IgnoreRules, field: &mut impl FnM
     Ok(())
 }
 
-/// The most `**` one `.dockerignore` pattern may hold.
+/// SHA-256 of a regular file's content, opened without following a link or waiting on a FIFO.
+fn hash_file(path: &Path, started: std::time::Instant) -> Result<[u8; 32]> {
+    use std::io::Read as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW)
+        .open(path)
+        .with_context(|| format!("reading {}", path.display()))?;
+    if !file.metadata()?.is_file() {
+        bail!("{} is no longer a regular file", path.display());
+    }
+    let mut hash = Sha256::new();
+    let mut buffer = vec![0u8; 1024 * 1024];
+    loop {
+        let read = file.read(&mut buffer).with_context(|| format!("reading {}", path.display()))?;
+        if read == 0 {
+            break;
+        }
+        hash.update(&buffer[..read]);
+        over_time(started)?;
+    }
+    Ok(hash.finalize().into())
+}
+
+/// The most `**` one pattern (`.dockerignore`, a `COPY` source) may hold.
 const MAX_DOUBLE_STARS: usize = 3;
+/// The most patterns a `.dockerignore` may hold for cachefrom to read it (Docker reads more; the
+/// build then runs without the inputs' hash).
+const MAX_IGNORE_PATTERNS: usize = 2_000;
+
+/// A pattern cachefrom will not read (a character class, an escape, too many `**`, a climb out
+/// of the context): `explain` refuses it (exit 2), a build runs without the inputs' hash.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefusedPattern(pub String);
+
+impl std::fmt::Display for RefusedPattern {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for RefusedPattern {}
+
+/// A path pattern as moby's patternmatcher compiles it (`*` and `?` within one segment, `**` any
+/// number of segments), as a regular expression that also matches every path below a match:
+/// the `regex` crate answers in time linear in the path, whatever the pattern.
+pub(crate) fn pattern_regex(pattern: &str) -> std::result::Result<Option<String>, RefusedPattern> {
+    let shown = crate::git::escaped(pattern);
+    if pattern.contains(['[', ']', '\\']) {
+        return Err(RefusedPattern(format!("the pattern {shown} uses a character class or an escape")));
+    }
+    let segments: Vec<&str> = pattern.split('/').filter(|segment| !segment.is_empty() && *segment != ".").collect();
+    if segments.contains(&"..") {
+        return Err(RefusedPattern(format!("the pattern {shown} climbs out of the context")));
+    }
+    if segments.is_empty() {
+        return Ok(None);
+    }
+    let cleaned = segments.join("/");
+    if cleaned.matches("**").count() > MAX_DOUBLE_STARS {
+        return Err(RefusedPattern(format!("the pattern {shown} has more than {MAX_DOUBLE_STARS} `**`")));
+    }
+    let mut regex = String::from("(?s)^");
+    let chars: Vec<char> = cleaned.chars().collect();
+    let mut i = 0;
+    while i < chars.len() {
+        match chars[i] {
+            '*' if chars.get(i + 1) == Some(&'*') => {
+                i += 2;
+                if chars.get(i) == Some(&'/') {
+                    i += 1;
+                }
+                regex.push_str(if i == chars.len() { ".*" } else { "(?:.*/)?" });
+                continue;
+            }
+            '*' => regex.push_str("[^/]*"),
+            '?' => regex.push_str("[^/]"),
+            c => regex.push_str(&regex::escape(&c.to_string())),
+        }
+        i += 1;
+    }
+    regex.push_str("(?:/.*)?$");
+    Ok(Some(regex))
+}
+
+/// Patterns compiled together, matched in one pass over a path.
+#[derive(Debug, Clone)]
+pub(crate) struct PatternSet {
+    set: regex::RegexSet,
+    /// Per pattern: true for a `!` exception.
+    exceptions: Vec<bool>,
+    /// A pattern that matches everything (`.`, `/`).
+    everything: Option<usize>,
+}
+
+impl PatternSet {
+    fn new(patterns: &[(bool, String)]) -> std::result::Result<PatternSet, RefusedPattern> {
+        let mut sources = Vec::new();
+        let mut exceptions = Vec::new();
+        let mut everything = None;
+        for (exception, pattern) in patterns {
+            match pattern_regex(pattern)? {
+                Some(source) => sources.push(source),
+                None => {
+                    everything = Some(exceptions.len());
+                    sources.push("(?s).*".to_string());
+                }
+            }
+            exceptions.push(*exception);
+        }
+        let set = regex::RegexSetBuilder::new(&sources)
+            .size_limit(32 * 1024 * 1024)
+            .dfa_size_limit(32 * 1024 * 1024)
+            .build()
+            .map_err(|_| RefusedPattern(format!("the {} patterns are more than cachefrom compiles", sources.len())))?;
+        Ok(PatternSet { set, exceptions, everything })
+    }
+
+    /// The patterns `sources` (a `COPY`'s sources), any of which selects a path.
+    pub(crate) fn sources(sources: &[String]) -> std::result::Result<PatternSet, RefusedPattern> {
+        let patterns: Vec<(bool, String)> = sources.iter().map(|source| (false, source.clone())).collect();
+        PatternSet::new(&patterns)
+    }
+
+    /// True when any pattern matches `path` or a directory above it.
+    pub(crate) fn any_matches(&self, path: &str) -> bool {
+        self.everything.is_some() || self.set.is_match(path)
+    }
+
+    /// The last pattern that matches `path` or a directory above it: whether it is an exception.
+    fn last_match(&self, path: &str) -> Option<bool> {
+        self.set.matches(path).iter().last().map(|index| self.exceptions[index])
+    }
+}
 
 /// The patterns of a `.dockerignore`, read as Docker reads them (moby's patternmatcher): the last
 /// pattern that matches a path or one of its parent directories decides, `!` lets a path back in.
-#[derive(Debug, Default)]
+/// Compiled once into one set, so a path is answered in one pass, in time linear in its length.
+#[derive(Debug, Clone, Default)]
 pub struct IgnoreRules {
-    patterns: Vec<(bool, Vec<String>)>,
+    set: Option<PatternSet>,
 }
 
 impl IgnoreRules {
@@ -128,9 +378,12 @@ impl IgnoreRules {
         let mut specific = dockerfile.as_os_str().to_owned();
         specific.push(".dockerignore");
         for file in [std::path::PathBuf::from(specific), context.join(".dockerignore")] {
-            if let Ok(text) = std::fs::read_to_string(&file) {
-                return IgnoreRules::parse(&text).with_context(|| format!("reading {}", file.display()));
+            match std::fs::symlink_metadata(&file) {
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => continue,
+                _ => {}
             }
+            let text = crate::files::read_text(&file, crate::files::MAX_TEXT_BYTES)?;
+            return IgnoreRules::parse(&text).with_context(|| format!("reading {}", file.display()));
         }
         Ok(IgnoreRules::default())
     }
@@ -148,78 +401,30 @@ impl IgnoreRules {
                 Some(rest) => (true, rest.trim()),
                 None => (false, line),
             };
-            if pattern.contains(['[', ']', '\\']) {
-                bail!("the pattern `{pattern}` uses a character class or an escape");
+            if pattern.split('/').all(|segment| segment.is_empty() || segment == ".") {
+                // `.` or `/`: moby cleans it to `.`, which matches no path.
+                pattern_regex(pattern)?;
+                continue;
             }
-            let segments: Vec<String> = pattern
-                .split('/')
-                .filter(|segment| !segment.is_empty() && *segment != ".")
-                .map(str::to_string)
-                .collect();
-            if segments.iter().any(|segment| segment == "..") {
-                bail!("the pattern `{pattern}` climbs out of the context");
-            }
-            // Each `**` tries every depth: a few keep matching linear enough.
-            if segments.iter().filter(|segment| *segment == "**").count() > MAX_DOUBLE_STARS {
-                bail!("the pattern `{pattern}` has more than {MAX_DOUBLE_STARS} `**`");
-            }
-            if !segments.is_empty() {
-                patterns.push((exception, segments));
+            patterns.push((exception, pattern.to_string()));
+            if patterns.len() > MAX_IGNORE_PATTERNS {
+                return Err(RefusedPattern(format!("the .dockerignore has more than {MAX_IGNORE_PATTERNS} patterns")).into());
             }
         }
-        Ok(IgnoreRules { patterns })
+        if patterns.is_empty() {
+            return Ok(IgnoreRules::default());
+        }
+        Ok(IgnoreRules { set: Some(PatternSet::new(&patterns)?) })
     }
 
     /// True when `path` (relative, `/`-separated) is left out of the build context.
     pub fn excludes(&self, path: &str) -> bool {
-        let parts: Vec<&str> = path.split('/').filter(|part| !part.is_empty()).collect();
-        let mut excluded = false;
-        for (exception, pattern) in &self.patterns {
-            let matched = (1..=parts.len()).any(|len| matches_segments(pattern, &parts[..len]));
-            if matched {
-                excluded = !exception;
-            }
-        }
-        excluded
-    }
-}
-
-/// Path segments against pattern segments: `**` is any number of segments, `*` and `?` stay
-/// within one segment.
-pub(crate) fn matches_segments(pattern: &[String], parts: &[&str]) -> bool {
-    match pattern.split_first() {
-        None => parts.is_empty(),
-        Some((first, rest)) if first == "**" => (0..=parts.len()).any(|skip| matches_segments(rest, &parts[skip..])),
-        Some((first, rest)) => match parts.split_first() {
-            Some((part, others)) => matches_glob(first, part) && matches_segments(rest, others),
-            None => false,
-        },
-    }
-}
-
-/// One segment against a pattern of literals, `*` (any characters) and `?` (one character):
-/// the greedy match that goes back only to the last `*`, so any input is answered in time
-/// proportional to the product of the lengths.
-fn matches_glob(pattern: &str, text: &str) -> bool {
-    let (pattern, text): (Vec<char>, Vec<char>) = (pattern.chars().collect(), text.chars().collect());
-    let (mut p, mut t) = (0, 0);
-    let mut last_star: Option<(usize, usize)> = None;
-    while t < text.len() {
-        if p < pattern.len() && (pattern[p] == '?' || pattern[p] == text[t]) {
-            p += 1;
-            t += 1;
-        } else if p < pattern.len() && pattern[p] == '*' {
-            last_star = Some((p, t));
-            p += 1;
-        } else if let Some((star, matched)) = last_star {
-            p = star + 1;
-            t = matched + 1;
-            last_star = Some((star, matched + 1));
-        } else {
-            return false;
+        let path = path.trim_matches('/');
+        match &self.set {
+            Some(set) if !path.is_empty() => set.last_match(path) == Some(false),
+            _ => false,
         }
     }
-    pattern[p..].iter().all(|c| *c == '*')
 }
 
 #[cfg(test)]
@@ -254,14 +459,70 @@ mod tests {
     }
 
     fn hash_of(dir: &Path, args: &[String]) -> Result<String> {
-        fingerprint(&Inputs {
-            context: dir,
-            dockerfile: &dir.join("Dockerfile"),
-            target: "0",
-            build_args: vec![("A", "1")],
-            docker_args: args,
-            image_digests: vec![("alpine".into(), "sha256:1".into())],
-        })
+        let walk = ContextWalk::read(dir, &IgnoreRules::for_build(dir, &dir.join("Dockerfile"))?)?;
+        fingerprint(
+            &Inputs {
+                dockerfile: &dir.join("Dockerfile"),
+                target: "0",
+                build_args: vec![("A", "1")],
+                docker_args: args,
+                image_digests: vec![("alpine".into(), "sha256:1".into())],
+            },
+            &walk,
+        )
+    }
+
+    /// Runs `f` and says how long it took.
+    fn timed<T>(f: impl FnOnce() -> T) -> (T, std::time::Duration) {
+        let started = std::time::Instant::now();
+        let value = f();
+        (value, started.elapsed())
+    }
+
+    #[test]
+    fn deep_trees_and_many_patterns_are_answered_in_time() {
+        // A directory 2,000 deep under `**/node_modules`, and 20 lines of `**/**/**/zz`.
+        let mut deep = String::new();
+        for _ in 0..2000 {
+            deep.push_str("d/");
+        }
+        deep.push_str("node_modules/x");
+        let rules = IgnoreRules::parse("**/node_modules\n").unwrap();
+        let (excluded, took) = timed(|| {
+            let parts: Vec<&str> = deep.split('/').collect();
+            // As the walk asks: every directory on the way down.
+            (1..=parts.len()).map(|n| rules.excludes(&parts[..n].join("/"))).last().unwrap()
+        });
+        assert!(excluded);
+        assert!(took < std::time::Duration::from_secs(2), "{took:?}");
+        let rules = IgnoreRules::parse(&"**/**/**/zz\n".repeat(20)).unwrap();
+        let path = "a/".repeat(100) + "b";
+        let (excluded, took) = timed(|| rules.excludes(&path));
+        assert!(!excluded);
+        assert!(took < std::time::Duration::from_secs(2), "{took:?}");
+        // 2,000 patterns (the most read) over 100,000 paths.
+        let text: String = (0..2000).map(|i| format!("dir{i}/file{i}.txt\n")).collect();
+        let rules = IgnoreRules::parse(&text).unwrap();
+        let (count, took) = timed(|| (0..100_000).filter(|i| rules.excludes(&format!("dir{}/file{}.txt", i % 3000, i % 3000))).count());
+        assert!(count > 0);
+        assert!(took < std::time::Duration::from_secs(10), "{took:?}");
+        // More than that is one clear line, and so is a fourth `**`.
+        let text: String = (0..10_000).map(|i| format!("p{i}\n")).collect();
+        let error = IgnoreRules::parse(&text).unwrap_err();
+        assert!(error.downcast_ref::<RefusedPattern>().is_some(), "{error:#}");
+        let error = IgnoreRules::parse("a/**/b/**/c/**/d/**\n").unwrap_err();
+        assert!(error.downcast_ref::<RefusedPattern>().is_some(), "{error:#}");
+    }
+
+    #[test]
+    fn a_large_context_is_not_hashed_and_no_file_is_read_twice() {
+        let dir = context();
+        let file = std::fs::File::create(dir.path().join("huge.bin")).unwrap();
+        file.set_len(64 << 30).unwrap();
+        let (result, took) = timed(|| ContextWalk::read(dir.path(), &IgnoreRules::default()));
+        let error = result.unwrap_err().to_string();
+        assert!(error.contains("more than 512 MB"), "{error}");
+        assert!(took < std::time::Duration::from_secs(2), "{took:?}");
     }
 
     #[test]
@@ -348,6 +609,13 @@ pub fn image_reference(text: &str) -> Option<(crate::refs::Repository, String)> 
 #[cfg(test)]
 mod record_tests {
     use super::*;
+
+    /// Runs `f` and says how long it took.
+    fn timed<T>(f: impl FnOnce() -> T) -> (T, std::time::Duration) {
+        let started = std::time::Instant::now();
+        let value = f();
+        (value, started.elapsed())
+    }
     use proptest::prelude::*;
 
     proptest! {
@@ -364,26 +632,61 @@ mod record_tests {
         }
 
         #[test]
-        fn any_dockerignore_and_path_are_answered(text in any::<String>(), path in any::<String>()) {
-            if let Ok(rules) = IgnoreRules::parse(&text) {
-                let _ = rules.excludes(&path);
+        fn any_dockerignore_is_read_or_refused_with_a_reason_and_paths_are_answered_in_time(text in any::<String>(), path in any::<String>()) {
+            let (parsed, took) = timed(|| IgnoreRules::parse(&text));
+            prop_assert!(took < std::time::Duration::from_secs(2));
+            match parsed {
+                Ok(rules) => {
+                    let (_, took) = timed(|| rules.excludes(&path));
+                    prop_assert!(took < std::time::Duration::from_secs(1));
+                }
+                Err(error) => {
+                    let shown = format!("{:#}", error);
+                    prop_assert!(!shown.is_empty());
+                }
             }
         }
 
         #[test]
-        fn globs_agree_with_a_plain_reading(pattern in "[ab*?]{0,12}", text in "[ab]{0,12}") {
-            // The reference: `*` any run, `?` one character, by exhaustive recursion.
-            fn reference(p: &[char], t: &[char]) -> bool {
-                match p.split_first() {
-                    None => t.is_empty(),
-                    Some(('*', rest)) => (0..=t.len()).any(|skip| reference(rest, &t[skip..])),
-                    Some(('?', rest)) => !t.is_empty() && reference(rest, &t[1..]),
-                    Some((c, rest)) => t.first() == Some(c) && reference(rest, &t[1..]),
+        fn ignore_rules_agree_with_moby_read_plainly(
+            patterns in prop::collection::vec((any::<bool>(), "(\\*\\*|[ab*?]{1,3})(/(\\*\\*|[ab*?]{1,3})){0,3}"), 1..4),
+            path in "[ab]{1,2}(/[ab]{1,2}){0,4}",
+        ) {
+            prop_assume!(patterns.iter().all(|(_, p)| p.matches("**").count() <= MAX_DOUBLE_STARS));
+            let text: String = patterns.iter().map(|(exception, p)| format!("{}{p}\n", if *exception { "!" } else { "" })).collect();
+            let rules = IgnoreRules::parse(&text).unwrap();
+            let mut expected = false;
+            for (exception, pattern) in &patterns {
+                if moby_matches_or_parent(pattern, &path) {
+                    expected = !exception;
                 }
             }
-            let (p, t): (Vec<char>, Vec<char>) = (pattern.chars().collect(), text.chars().collect());
-            prop_assert_eq!(matches_glob(&pattern, &text), reference(&p, &t));
+            prop_assert_eq!(rules.excludes(&path), expected, "{:?} on {}", text, path);
         }
+    }
+
+    /// moby's patternmatcher read plainly, by exhaustive recursion over characters: `**` followed
+    /// by `/` is any prefix ending in `/` (or none), `**` at the end is anything, `*` a run
+    /// without `/`, `?` one character but `/`; a pattern matches a path or one of its parents.
+    fn moby_matches_or_parent(pattern: &str, path: &str) -> bool {
+        fn reference(p: &[char], t: &[char]) -> bool {
+            match p {
+                [] => t.is_empty(),
+                ['*', '*', '/', rest @ ..] => {
+                    reference(rest, t) || (0..t.len()).any(|i| t[i] == '/' && reference(rest, &t[i + 1..]))
+                }
+                ['*', '*'] => true,
+                ['*', '*', rest @ ..] => (0..=t.len()).any(|i| reference(rest, &t[i..])),
+                ['*', rest @ ..] => {
+                    (0..=t.len()).take_while(|i| *i == 0 || t[i - 1] != '/').any(|i| reference(rest, &t[i..]))
+                }
+                ['?', rest @ ..] => t.first().is_some_and(|c| *c != '/') && reference(rest, &t[1..]),
+                [c, rest @ ..] => t.first() == Some(c) && reference(rest, &t[1..]),
+            }
+        }
+        let p: Vec<char> = pattern.chars().collect();
+        let t: Vec<char> = path.chars().collect();
+        reference(&p, &t) || (0..t.len()).any(|i| t[i] == '/' && reference(&p, &t[..i]))
     }
 
     #[test]

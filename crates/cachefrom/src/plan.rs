@@ -1135,11 +1135,31 @@ fn serialize_docker_args<S: Serializer>(docker_args: &[String], serializer: S) -
     redact_docker_args(docker_args).serialize(serializer)
 }
 
-/// Quotes `word` for a POSIX shell when it needs it.
+/// Quotes `word` for bash when it needs it: `'…'`, or bash's `$'…'` when it holds a control
+/// character (a newline, a carriage return), so that every quoted word stays on its line.
 pub(crate) fn shell_quote(word: &str) -> String {
-    let plain = !word.is_empty() && word.chars().all(|c| c.is_ascii_alphanumeric() || "-_./:=,@%+".contains(c));
+    // A word that starts with `:` is quoted too: alone on a line it could read as a CI command.
+    let plain = !word.is_empty()
+        && !word.starts_with(':')
+        && word.chars().all(|c| c.is_ascii_alphanumeric() || "-_./:=,@%+".contains(c));
     if plain {
         word.to_string()
+    } else if word.chars().any(char::is_control) {
+        let mut out = String::from("$'");
+        for c in word.chars() {
+            match c {
+                '\\' => out.push_str("\\\\"),
+                '\'' => out.push_str("\\'"),
+                '\n' => out.push_str("\\n"),
+                '\r' => out.push_str("\\r"),
+                '\t' => out.push_str("\\t"),
+                c if c.is_control() && (c as u32) < 0x80 => out.push_str(&format!("\\x{:02x}", c as u32)),
+                c if c.is_control() => out.push_str(&format!("\\u{:04x}", c as u32)),
+                c => out.push(c),
+            }
+        }
+        out.push('\'');
+        out
     } else {
         format!("'{}'", word.replace('\'', r"'\''"))
     }

@@ -47,21 +47,14 @@ pub enum CacheTag {
 }
 
 impl CacheTag {
-    /// Reads `tag`; `None` for a tag cachefrom does not write.
+    /// Reads `tag`; `None` for a tag cachefrom does not write (only tags that read back through
+    /// the tag scheme, [`crate::refs::read_cache_tag`], are ever candidates).
     pub fn parse(tag: &str) -> Option<CacheTag> {
-        let body = tag.strip_prefix("cache-")?;
-        if body.is_empty() || !crate::refs::is_valid_tag(tag) {
-            return None;
-        }
-        Some(match body.split_once('.') {
-            None => CacheTag::Unprefixed { stage: body.to_string() },
-            Some((stage, key)) if is_commit_id(key) => {
-                CacheTag::Commit { stage: stage.to_string(), commit: key.to_string() }
-            }
-            Some((stage, key)) if !stage.is_empty() && !key.is_empty() => {
-                CacheTag::Branch { stage: stage.to_string(), key: key.to_string() }
-            }
-            Some(_) => return None,
+        let (stage, key) = crate::refs::read_cache_tag(tag)?;
+        Some(match key {
+            None => CacheTag::Unprefixed { stage: stage.to_string() },
+            Some(key) if is_commit_id(key) => CacheTag::Commit { stage: stage.to_string(), commit: key.to_string() },
+            Some(key) => CacheTag::Branch { stage: stage.to_string(), key: key.to_string() },
         })
     }
 }
@@ -138,16 +131,18 @@ pub fn select(tags: &[String], options: &PruneOptions) -> Vec<Removal> {
     removals
 }
 
-/// The prune of one repository: what goes, and the manifests that must stay because a kept tag
-/// names them too.
+/// The prune of one repository: what goes with its manifest, what goes alone, and what stays
+/// because a check could not be made.
 #[derive(Debug, Clone, Serialize)]
 pub struct PrunePlan {
     /// The repository.
     pub repository: String,
-    /// Tags that go, each with its manifest digest.
-    pub remove: Vec<(Removal, Option<String>)>,
-    /// Tags that would go but stay: their manifest is also named by a tag that is kept.
-    pub shared: Vec<(Removal, Vec<String>)>,
+    /// Tags that go with their manifest (its digest): no kept tag names it.
+    pub remove: Vec<(Removal, String)>,
+    /// Tags that go alone: their manifest stays, since the kept tags listed name it too.
+    pub untag: Vec<(Removal, Vec<String>)>,
+    /// Tags that would go but stay: prune could not prove that no kept tag names their manifest.
+    pub unchecked: Vec<(Removal, String)>,
 }
 
 /// The prune of a local or tarball cache directory.
@@ -242,43 +237,91 @@ impl DirPrune {
     }
 }
 
-/// Reads the repository's tags and their digests and works out the prune.
-pub fn plan(registry: &RegistryClient, repository: &Repository, options: &PruneOptions) -> Result<PrunePlan> {
-    let tags = registry.list_tags(repository)?;
-    let removals = select(&tags, options);
-    let digests = registry.digests(repository, &tags);
-    let digest_of: BTreeMap<&String, Option<&String>> = tags.iter().zip(digests.iter().map(Option::as_ref)).collect();
+/// Works out the prune of `tags` (the repository's tags, listed once) from their manifest
+/// digests. A tag goes with its manifest only when every tag naming that manifest goes; alone
+/// when a kept tag names it too; and not at all when a digest could not be read (its own, or any
+/// kept tag's: that tag might name the same manifest).
+pub fn plan(registry: &RegistryClient, repository: &Repository, tags: &[String], options: &PruneOptions) -> PrunePlan {
+    let removals = select(tags, options);
+    let mut plan = PrunePlan { repository: repository.to_string(), remove: Vec::new(), untag: Vec::new(), unchecked: Vec::new() };
+    if removals.is_empty() {
+        return plan;
+    }
+    let answers = registry.digests(repository, tags);
     let going: BTreeSet<String> = removals.iter().map(|removal| removal.tag.clone()).collect();
-    let mut named_by: BTreeMap<&String, Vec<&String>> = BTreeMap::new();
-    for (tag, digest) in &digest_of {
-        if let Some(digest) = digest {
-            named_by.entry(digest).or_default().push(tag);
+    let mut digest_of: BTreeMap<&str, &str> = BTreeMap::new();
+    let mut unreadable: BTreeMap<&str, &str> = BTreeMap::new();
+    for (tag, answer) in tags.iter().zip(&answers) {
+        match answer {
+            Ok(Some(digest)) => {
+                digest_of.insert(tag, digest);
+            }
+            Ok(None) => {}
+            Err(why) => {
+                unreadable.insert(tag, why);
+            }
         }
     }
-    let mut plan = PrunePlan { repository: repository.to_string(), remove: Vec::new(), shared: Vec::new() };
+    let kept_unreadable = unreadable.iter().find(|(tag, _)| !going.contains(**tag));
     for removal in removals {
-        let digest = digest_of.get(&removal.tag).copied().flatten();
-        let kept: Vec<String> = digest
-            .and_then(|digest| named_by.get(digest))
-            .map(|tags| tags.iter().filter(|tag| !going.contains(**tag)).map(|tag| tag.to_string()).collect())
-            .unwrap_or_default();
+        if let Some(why) = unreadable.get(removal.tag.as_str()) {
+            let why = format!("its manifest digest could not be read: {why}");
+            plan.unchecked.push((removal, why));
+            continue;
+        }
+        if let Some((kept, why)) = kept_unreadable {
+            let why = format!("could not check whether the kept tag {kept} names the same manifest: {why}");
+            plan.unchecked.push((removal, why));
+            continue;
+        }
+        // Gone since the list was read: nothing to remove.
+        let Some(digest) = digest_of.get(removal.tag.as_str()).copied() else { continue };
+        let kept: Vec<String> = digest_of
+            .iter()
+            .filter(|(tag, other)| **other == digest && !going.contains(**tag))
+            .map(|(tag, _)| tag.to_string())
+            .collect();
         if kept.is_empty() {
-            plan.remove.push((removal, digest.cloned()));
+            plan.remove.push((removal, digest.to_string()));
         } else {
-            plan.shared.push((removal, kept));
+            plan.untag.push((removal, kept));
         }
     }
-    Ok(plan)
+    plan
 }
 
 impl PrunePlan {
-    /// Deletes each manifest of the tags that go, once. Returns how many manifests went.
+    /// Deletes each manifest that goes (once), then removes each tag that goes alone. Every
+    /// removal is tried; the first error is returned after. Returns the tags removed.
     pub fn apply(&self, registry: &RegistryClient, repository: &Repository) -> Result<usize> {
-        let digests: BTreeSet<&String> = self.remove.iter().filter_map(|(_, digest)| digest.as_ref()).collect();
-        for digest in &digests {
-            registry.delete_manifest(repository, digest)?;
+        let mut removed = 0;
+        let mut first_error = None;
+        let digests: BTreeSet<&String> = self.remove.iter().map(|(_, digest)| digest).collect();
+        for digest in digests {
+            match registry.delete_manifest(repository, digest) {
+                Ok(()) => removed += self.remove.iter().filter(|(_, d)| d == digest).count(),
+                Err(error) => {
+                    first_error.get_or_insert(error);
+                }
+            }
         }
-        Ok(digests.len())
+        for (removal, _) in &self.untag {
+            match registry.delete_tag_alone(repository, &removal.tag) {
+                Ok(()) => removed += 1,
+                Err(error) => {
+                    first_error.get_or_insert(error);
+                }
+            }
+        }
+        match first_error {
+            Some(error) => Err(error.context(format!("removed {removed} tag(s) before this error"))),
+            None => Ok(removed),
+        }
+    }
+
+    /// Tags that go, with their manifest or alone.
+    pub fn going(&self) -> usize {
+        self.remove.len() + self.untag.len()
     }
 
     /// The plan as lines a person reads.
@@ -287,14 +330,17 @@ impl PrunePlan {
         for (removal, _) in &self.remove {
             lines.push(format!("remove  {}:{}  ({})", self.repository, removal.tag, removal.why));
         }
-        for (removal, kept) in &self.shared {
+        for (removal, kept) in &self.untag {
             lines.push(format!(
-                "keep    {}:{}  ({}, but its manifest is also {}, which stays)",
+                "remove  {}:{}  ({}; the tag alone: its manifest is also {}, which stays)",
                 self.repository,
                 removal.tag,
                 removal.why,
                 kept.join(", ")
             ));
+        }
+        for (removal, why) in &self.unchecked {
+            lines.push(format!("keep    {}:{}  ({}, but {why})", self.repository, removal.tag, removal.why));
         }
         lines
     }

@@ -126,6 +126,39 @@ fn hint(text: &str, room: usize, dots: bool) -> String {
     out.trim_end_matches(['-', '.']).to_string()
 }
 
+/// The parts of a tag this scheme writes, read back: the stage part and the key part (`None` for
+/// an unprefixed tag); `None` for any tag the scheme never writes (`cache-Deps.Main`,
+/// `cache-deps.MAIN`, `latest`). Every tag [`cache_tag`] returns reads back.
+pub fn read_cache_tag(tag: &str) -> Option<(&str, Option<&str>)> {
+    let body = tag.strip_prefix("cache-")?;
+    if !is_valid_tag(tag) {
+        return None;
+    }
+    let (stage, key) = match body.split_once('.') {
+        Some((stage, key)) => (stage, Some(key)),
+        None => (body, None),
+    };
+    let stage_ok = is_readable_stage(stage) || is_hashed(stage, STAGE_ROOM, false);
+    let key_ok = key.is_none_or(|key| is_commit_id(key) || is_readable_branch(key) || is_hashed(key, KEY_ROOM, true));
+    (stage_ok && key_ok).then_some((stage, key))
+}
+
+/// True for a name [`hashed`] can return: a [`hint`] (or `_`), `--`, and the hash's hex digits.
+fn is_hashed(part: &str, room: usize, dots: bool) -> bool {
+    let Some((hint, hash)) = part.rsplit_once("--") else { return false };
+    let hint_ok = hint == "_"
+        || (!hint.is_empty()
+            && hint.len() <= room - 2 - HASH_LEN
+            && hint.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-' || (dots && c == '.'))
+            && !hint.starts_with(['-', '.'])
+            && !hint.ends_with(['-', '.'])
+            && !hint.contains("--")
+            && !hint.contains("-.")
+            && !hint.contains(".-")
+            && !hint.contains(".."));
+    hint_ok && hash.len() == HASH_LEN && hash.chars().all(|c| matches!(c, '0'..='9' | 'a'..='f'))
+}
+
 /// Refuses an image reference with a scheme (`https://…`) or user information (`user:pass@host/…`),
 /// without repeating it: registries are logged in with `docker login`, and cachefrom reads those logins.
 pub fn check_no_credentials(text: &str, what: &str) -> Result<()> {
@@ -225,6 +258,15 @@ impl std::fmt::Display for Repository {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn tags_the_scheme_never_writes_do_not_read_back() {
+        for tag in ["cache-Deps.Main", "cache-deps.MAIN", "latest", "cache-", "cache-deps.", "cache-.main", "cache-a.b.c--", "cache-deps.x--ABCDEF0123456789abcd"] {
+            assert_eq!(read_cache_tag(tag), None, "{tag}");
+        }
+        assert_eq!(read_cache_tag("cache-deps.main"), Some(("deps", Some("main"))));
+        assert_eq!(read_cache_tag("cache-deps"), Some(("deps", None)));
+    }
 
     #[test]
     fn ordinary_names_stay_readable() {
@@ -370,6 +412,25 @@ mod tests {
                     prop_assert_ne!(b.tag(), tag.clone(), "{:?} reaches the tag of {:?}", b, a);
                 }
             }
+        }
+
+        #[test]
+        fn every_tag_the_scheme_writes_reads_back(owner in owner()) {
+            let tag = owner.tag();
+            let read = read_cache_tag(&tag);
+            prop_assert!(read.is_some(), "{:?} -> {} does not read back", owner, tag);
+            prop_assert_eq!(read.unwrap().1.is_none(), matches!(owner, Owner::Unprefixed(_)));
+        }
+
+        #[test]
+        fn a_tag_with_upper_case_never_reads_back(owner in owner(), at in any::<prop::sample::Index>()) {
+            let tag = owner.tag();
+            let letters: Vec<usize> = tag.char_indices().filter(|(i, c)| *i >= "cache-".len() && c.is_ascii_lowercase()).map(|(i, _)| i).collect();
+            prop_assume!(!letters.is_empty());
+            let i = letters[at.index(letters.len())];
+            let mut changed = tag.clone();
+            changed.replace_range(i..i + 1, &tag[i..i + 1].to_ascii_uppercase());
+            prop_assert_eq!(read_cache_tag(&changed), None, "{} read back", changed);
         }
 
         #[test]

@@ -36,6 +36,15 @@ pub enum Existence {
     Unknown(String),
 }
 
+/// Checks made at once: enough to hide a registry's latency, few enough for any Dockerfile.
+const CHECK_THREADS: usize = 8;
+
+/// The most a tag list is read for: pages, bytes in all, and time in all. A registry that pages
+/// forever, or with pages of megabytes, is given up with one line.
+const MAX_TAG_PAGES: usize = 100;
+const MAX_TAG_BYTES: u64 = 16 * 1024 * 1024;
+const MAX_TAG_LIST_TIME: Duration = Duration::from_secs(60);
+
 /// Further tries of a manifest write that failed (after 0.2 s, then 0.6 s).
 const WRITE_RETRIES: u32 = 2;
 
@@ -113,6 +122,10 @@ enum Access {
     Delete,
 }
 
+/// The empty JSON object `{}`: OCI's empty descriptor.
+const EMPTY_MEDIA_TYPE: &str = "application/vnd.oci.empty.v1+json";
+const EMPTY_DIGEST: &str = "sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a";
+
 /// A cache manifest is small; anything larger is not one.
 const MAX_MANIFEST_BYTES: u64 = 4 * 1024 * 1024;
 
@@ -155,18 +168,43 @@ impl RegistryClient {
     pub fn check_all_with_digests(&self, refs: &[(Repository, String)]) -> Vec<(Existence, Option<String>)> {
         let session = self.session();
         let session = &session;
+        // A bounded pool: a Dockerfile of 2,000 stages asks 6,000 questions, never with 6,000
+        // threads; every reference is asked or answered `Unknown` with the reason.
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let answers: Vec<Mutex<Option<(Existence, Option<String>)>>> = refs.iter().map(|_| Mutex::new(None)).collect();
+        let workers = CHECK_THREADS.min(refs.len());
+        let silent: Mutex<BTreeMap<String, String>> = Mutex::new(BTreeMap::new());
         std::thread::scope(|scope| {
-            let handles: Vec<_> = refs
-                .iter()
-                .map(|(repository, tag)| scope.spawn(move || self.exists_in(session, repository, tag)))
-                .collect();
-            handles
-                .into_iter()
-                .map(|handle| {
-                    handle.join().unwrap_or_else(|_| (Existence::Unknown("the check panicked".to_string()), None))
+            for _ in 0..workers {
+                let spawned = std::thread::Builder::new().spawn_scoped(scope, || loop {
+                    let index = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some((repository, tag)) = refs.get(index) else { break };
+                    // A registry that did not answer one check is not asked again in this call.
+                    let down = silent.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).get(&repository.registry).cloned();
+                    let answer = match down {
+                        Some(why) => (Existence::Unknown(why), None),
+                        None => self.exists_in(session, repository, tag),
+                    };
+                    if let (Existence::Unknown(why), _) = &answer {
+                        if why.contains("did not answer") {
+                            silent.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).entry(repository.registry.clone()).or_insert_with(|| why.clone());
+                        }
+                    }
+                    *answers[index].lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(answer);
+                });
+                if spawned.is_err() {
+                    break;
+                }
+            }
+        });
+        answers
+            .into_iter()
+            .map(|answer| {
+                answer.into_inner().unwrap_or_else(|poisoned| poisoned.into_inner()).unwrap_or_else(|| {
+                    (Existence::Unknown("not checked: no thread could be started for the check".to_string()), None)
                 })
-                .collect()
-        })
+            })
+            .collect()
     }
 
     /// Checks one `repository:tag`.
@@ -285,12 +323,21 @@ impl RegistryClient {
     }
 
     /// Every tag of `repository` (following the registry's pages), sorted; none for a
-    /// repository the registry does not have.
+    /// repository the registry does not have. Read up to [`MAX_TAG_PAGES`] pages,
+    /// [`MAX_TAG_BYTES`] and [`MAX_TAG_LIST_TIME`]; past any of them, an error that says which.
     pub fn list_tags(&self, repository: &Repository) -> Result<Vec<String>> {
         let session = self.session();
+        let started = std::time::Instant::now();
         let mut tags = Vec::new();
+        let mut bytes_left = MAX_TAG_BYTES;
         let mut url = format!("{}/v2/{}/tags/list?n=1000", registry_base_url(repository), repository.path);
-        for _ in 0..1000 {
+        for page in 0.. {
+            if page == MAX_TAG_PAGES {
+                bail!("listing the tags of {repository}: registry {} sent more than {MAX_TAG_PAGES} pages; not read further", repository.registry);
+            }
+            if started.elapsed() > MAX_TAG_LIST_TIME {
+                bail!("listing the tags of {repository}: registry {} took more than {} s; not read further", repository.registry, MAX_TAG_LIST_TIME.as_secs());
+            }
             let mut response = self.send(&session, repository, Access::Pull, |agent, authorization| {
                 let mut request = agent.get(&url);
                 if let Some(authorization) = authorization {
@@ -308,14 +355,16 @@ impl RegistryClient {
             let next = response.headers().get("link").and_then(|value| value.to_str().ok()).and_then(|link| {
                 link.split_once('<').and_then(|(_, rest)| rest.split_once('>')).map(|(path, _)| path.to_string())
             });
-            let text = response
-                .body_mut()
-                .with_config()
-                .limit(64 * 1024 * 1024)
-                .read_to_string()
-                .with_context(|| format!("listing the tags of {repository}"))?;
+            let body = response.body_mut().with_config().limit(bytes_left).read_to_vec().map_err(|error| {
+                anyhow!(
+                    "listing the tags of {repository}: registry {} sent more than {} MB of tags, or broke off ({error}); not read further",
+                    repository.registry,
+                    MAX_TAG_BYTES / (1024 * 1024)
+                )
+            })?;
+            bytes_left = bytes_left.saturating_sub(body.len() as u64);
             let value: serde_json::Value =
-                serde_json::from_str(&text).with_context(|| format!("listing the tags of {repository}: not JSON"))?;
+                serde_json::from_slice(&body).with_context(|| format!("listing the tags of {repository}: not JSON"))?;
             tags.extend(
                 value["tags"].as_array().into_iter().flatten().filter_map(|tag| tag.as_str()).map(str::to_string),
             );
@@ -329,10 +378,90 @@ impl RegistryClient {
         Ok(tags)
     }
 
-    /// The manifest digest of each of `tags` (`None` where the registry gave none).
-    pub fn digests(&self, repository: &Repository, tags: &[String]) -> Vec<Option<String>> {
+    /// Removes `tag` alone, leaving its manifest to the other tags that name it, on registries
+    /// that delete only manifests (distribution): the tag is pointed at a small manifest of its
+    /// own (an empty OCI artifact naming the tag), and that manifest is deleted by digest.
+    pub fn delete_tag_alone(&self, repository: &Repository, tag: &str) -> Result<()> {
+        let session = self.session();
+        self.put_empty_blob(&session, repository)?;
+        let nonce = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
+        let body = serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "artifactType": "application/vnd.dev.cachefrom.removed-tag",
+            "config": { "mediaType": EMPTY_MEDIA_TYPE, "digest": EMPTY_DIGEST, "size": 2 },
+            "layers": [{ "mediaType": EMPTY_MEDIA_TYPE, "digest": EMPTY_DIGEST, "size": 2 }],
+            "annotations": { "dev.cachefrom.removed-tag": tag, "dev.cachefrom.nonce": format!("{nonce}-{}", std::process::id()) },
+        }))?;
+        let digest = format!("sha256:{:x}", <sha2::Sha256 as sha2::Digest>::digest(&body));
+        let manifest = Manifest { content_type: "application/vnd.oci.image.manifest.v1+json".to_string(), body };
+        self.put_manifest_in(&session, repository, &manifest, &[tag.to_string()])?;
+        self.delete_manifest(repository, &digest)
+            .with_context(|| format!("removing {} (it now names an empty manifest, {digest})", repository.with_tag(tag)))
+    }
+
+    /// Makes sure the repository has the 2-byte `{}` blob an empty manifest names.
+    fn put_empty_blob(&self, session: &Session, repository: &Repository) -> Result<()> {
+        let base = registry_base_url(repository);
+        let blob_url = format!("{base}/v2/{}/blobs/{EMPTY_DIGEST}", repository.path);
+        let head = self.send(session, repository, Access::Delete, |agent, authorization| {
+            let mut request = agent.head(&blob_url);
+            if let Some(authorization) = authorization {
+                request = request.header("Authorization", authorization);
+            }
+            request.call()
+        })?;
+        if head.status().is_success() {
+            return Ok(());
+        }
+        let start_url = format!("{base}/v2/{}/blobs/uploads/", repository.path);
+        let started = self.send(session, repository, Access::Delete, |agent, authorization| {
+            let mut request = agent.post(&start_url);
+            if let Some(authorization) = authorization {
+                request = request.header("Authorization", authorization);
+            }
+            request.send_empty()
+        })?;
+        let location = started
+            .headers()
+            .get("location")
+            .and_then(|value| value.to_str().ok())
+            .filter(|_| started.status().as_u16() == 202)
+            .with_context(|| {
+                format!("registry {} did not start an upload (HTTP {})", repository.registry, started.status().as_u16())
+            })?
+            .to_string();
+        let location = if location.starts_with('/') { format!("{base}{location}") } else { location };
+        if !location.starts_with(&base) {
+            bail!("registry {} sent the upload to another host; not followed", repository.registry);
+        }
+        let separator = if location.contains('?') { '&' } else { '?' };
+        let put_url = format!("{location}{separator}digest={EMPTY_DIGEST}");
+        let done = self.send(session, repository, Access::Delete, |agent, authorization| {
+            let mut request = agent.put(&put_url).header("Content-Type", "application/octet-stream");
+            if let Some(authorization) = authorization {
+                request = request.header("Authorization", authorization);
+            }
+            request.send(&b"{}"[..])
+        })?;
+        if !done.status().is_success() {
+            bail!("registry {} refused the empty blob (HTTP {})", repository.registry, done.status().as_u16());
+        }
+        Ok(())
+    }
+
+    /// The manifest digest of each of `tags`, or why it could not be read.
+    pub fn digests(&self, repository: &Repository, tags: &[String]) -> Vec<std::result::Result<Option<String>, String>> {
         let refs: Vec<(Repository, String)> = tags.iter().map(|tag| (repository.clone(), tag.clone())).collect();
-        self.check_all_with_digests(&refs).into_iter().map(|(_, digest)| digest).collect()
+        self.check_all_with_digests(&refs)
+            .into_iter()
+            .map(|answer| match answer {
+                (Existence::Exists, Some(digest)) => Ok(Some(digest)),
+                (Existence::Exists, None) => Err(format!("registry {} gave no manifest digest", repository.registry)),
+                (Existence::Missing, _) => Ok(None),
+                (Existence::Unknown(why), _) => Err(why),
+            })
+            .collect()
     }
 
     /// Deletes the manifest `digest` from `repository`, and with it every tag that names it.

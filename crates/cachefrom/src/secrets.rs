@@ -129,6 +129,19 @@ pub fn scrub(text: &str) -> Cow<'_, str> {
     Cow::Owned(out)
 }
 
+/// `value` quoted for an error line, with control characters and non-ASCII escaped (so it can
+/// never break the line, nor start a CI command), masked values hidden, cut to 80 characters.
+pub fn quoted(value: &str) -> String {
+    let value = scrub(value);
+    let quoted = format!("{:?}", value.chars().take(80).collect::<String>());
+    let mut out: String =
+        quoted.chars().map(|c| if c.is_ascii() { c.to_string() } else { c.escape_unicode().to_string() }).collect();
+    if value.chars().count() > 80 {
+        out.push_str("...");
+    }
+    out
+}
+
 /// The identifier-like start of `text` (letters, digits, `_`, `-`, `.`), at most 64 characters:
 /// what an error may quote of a value it refuses.
 pub fn name_part(text: &str) -> String {
