@@ -471,7 +471,24 @@ fn prune(args: &PruneArgs) -> std::result::Result<(), Failure> {
 }
 
 fn copy_tag(args: &CopyTagArgs) -> std::result::Result<(), Failure> {
-    let (repository, _) = split_image(&args.source).map_err(usage)?;
+    let (repository, tag) = split_image(&args.source).map_err(usage)?;
+    if !cachefrom::refs::is_valid_tag(&tag) && !is_digest_reference(&tag) {
+        return Err(usage(anyhow::anyhow!(
+            "the source's tag {} is not a tag (letters, digits, `_`, `.`, `-`; at most 128, not starting with `.` or `-`)",
+            cachefrom::secrets::quoted(&tag)
+        )));
+    }
+    // Every target is a tag of the source's repository, by the tag grammar: nothing else is sent.
+    for target in &args.targets {
+        let target_tag = target.strip_prefix(&format!("{}:", repository.written)).filter(|tag| cachefrom::refs::is_valid_tag(tag));
+        if target_tag.is_none() {
+            return Err(usage(anyhow::anyhow!(
+                "the target {} is not {}:TAG with a valid tag (letters, digits, `_`, `.`, `-`; at most 128, not starting with `.` or `-`): copy-tag writes tags in the source's repository only",
+                cachefrom::secrets::quoted(target),
+                repository.written
+            )));
+        }
+    }
     let write = cachefrom::plan::CacheWrite::CopyTag { from: args.source.clone(), to: args.targets.clone() };
     let ctx = Context::from_environment();
     let no_annotations = BTreeMap::new();
@@ -484,6 +501,10 @@ fn copy_tag(args: &CopyTagArgs) -> std::result::Result<(), Failure> {
         ctx.docker.timeouts.transfer,
     )
     .map_err(|error| Failure { code: EXIT_ENVIRONMENT, error })
+}
+
+fn is_digest_reference(text: &str) -> bool {
+    text.strip_prefix("sha256:").is_some_and(|hex| hex.len() == 64 && hex.chars().all(|c| c.is_ascii_hexdigit()))
 }
 
 /// `REGISTRY/NAME:TAG` → its repository and tag.

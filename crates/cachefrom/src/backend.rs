@@ -149,7 +149,15 @@ impl Backend {
                 }
                 Backend::Inline
             }
-            "registry" => Backend::Registry { options },
+            "registry" => {
+                if options.contains_key("ref") {
+                    bail!("the registry backend takes no ref=: the cache tags come from --image and the tag scheme (pass --image REGISTRY/NAME for another repository)");
+                }
+                if options.get("mode").is_some_and(|mode| mode != "max") {
+                    bail!("the registry backend always exports mode=max (every stage's layers); remove mode=");
+                }
+                Backend::Registry { options }
+            }
             "local" => Backend::Local { dir: take_dir("local")? },
             "tarball" => Backend::Tarball { dir: take_dir("tarball")? },
             "s3" => {

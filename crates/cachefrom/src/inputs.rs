@@ -665,18 +665,18 @@ mod record_tests {
         }
     }
 
-    /// moby's patternmatcher read plainly, by exhaustive recursion over characters: `**` followed
-    /// by `/` is any prefix ending in `/` (or none), `**` at the end is anything, `*` a run
+    /// moby's patternmatcher read plainly, by exhaustive recursion over characters: `**` (with the
+    /// `/` after it) before more pattern is any prefix ending in `/` (or none), at the end anything, `*` a run
     /// without `/`, `?` one character but `/`; a pattern matches a path or one of its parents.
     fn moby_matches_or_parent(pattern: &str, path: &str) -> bool {
         fn reference(p: &[char], t: &[char]) -> bool {
             match p {
                 [] => t.is_empty(),
-                ['*', '*', '/', rest @ ..] => {
+                ['*', '*'] | ['*', '*', '/'] => true,
+                // `**` before more of the pattern (its `/` eaten): nothing, or any run ending in `/`.
+                ['*', '*', '/', rest @ ..] | ['*', '*', rest @ ..] => {
                     reference(rest, t) || (0..t.len()).any(|i| t[i] == '/' && reference(rest, &t[i + 1..]))
                 }
-                ['*', '*'] => true,
-                ['*', '*', rest @ ..] => (0..=t.len()).any(|i| reference(rest, &t[i..])),
                 ['*', rest @ ..] => {
                     (0..=t.len()).take_while(|i| *i == 0 || t[i - 1] != '/').any(|i| reference(rest, &t[i..]))
                 }

@@ -1107,7 +1107,16 @@ pub fn redact_docker_args(docker_args: &[String]) -> Vec<String> {
             },
             Some(flag) if OPTION_LISTS.contains(&flag) => format!("{prefix}{}", secrets::redact_options(value)),
             _ if value.contains("://") && secrets::is_secret_value(value) => format!("{prefix}{HIDDEN}"),
-            _ => arg.clone(),
+            _ if secrets::is_secret_shape(value) => format!("{prefix}{HIDDEN}"),
+            // `--label token=…`, `--env PASSWORD=…`: a secret-named key's value.
+            _ => match value.split_once('=') {
+                Some((name, inner))
+                    if !name.is_empty() && (secrets::is_secret_name(name) || secrets::is_secret_shape(inner)) =>
+                {
+                    format!("{prefix}{name}={HIDDEN}")
+                }
+                _ => arg.clone(),
+            },
         };
         previous = if arg.starts_with('-') && !arg.contains('=') { Some(arg.as_str()) } else { None };
         out.push(secrets::scrub(&shown).into_owned());

@@ -129,8 +129,12 @@ const EMPTY_DIGEST: &str = "sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77
 /// A cache manifest is small; anything larger is not one.
 const MAX_MANIFEST_BYTES: u64 = 4 * 1024 * 1024;
 
-fn manifest_url(repository: &Repository, reference: &str) -> String {
-    format!("{}/v2/{}/manifests/{reference}", registry_base_url(repository), repository.path)
+fn manifest_url(repository: &Repository, reference: &str) -> Result<String> {
+    // Only a tag or a digest goes in the path: never `..`, `?` or `#` that would address another thing.
+    if !crate::refs::is_valid_tag(reference) && !crate::inputs::is_digest(reference) {
+        bail!("{} is not a tag or a digest; not sent to the registry", crate::secrets::quoted(reference));
+    }
+    Ok(format!("{}/v2/{}/manifests/{reference}", registry_base_url(repository), repository.path))
 }
 
 struct Credentials {
@@ -242,7 +246,7 @@ impl RegistryClient {
     }
 
     fn manifest_once(&self, session: &Session, repository: &Repository, reference: &str) -> Result<Manifest> {
-        let url = manifest_url(repository, reference);
+        let url = manifest_url(repository, reference)?;
         let mut response = self.send(session, repository, Access::Pull, |agent, authorization| {
             let mut request = agent.get(&url).header("Accept", MANIFEST_TYPES);
             if let Some(authorization) = authorization {
@@ -285,7 +289,7 @@ impl RegistryClient {
                         // A write that fails for any reason but a refused login is tried again
                         // (a registry busy with racing exports answers 400 or 5xx for a moment).
                         let write = || -> Result<()> {
-                            let url = manifest_url(repository, tag);
+                            let url = manifest_url(repository, tag)?;
                             let response = self.send(session, repository, Access::Push, |agent, authorization| {
                                 let mut request = agent.put(&url).header("Content-Type", manifest.content_type.as_str());
                                 if let Some(authorization) = authorization {
@@ -466,7 +470,7 @@ impl RegistryClient {
 
     /// Deletes the manifest `digest` from `repository`, and with it every tag that names it.
     pub fn delete_manifest(&self, repository: &Repository, digest: &str) -> Result<()> {
-        let url = manifest_url(repository, digest);
+        let url = manifest_url(repository, digest)?;
         let response = self.send(&self.session(), repository, Access::Delete, |agent, authorization| {
             let mut request = agent.delete(&url);
             if let Some(authorization) = authorization {
@@ -496,7 +500,10 @@ impl RegistryClient {
     }
 
     fn exists_in(&self, session: &Session, repository: &Repository, tag: &str) -> (Existence, Option<String>) {
-        let url = manifest_url(repository, tag);
+        let url = match manifest_url(repository, tag) {
+            Ok(url) => url,
+            Err(error) => return (Existence::Unknown(format!("{error:#}")), None),
+        };
         let answer = self.send(session, repository, Access::Pull, |agent, authorization| {
             let mut request = agent.head(&url).header("Accept", MANIFEST_TYPES);
             if let Some(authorization) = authorization {

@@ -59,14 +59,99 @@ pub fn is_secret_name(name: &str) -> bool {
         || upper.split(|c: char| !c.is_ascii_alphanumeric()).any(|word| SECRET_WORDS.contains(&word))
 }
 
-/// True for a value that carries credentials: `scheme://user[:pass]@…`, `user:pass@host…`, a
-/// PEM private key, or a well-known token format.
+/// The shapes of secret values, in one place: a name, and the test of a value. A value of any of
+/// these shapes is hidden wherever cachefrom shows it, and a build argument holding one reaches
+/// docker through its environment.
+pub const SECRET_SHAPES: &[(&str, fn(&str) -> bool)] = &[
+    ("a token with a well-known prefix (ghp_, glpat-, xoxb-, sk_live_, AIza, AKIA, …)", has_token_prefix),
+    ("a JSON Web Token (eyJ….eyJ….…)", is_jwt),
+    ("a PEM private key", |value| value.contains("PRIVATE KEY-----")),
+    ("a base64-encoded PEM key (LS0tLS1CRUdJTi…)", |value| value.contains("LS0tLS1CRUdJTi")),
+    ("JSON with a secret-named field ({\"password\":…})", has_secret_json_field),
+];
+
+/// Prefixes of well-known tokens, each with the shortest such token.
+const TOKEN_PREFIXES: [(&str, usize); 24] = [
+    ("ghp_", 16),
+    ("gho_", 16),
+    ("ghu_", 16),
+    ("ghs_", 16),
+    ("ghr_", 16),
+    ("github_pat_", 16),
+    ("glpat-", 16),
+    ("xoxb-", 16),
+    ("xoxp-", 16),
+    ("xoxa-", 16),
+    ("xoxr-", 16),
+    ("xoxs-", 16),
+    ("xapp-", 16),
+    ("npm_", 16),
+    ("AKIA", 16),
+    ("ASIA", 16),
+    ("sk_live_", 16),
+    ("sk_test_", 16),
+    ("rk_live_", 16),
+    ("rk_test_", 16),
+    ("whsec_", 16),
+    ("AIza", 30),
+    ("sk-", 20),
+    ("dop_v1_", 16),
+];
+
+fn has_token_prefix(value: &str) -> bool {
+    let value = value.trim();
+    TOKEN_PREFIXES.iter().any(|(prefix, shortest)| {
+        value.starts_with(prefix)
+            && value.len() >= *shortest
+            && value[prefix.len()..].chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-'))
+    })
+}
+
+/// Three base64url parts, the first two of them JSON objects (`eyJ` is `{"` encoded).
+fn is_jwt(value: &str) -> bool {
+    let parts: Vec<&str> = value.trim().split('.').collect();
+    parts.len() == 3
+        && parts[0].starts_with("eyJ")
+        && parts[1].starts_with("eyJ")
+        && parts.iter().all(|part| part.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '=')))
+}
+
+/// A JSON object (at any depth) with a field named like a secret holding a value.
+fn has_secret_json_field(value: &str) -> bool {
+    fn walk(value: &serde_json::Value) -> bool {
+        match value {
+            serde_json::Value::Object(map) => map.iter().any(|(key, value)| {
+                (is_secret_name(key) && !matches!(value, serde_json::Value::Null | serde_json::Value::Bool(_)))
+                    || walk(value)
+            }),
+            serde_json::Value::Array(items) => items.iter().any(walk),
+            _ => false,
+        }
+    }
+    let trimmed = value.trim();
+    if !trimmed.starts_with(['{', '[']) || trimmed.len() > 1024 * 1024 {
+        return false;
+    }
+    match serde_json::from_str::<serde_json::Value>(trimmed) {
+        Ok(parsed) => walk(&parsed),
+        // Not JSON after all: a quoted secret-named key followed by a colon still counts.
+        Err(_) => trimmed
+            .split('"')
+            .collect::<Vec<_>>()
+            .windows(2)
+            .any(|pair| is_secret_name(pair[0]) && pair[1].trim_start().starts_with(':')),
+    }
+}
+
+/// True for a value that carries credentials: `scheme://user[:pass]@…`, `user:pass@host…`, or
+/// one of the [`SECRET_SHAPES`].
 pub fn is_secret_value(value: &str) -> bool {
-    has_userinfo(value)
-        || value.contains("PRIVATE KEY-----")
-        || ["ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_", "glpat-", "xoxb-", "xoxp-", "npm_", "AKIA", "ASIA"]
-            .iter()
-            .any(|prefix| value.starts_with(prefix) && value.len() >= 16)
+    has_userinfo(value) || is_secret_shape(value)
+}
+
+/// True for a value of one of the [`SECRET_SHAPES`] (credentials in a URL aside).
+pub fn is_secret_shape(value: &str) -> bool {
+    SECRET_SHAPES.iter().any(|(_, test)| test(value))
 }
 
 /// True when `value` has a URL's user information, or is `user:pass@host…`.
@@ -152,6 +237,35 @@ pub fn name_part(text: &str) -> String {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// One value of every shape in [`SECRET_SHAPES`], each hidden, and ordinary values that are not.
+    #[test]
+    fn every_secret_shape_is_recognised() {
+        let examples = [
+            ("jwt", "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.dozjgNryP4J3jVmNHl0w5N_XgL0n3I9PlFUP0THsR8U"),
+            ("stripe", "sk_live_4eC39HqLyjWDarjtT1zdp7dc"),
+            ("google", "AIzaSyDaGmWKa4JsXZ-HjGw7ISLn_3namBGewQe"),
+            ("slack app", "xapp-1-A0123456789-0123456789012-abcdef"),
+            ("base64 pem", "LS0tLS1CRUdJTiBPUEVOU1NIIFBSSVZBVEUgS0VZLS0tLS0K"),
+            ("json", r#"{"password":"hunter2-long"}"#),
+            ("nested json", r#"{"db":{"apiKey":"abc123def"}}"#),
+            ("github", "ghp_abcdefghijklmnopqrstuvwxyz0123456789"),
+            ("pem", "-----BEGIN RSA PRIVATE KEY-----\nMIIE\n-----END RSA PRIVATE KEY-----"),
+        ];
+        for (name, value) in examples {
+            assert!(is_secret_value(value), "{name}: {value}");
+            assert!(SECRET_SHAPES.iter().any(|(_, test)| test(value)), "{name}");
+        }
+        for (shape, _) in SECRET_SHAPES {
+            assert!(
+                examples.iter().any(|(_, value)| SECRET_SHAPES.iter().find(|(s, _)| s == shape).is_some_and(|(_, t)| t(value))),
+                "no example for {shape}"
+            );
+        }
+        for ordinary in ["release", "1.2.3", "eyJ", r#"{"name":"app"}"#, "sk-1", "AIzaShort", "/path/to/file"] {
+            assert!(!is_secret_value(ordinary), "{ordinary}");
+        }
+    }
 
     #[test]
     fn secret_names() {

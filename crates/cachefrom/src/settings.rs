@@ -162,6 +162,24 @@ impl Settings {
             bail!("the chain is empty; give at least one level, e.g. --chain branch,default-branch");
         }
         let chain = self.chain.clone();
+        // A path that is not UTF-8 could not be shown in the script as it runs: refused.
+        let backend_dir = match &backend {
+            crate::backend::Backend::Local { dir } | crate::backend::Backend::Tarball { dir } => Some(dir.as_path()),
+            _ => None,
+        };
+        for (what, path) in [
+            ("the build context", Some(self.context.as_path())),
+            ("the Dockerfile (-f)", self.file.as_deref()),
+            ("the work directory (--work-dir)", self.work_dir.as_deref()),
+            ("the cache directory (--cache-dir, dir=)", backend_dir),
+        ] {
+            if let Some(path) = path.filter(|path| path.to_str().is_none()) {
+                bail!(
+                    "{what} {} is not a UTF-8 path; use one that is",
+                    crate::secrets::quoted(&path.to_string_lossy())
+                );
+            }
+        }
         if !self.context.is_dir() {
             bail!("the build context {} is not a directory", self.context.display());
         }
