@@ -591,3 +591,143 @@ pub fn dockerd_config(data_root: &Path, exec_root: &Path, pidfile: &Path, host: 
         "insecure-registries": [REGISTRY],
     })
 }
+
+/// What [`FakeRegistry`] answers to one request.
+#[derive(Debug, Clone, Default)]
+pub struct FakeAnswer {
+    /// HTTP status.
+    pub status: u16,
+    /// Extra headers.
+    pub headers: Vec<(String, String)>,
+    /// The body.
+    pub body: Vec<u8>,
+    /// Send the answer one byte a second.
+    pub drip: bool,
+}
+
+impl FakeAnswer {
+    /// `status` with no body.
+    pub fn status(status: u16) -> FakeAnswer {
+        FakeAnswer { status, ..FakeAnswer::default() }
+    }
+
+    /// 200 with a JSON body.
+    pub fn json(body: &serde_json::Value) -> FakeAnswer {
+        FakeAnswer {
+            status: 200,
+            headers: vec![("Content-Type".into(), "application/json".into())],
+            body: body.to_string().into_bytes(),
+            drip: false,
+        }
+    }
+
+    /// The answer with one more header.
+    pub fn header(mut self, name: &str, value: &str) -> FakeAnswer {
+        self.headers.push((name.to_string(), value.to_string()));
+        self
+    }
+}
+
+/// A registry that misbehaves on demand, on a loopback port: each request (`METHOD PATH`) is
+/// answered by the test's function and recorded. Only for faults a real registry cannot be made
+/// to show (5xx on one tag, pages without end, one byte a second); it stops when dropped.
+pub struct FakeRegistry {
+    /// `127.0.0.1:PORT`.
+    pub address: String,
+    requests: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl FakeRegistry {
+    /// Starts it; `answer` gets `METHOD PATH?QUERY`.
+    pub fn start(answer: impl Fn(&str) -> FakeAnswer + Send + Sync + 'static) -> FakeRegistry {
+        use std::io::{BufRead as _, Write as _};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a loopback port");
+        listener.set_nonblocking(true).expect("non-blocking");
+        let address = listener.local_addr().expect("an address").to_string();
+        let requests = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let answer = std::sync::Arc::new(answer);
+        let (seen, stopped) = (requests.clone(), stop.clone());
+        std::thread::spawn(move || {
+            // Bounded: at most 10,000 connections or until dropped.
+            for _ in 0..10_000 {
+                let stream = loop {
+                    if stopped.load(std::sync::atomic::Ordering::Relaxed) {
+                        return;
+                    }
+                    match listener.accept() {
+                        Ok((stream, _)) => break stream,
+                        Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                    }
+                };
+                let (seen, answer, stopped) = (seen.clone(), answer.clone(), stopped.clone());
+                std::thread::spawn(move || {
+                    let _ = stream.set_nonblocking(false);
+                    let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+                    let mut reader = std::io::BufReader::new(stream.try_clone().expect("a stream"));
+                    let mut writer = stream;
+                    // Keep-alive: several requests a connection.
+                    for _ in 0..1000 {
+                        let mut request_line = String::new();
+                        if reader.read_line(&mut request_line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        let mut length = 0usize;
+                        loop {
+                            let mut header = String::new();
+                            if reader.read_line(&mut header).unwrap_or(0) == 0 || header.trim().is_empty() {
+                                break;
+                            }
+                            if let Some((name, value)) = header.split_once(':') {
+                                if name.trim().eq_ignore_ascii_case("content-length") {
+                                    length = value.trim().parse().unwrap_or(0);
+                                }
+                            }
+                        }
+                        let mut body = vec![0u8; length.min(16 << 20)];
+                        let _ = std::io::Read::read_exact(&mut reader, &mut body);
+                        let mut parts = request_line.split_whitespace();
+                        let request = format!("{} {}", parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+                        seen.lock().unwrap().push(request.clone());
+                        let reply = answer(&request);
+                        let head_only = request.starts_with("HEAD ");
+                        let mut bytes = format!("HTTP/1.1 {} X\r\nContent-Length: {}\r\n", reply.status, reply.body.len());
+                        for (name, value) in &reply.headers {
+                            bytes.push_str(&format!("{name}: {value}\r\n"));
+                        }
+                        bytes.push_str("\r\n");
+                        let mut bytes = bytes.into_bytes();
+                        if !head_only {
+                            bytes.extend_from_slice(&reply.body);
+                        }
+                        if reply.drip {
+                            for byte in bytes.iter().take(60) {
+                                if stopped.load(std::sync::atomic::Ordering::Relaxed) || writer.write_all(&[*byte]).is_err() {
+                                    return;
+                                }
+                                std::thread::sleep(Duration::from_secs(1));
+                            }
+                            return;
+                        }
+                        if writer.write_all(&bytes).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        FakeRegistry { address, requests, stop }
+    }
+
+    /// The requests so far, `METHOD PATH?QUERY` each.
+    pub fn requests(&self) -> Vec<String> {
+        self.requests.lock().unwrap().clone()
+    }
+}
+
+impl Drop for FakeRegistry {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}

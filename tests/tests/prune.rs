@@ -183,3 +183,42 @@ fn prune_cleans_a_local_cache_directory_too() {
         assert_eq!(stage["steps_cached"], stage["steps_total"], "{report:#}");
     }
 }
+
+#[test]
+fn a_gone_branch_tag_that_shares_its_manifest_goes_alone() {
+    let _serial = serial();
+    if !stack_ready("a_gone_branch_tag_that_shares_its_manifest_goes_alone") {
+        return;
+    }
+    let project = synthetic_project(SYNTHETIC_DOCKERFILE).unwrap();
+    let dir = project.path();
+    let image = unique_repository("prune-shared");
+    let report = dir.join("report.json");
+    build_on(dir, &image, &report, "main");
+    // A tag copy, as a branch's tag and its commit's tag are: one manifest, two tags.
+    let copied = Command::new(cachefrom_binary())
+        .args(["copy-tag", &format!("{image}:cache-runtime.main"), &format!("{image}:cache-runtime.gone")])
+        .output()
+        .unwrap();
+    assert!(copied.status.success(), "{}", String::from_utf8_lossy(&copied.stderr));
+    let path = image.strip_prefix(&format!("{REGISTRY}/")).unwrap();
+    let kept_digest = registry_digest(REGISTRY, path, "cache-runtime.main").unwrap();
+    assert_eq!(registry_digest(REGISTRY, path, "cache-runtime.gone").as_deref(), Some(kept_digest.as_str()));
+
+    let branches = dir.join("branches.txt");
+    std::fs::write(&branches, "main\n").unwrap();
+    let output = Command::new(cachefrom_binary())
+        .args(["prune", "--image", &image, "--default-branch", "main", "--apply", "--branches"])
+        .arg(&branches)
+        .arg(dir)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}{}", String::from_utf8_lossy(&output.stderr));
+    assert!(stdout.contains("the tag alone"), "{stdout}");
+    let after = registry_tags(REGISTRY, path).unwrap();
+    assert!(!after.contains(&"cache-runtime.gone".to_string()), "{after:?}");
+    assert!(after.contains(&"cache-runtime.main".to_string()), "{after:?}");
+    assert_eq!(registry_digest(REGISTRY, path, "cache-runtime.main"), Some(kept_digest.clone()), "main's cache changed");
+    registry_manifest(REGISTRY, path, &kept_digest).expect("main's manifest is still there");
+}

@@ -402,7 +402,45 @@ mod properties {
         text
     }
 
+    /// Arbitrary text, with a workflow command on a line of its own in it half the time.
+    fn hostile() -> impl Strategy<Value = String> {
+        prop_oneof![any::<String>(), (any::<String>(), any::<String>()).prop_map(|(a, b)| format!("{a}\n  ::add-mask::{b}\r::x::"))]
+    }
+
     proptest! {
+        #[test]
+        fn no_value_in_any_input_starts_a_workflow_command_in_the_script_or_the_json(
+            branch in hostile(),
+            default_branch in hostile(),
+            arg in hostile(),
+            tag in hostile(),
+            docker_arg in hostile(),
+            work_dir in hostile(),
+            cache_dir in hostile(),
+            backend in prop::sample::select(vec!["registry", "local", "tarball", "inline"]),
+        ) {
+            let git = GitFacts { branch: Some(branch), default_branch, ..feature_branch() };
+            let mut options = options(git);
+            options.backend = match backend {
+                "local" | "tarball" => Backend::parse(backend, Some(Path::new(&cache_dir))).unwrap(),
+                other => Backend::parse(other, None).unwrap(),
+            };
+            options.build_args.insert("BASE".into(), arg.clone());
+            options.build_args.insert("OTHER".into(), arg);
+            options.tags = vec![format!("127.0.0.1:5000/app:{tag}")];
+            options.push_tags = true;
+            options.docker_args = vec!["--label".into(), docker_arg.clone(), docker_arg];
+            options.work_dir = work_dir.into();
+            let text = "ARG BASE=debian\nFROM ${BASE} AS deps\nRUN make\nFROM deps AS app\nARG OTHER\nRUN make\n";
+            let Ok(dockerfile) = parse_dockerfile_text(text, &options.build_args) else { return Ok(()) };
+            let Ok(plan) = Plan::from_dockerfile(&options, Path::new("app/Dockerfile"), &dockerfile) else { return Ok(()) };
+            for output in [plan.to_string(), plan.to_json()] {
+                for line in output.split(['\n', '\r']) {
+                    prop_assert!(!line.trim_start().starts_with("::"), "{:?}", line);
+                }
+            }
+        }
+
         #[test]
         fn the_same_inputs_give_the_same_plan_byte_for_byte(
             branch in any::<String>(),
