@@ -98,3 +98,24 @@ fn the_action_builds_pushes_reports_and_the_next_run_hits() {
     assert_eq!(refused.status.code(), Some(2), "{said}");
     assert!(!said.contains("npm_Zq8"), "{said}");
 }
+
+#[test]
+fn docker_args_on_several_lines_all_reach_docker() {
+    let project = synthetic_project(SYNTHETIC_DOCKERFILE).unwrap();
+    let github = tempfile::tempdir().unwrap();
+    let mut env = inputs_with(&[
+        ("INPUT_IMAGE", "127.0.0.1:9/app"),
+        ("INPUT_BUILD_ARGS", "BASE=debian"),
+        ("INPUT_DOCKER_ARGS", "--network=none\n--label a=1 --label b=2\n\n"),
+        ("INPUT_REPORT", "report.json"),
+    ]);
+    env.push(("CACHEFROM_DRY_RUN".to_string(), "true".to_string()));
+    let planned = run_action_step(&action_script("build"), github.path(), project.path(), &env);
+    let script = String::from_utf8_lossy(&planned.stdout);
+    assert!(planned.status.success(), "{script}{}", String::from_utf8_lossy(&planned.stderr));
+    let words: Vec<&str> = script.split_whitespace().filter(|word| *word != "\\").collect();
+    let joined = words.join(" ");
+    for option in ["--network=none", "--label a=1", "--label b=2"] {
+        assert!(joined.contains(option), "{option} is missing from the plan:\n{script}");
+    }
+}

