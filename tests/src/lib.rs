@@ -692,7 +692,8 @@ impl FakeRegistry {
                         seen.lock().unwrap().push(request.clone());
                         let reply = answer(&request);
                         let head_only = request.starts_with("HEAD ");
-                        let mut bytes = format!("HTTP/1.1 {} X\r\nContent-Length: {}\r\n", reply.status, reply.body.len());
+                        let mut bytes =
+                            format!("HTTP/1.1 {} X\r\nContent-Length: {}\r\n", reply.status, reply.body.len());
                         for (name, value) in &reply.headers {
                             bytes.push_str(&format!("{name}: {value}\r\n"));
                         }
@@ -703,7 +704,9 @@ impl FakeRegistry {
                         }
                         if reply.drip {
                             for byte in bytes.iter().take(60) {
-                                if stopped.load(std::sync::atomic::Ordering::Relaxed) || writer.write_all(&[*byte]).is_err() {
+                                if stopped.load(std::sync::atomic::Ordering::Relaxed)
+                                    || writer.write_all(&[*byte]).is_err()
+                                {
                                     return;
                                 }
                                 std::thread::sleep(Duration::from_secs(1));

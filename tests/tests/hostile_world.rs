@@ -171,7 +171,8 @@ fn explain_never_answers_what_it_could_not_ask() {
 #[test]
 fn explain_refuses_a_pattern_it_will_not_read_with_exit_2() {
     let project = synthetic_project("FROM scratch\nCOPY a/**/b/**/c/**/d/** /x\n").unwrap();
-    let (output, stdout, stderr, _) = explain("127.0.0.1:9/app", project.path(), &["--backend", "local,dir=/nonexistent"]);
+    let (output, stdout, stderr, _) =
+        explain("127.0.0.1:9/app", project.path(), &["--backend", "local,dir=/nonexistent"]);
     assert_eq!(output.status.code(), Some(2), "{stdout}{stderr}");
     assert!(stderr.contains("more than 3 `**`"), "{stderr}");
 }
@@ -213,8 +214,7 @@ fn copy_tag_sends_only_valid_tags_of_the_source_repository() {
         "x/y:ok\n::add-mask::x".to_string(),
     ] {
         let target = format!("{}/{target}", registry.address);
-        let (output, stdout, stderr, _) =
-            run(Command::new(cachefrom_binary()).args(["copy-tag", &source, &target]));
+        let (output, stdout, stderr, _) = run(Command::new(cachefrom_binary()).args(["copy-tag", &source, &target]));
         assert_eq!(output.status.code(), Some(2), "{target:?}: {stdout}{stderr}");
         for line in stderr.lines() {
             assert!(!line.trim_start().starts_with("::"), "{line}");
@@ -238,9 +238,25 @@ fn no_value_starts_a_workflow_command_in_any_output() {
     let label = format!("x={evil}");
     let cases: Vec<Vec<String>> = vec![
         vec!["plan".into(), "--image".into(), image.clone(), "--build-arg".into(), build_arg.clone(), dir.clone()],
-        vec!["plan".into(), "--image".into(), image.clone(), "--tag".into(), format!("127.0.0.1:9/a:{evil}"), dir.clone()],
+        vec![
+            "plan".into(),
+            "--image".into(),
+            image.clone(),
+            "--tag".into(),
+            format!("127.0.0.1:9/a:{evil}"),
+            dir.clone(),
+        ],
         vec!["plan".into(), "--image".into(), image.clone(), "--work-dir".into(), evil.into(), dir.clone()],
-        vec!["plan".into(), "--image".into(), image.clone(), "--backend".into(), "local".into(), "--cache-dir".into(), evil.into(), dir.clone()],
+        vec![
+            "plan".into(),
+            "--image".into(),
+            image.clone(),
+            "--backend".into(),
+            "local".into(),
+            "--cache-dir".into(),
+            evil.into(),
+            dir.clone(),
+        ],
         vec!["plan".into(), "--image".into(), image.clone(), dir.clone(), "--".into(), "--label".into(), label.clone()],
         vec!["plan".into(), "--image".into(), image.clone(), "--target".into(), evil.into(), dir.clone()],
         vec!["plan".into(), "--image".into(), image.clone(), "-f".into(), evil.into(), dir.clone()],

@@ -219,6 +219,10 @@ fn a_gone_branch_tag_that_shares_its_manifest_goes_alone() {
     let after = registry_tags(REGISTRY, path).unwrap();
     assert!(!after.contains(&"cache-runtime.gone".to_string()), "{after:?}");
     assert!(after.contains(&"cache-runtime.main".to_string()), "{after:?}");
-    assert_eq!(registry_digest(REGISTRY, path, "cache-runtime.main"), Some(kept_digest.clone()), "main's cache changed");
+    assert_eq!(
+        registry_digest(REGISTRY, path, "cache-runtime.main"),
+        Some(kept_digest.clone()),
+        "main's cache changed"
+    );
     registry_manifest(REGISTRY, path, &kept_digest).expect("main's manifest is still there");
 }

@@ -8,7 +8,8 @@ use std::process::Command;
 use cachefrom_tests::*;
 
 fn checker(name: &str) -> Option<PathBuf> {
-    let dir = std::env::var_os("CACHEFROM_STACK_DIR").map(PathBuf::from).unwrap_or_else(|| "/var/lib/cachefrom-stack".into());
+    let dir =
+        std::env::var_os("CACHEFROM_STACK_DIR").map(PathBuf::from).unwrap_or_else(|| "/var/lib/cachefrom-stack".into());
     let path = dir.join("checkers/bin").join(name);
     if path.is_file() {
         return Some(path);

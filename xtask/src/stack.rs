@@ -148,7 +148,10 @@ impl Stack {
             return Ok(());
         }
         let started = Instant::now();
-        cmd!(sh, "timeout 120 python3 -m venv {venv}").quiet().run().context("making a Python venv for the workflow checkers")?;
+        cmd!(sh, "timeout 120 python3 -m venv {venv}")
+            .quiet()
+            .run()
+            .context("making a Python venv for the workflow checkers")?;
         let pip = venv.join("bin/pip");
         cmd!(sh, "timeout 300 {pip} install --quiet --disable-pip-version-check {CHECKERS...}")
             .quiet()

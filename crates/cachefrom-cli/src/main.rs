@@ -6,10 +6,10 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use cachefrom::ci::Environment;
-use cachefrom::output::safe_line;
 use cachefrom::dockerfile::read_dockerfile_with;
 use cachefrom::engine::BackendFallback;
 use cachefrom::exec::{build_with_cache, BuildOptions, Context, OutputStyle};
+use cachefrom::output::safe_line;
 use cachefrom::plan::{Plan, PlanOptions};
 use cachefrom::settings::Settings;
 use cachefrom::{Access, Backend, Level};
@@ -480,7 +480,8 @@ fn copy_tag(args: &CopyTagArgs) -> std::result::Result<(), Failure> {
     }
     // Every target is a tag of the source's repository, by the tag grammar: nothing else is sent.
     for target in &args.targets {
-        let target_tag = target.strip_prefix(&format!("{}:", repository.written)).filter(|tag| cachefrom::refs::is_valid_tag(tag));
+        let target_tag =
+            target.strip_prefix(&format!("{}:", repository.written)).filter(|tag| cachefrom::refs::is_valid_tag(tag));
         if target_tag.is_none() {
             return Err(usage(anyhow::anyhow!(
                 "the target {} is not {}:TAG with a valid tag (letters, digits, `_`, `.`, `-`; at most 128, not starting with `.` or `-`): copy-tag writes tags in the source's repository only",

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::plan::render_command;
+use crate::render::render_command;
 
 /// How long each kind of docker call may take.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -272,6 +272,16 @@ pub fn last_lines(text: &str, count: usize) -> String {
         "(no output)".to_string()
     } else {
         joined
+    }
+}
+
+/// `SIGINT` for 2, `SIGTERM` for 15, `signal N` otherwise.
+pub fn signal_name(signal: usize) -> String {
+    match signal {
+        2 => "SIGINT".to_string(),
+        15 => "SIGTERM".to_string(),
+        1 => "a cancel request".to_string(),
+        other => format!("signal {other}"),
     }
 }
 

@@ -1,6 +1,6 @@
 //! The errors a run ends with, as a caller matches them, and the exit code each one means.
 
-use crate::exec::BuildFailed;
+use crate::report::RunReport;
 
 /// Why [`crate::build_with_cache`] stopped. Every variant keeps the full error chain (`{:#}`
 /// shows it); [`Error::exit_code`] is the code the `cachefrom` CLI exits with.
@@ -16,7 +16,7 @@ pub enum Error {
     Cache(anyhow::Error),
     /// The build failed; the caches of the stages it finished were written (exit 1).
     BuildFailed(Box<BuildFailed>),
-    /// A signal (or [`crate::Cancel::request`]) stopped the run; the caches of the stages it
+    /// A signal (or [`crate::docker::Cancel::request`]) stopped the run; the caches of the stages it
     /// finished were written (exit 128 + the signal's number: 130 for SIGINT, 143 for SIGTERM).
     Cancelled {
         /// The signal's number.
@@ -46,7 +46,7 @@ impl Error {
     }
 
     /// The run's report, when the build ran.
-    pub fn report(&self) -> Option<&crate::RunReport> {
+    pub fn report(&self) -> Option<&RunReport> {
         match self {
             Error::BuildFailed(failed) | Error::Cancelled { failed, .. } => Some(&failed.report),
             Error::Cache(error) => error.downcast_ref::<BuildFailed>().map(|failed| &failed.report),
@@ -56,7 +56,7 @@ impl Error {
 
     /// Sorts the error of a run that got as far as building: cancelled, a failed build, or (the
     /// build succeeded) a failed cache write.
-    pub(crate) fn of_run(error: anyhow::Error, cancel: &crate::Cancel) -> Error {
+    pub(crate) fn of_run(error: anyhow::Error, cancel: &crate::docker::Cancel) -> Error {
         let failed = match error.downcast::<BuildFailed>() {
             Ok(failed) if failed.cache_write_only => return Error::Cache(anyhow::Error::new(failed)),
             Ok(failed) => failed,
@@ -80,3 +80,22 @@ impl std::fmt::Display for Error {
 }
 
 impl std::error::Error for Error {}
+
+/// A run whose build failed; carries the report. Find it with `error.downcast_ref::<BuildFailed>()`.
+#[derive(Debug)]
+pub struct BuildFailed {
+    /// The run's report, with the failed stage.
+    pub report: RunReport,
+    /// The build's error, with push failures beside it.
+    pub message: String,
+    /// True when every stage built and only writing a cache failed (fatal with `--strict-cache`).
+    pub cache_write_only: bool,
+}
+
+impl std::fmt::Display for BuildFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for BuildFailed {}

@@ -49,7 +49,8 @@ pub fn read_text(path: &Path, max: u64) -> Result<String> {
 /// where the kernel does not answer.
 pub fn random_hex(bytes: usize) -> String {
     let mut buffer = vec![0u8; bytes];
-    let read = std::fs::File::open("/dev/urandom").and_then(|mut file| std::io::Read::read_exact(&mut file, &mut buffer));
+    let read =
+        std::fs::File::open("/dev/urandom").and_then(|mut file| std::io::Read::read_exact(&mut file, &mut buffer));
     if read.is_err() {
         let seed = format!(
             "{:?}{}",

@@ -408,7 +408,9 @@ impl IgnoreRules {
             }
             patterns.push((exception, pattern.to_string()));
             if patterns.len() > MAX_IGNORE_PATTERNS {
-                return Err(RefusedPattern(format!("the .dockerignore has more than {MAX_IGNORE_PATTERNS} patterns")).into());
+                return Err(
+                    RefusedPattern(format!("the .dockerignore has more than {MAX_IGNORE_PATTERNS} patterns")).into()
+                );
             }
         }
         if patterns.is_empty() {
@@ -503,7 +505,8 @@ mod tests {
         // 2,000 patterns (the most read) over 100,000 paths.
         let text: String = (0..2000).map(|i| format!("dir{i}/file{i}.txt\n")).collect();
         let rules = IgnoreRules::parse(&text).unwrap();
-        let (count, took) = timed(|| (0..100_000).filter(|i| rules.excludes(&format!("dir{}/file{}.txt", i % 3000, i % 3000))).count());
+        let (count, took) =
+            timed(|| (0..100_000).filter(|i| rules.excludes(&format!("dir{}/file{}.txt", i % 3000, i % 3000))).count());
         assert!(count > 0);
         assert!(took < std::time::Duration::from_secs(10), "{took:?}");
         // More than that is one clear line, and so is a fourth `**`.

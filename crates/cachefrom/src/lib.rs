@@ -102,6 +102,7 @@ mod progress;
 pub mod prune;
 pub mod refs;
 pub mod registry;
+pub mod render;
 pub mod report;
 mod script;
 pub mod secrets;

@@ -2,6 +2,10 @@
 //! the [`Output`] in its [`crate::exec::Context`], which the caller chooses (the CLI and the xtask
 //! use [`StandardStreams`]; a release tool can send it to its own log, or to [`Silent`]).
 
+use std::io::IsTerminal as _;
+
+use crate::ci::{CiSystem, Environment};
+
 /// Receives what a run shows: progress and notes, the report's table, warnings.
 pub trait Output: Send + Sync + std::fmt::Debug {
     /// One line of the log.
@@ -15,6 +19,32 @@ pub trait Output: Send + Sync + std::fmt::Debug {
     /// The live line of a terminal, drawn again in place (`text` starts with `\r`, no newline).
     fn live(&self, text: &str) {
         let _ = text;
+    }
+}
+
+/// How progress is shown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputStyle {
+    /// A compact live line per stage (a terminal).
+    Terminal,
+    /// Plain lines, each stage in a `::group::` section, the report in `$GITHUB_STEP_SUMMARY`.
+    GithubActions,
+    /// Plain lines, like `docker build --progress=plain` (any other CI, or a pipe).
+    Plain,
+    /// Nothing but warnings and errors.
+    Quiet,
+}
+
+impl OutputStyle {
+    /// GitHub Actions when it runs us, a live line on a terminal, else plain.
+    pub fn detect(env: &Environment) -> OutputStyle {
+        if CiSystem::detect(env) == Some(CiSystem::GithubActions) {
+            OutputStyle::GithubActions
+        } else if std::io::stderr().is_terminal() && CiSystem::detect(env).is_none() {
+            OutputStyle::Terminal
+        } else {
+            OutputStyle::Plain
+        }
     }
 }
 

@@ -13,6 +13,7 @@ use crate::backend::{Backend, CacheLocation};
 use crate::dockerfile::{read_dockerfile_with, Dockerfile};
 use crate::git::GitFacts;
 use crate::refs::{cache_tag, Repository, TagKey};
+use crate::render::{redact_docker_args, shell_quote};
 use crate::secrets::{self, HIDDEN};
 
 /// One level of the cache-source chain.
@@ -1085,45 +1086,6 @@ fn docker_build_args(docker_args: &[String]) -> BTreeMap<String, String> {
     build_args
 }
 
-/// `docker_args` as they may be shown: the values of secret build arguments, secret options in
-/// the `KEY=VALUE,…` values of `--cache-from`, `--cache-to`, `--secret` and `--output`, and any
-/// URL with credentials (`scheme://user:pass@…`) or well-known token hidden. Other words (paths,
-/// tags, the context) are shown as they are, so that the printed command stays the one that runs.
-pub fn redact_docker_args(docker_args: &[String]) -> Vec<String> {
-    const OPTION_LISTS: [&str; 5] = ["--cache-from", "--cache-to", "--secret", "--output", "-o"];
-    let mut out = Vec::with_capacity(docker_args.len());
-    let mut previous: Option<&str> = None;
-    for arg in docker_args {
-        let (flag, value) = match arg.split_once('=') {
-            Some((flag, value)) if flag.starts_with("--") => (Some(flag), value),
-            _ => (previous, arg.as_str()),
-        };
-        let prefix =
-            if flag.is_some() && flag != previous { format!("{}=", flag.unwrap_or_default()) } else { String::new() };
-        let shown = match flag {
-            Some("--build-arg") => match value.split_once('=') {
-                Some((name, value)) if secrets::is_secret(name, value) => format!("{prefix}{name}={HIDDEN}"),
-                _ => arg.clone(),
-            },
-            Some(flag) if OPTION_LISTS.contains(&flag) => format!("{prefix}{}", secrets::redact_options(value)),
-            _ if value.contains("://") && secrets::is_secret_value(value) => format!("{prefix}{HIDDEN}"),
-            _ if secrets::is_secret_shape(value) => format!("{prefix}{HIDDEN}"),
-            // `--label token=…`, `--env PASSWORD=…`: a secret-named key's value.
-            _ => match value.split_once('=') {
-                Some((name, inner))
-                    if !name.is_empty() && (secrets::is_secret_name(name) || secrets::is_secret_shape(inner)) =>
-                {
-                    format!("{prefix}{name}={HIDDEN}")
-                }
-                _ => arg.clone(),
-            },
-        };
-        previous = if arg.starts_with('-') && !arg.contains('=') { Some(arg.as_str()) } else { None };
-        out.push(secrets::scrub(&shown).into_owned());
-    }
-    out
-}
-
 fn redact_build_args(build_args: &BTreeMap<String, String>) -> BTreeMap<String, String> {
     build_args
         .iter()
@@ -1144,76 +1106,18 @@ fn serialize_docker_args<S: Serializer>(docker_args: &[String], serializer: S) -
     redact_docker_args(docker_args).serialize(serializer)
 }
 
-/// Quotes `word` for bash when it needs it: `'…'`, or bash's `$'…'` when it holds a control
-/// character (a newline, a carriage return), so that every quoted word stays on its line.
-pub(crate) fn shell_quote(word: &str) -> String {
-    // A word that starts with `:` is quoted too: alone on a line it could read as a CI command.
-    let plain = !word.is_empty()
-        && !word.starts_with(':')
-        && word.chars().all(|c| c.is_ascii_alphanumeric() || "-_./:=,@%+".contains(c));
-    if plain {
-        word.to_string()
-    } else if word.chars().any(char::is_control) {
-        let mut out = String::from("$'");
-        for c in word.chars() {
-            match c {
-                '\\' => out.push_str("\\\\"),
-                '\'' => out.push_str("\\'"),
-                '\n' => out.push_str("\\n"),
-                '\r' => out.push_str("\\r"),
-                '\t' => out.push_str("\\t"),
-                c if c.is_control() && (c as u32) < 0x80 => out.push_str(&format!("\\x{:02x}", c as u32)),
-                c if c.is_control() => out.push_str(&format!("\\u{:04x}", c as u32)),
-                c => out.push(c),
-            }
+/// The buildx builder named among docker's options (`--builder NAME`, `--builder=NAME`).
+pub(crate) fn builder_from_docker_args(args: &[String]) -> Option<String> {
+    let mut iter = args.iter();
+    while let Some(arg) = iter.next() {
+        if arg == "--builder" {
+            return iter.next().cloned();
         }
-        out.push('\'');
-        out
-    } else {
-        format!("'{}'", word.replace('\'', r"'\''"))
-    }
-}
-
-/// A docker command line, secrets hidden, as one shell line.
-pub(crate) fn render_command(args: &[String]) -> String {
-    let redacted = redact_docker_args(args);
-    std::iter::once("docker".to_string())
-        .chain(redacted.iter().map(|arg| shell_quote(arg)))
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
-/// A docker command line, secrets hidden, one option (with its value) a line.
-pub(crate) fn render_command_multiline(args: &[String]) -> String {
-    let redacted = redact_docker_args(args);
-    let mut lines = vec![format!(
-        "docker {}",
-        redacted.iter().take_while(|arg| !arg.starts_with('-')).cloned().collect::<Vec<_>>().join(" ")
-    )];
-    let mut rest = redacted.iter().skip_while(|arg| !arg.starts_with('-')).peekable();
-    while let Some(arg) = rest.next() {
-        let takes_value = matches!(
-            arg.as_str(),
-            "--target"
-                | "-f"
-                | "--build-arg"
-                | "--cache-from"
-                | "--cache-to"
-                | "-t"
-                | "--secret"
-                | "--network"
-                | "--platform"
-                | "--output"
-        );
-        match rest.peek() {
-            Some(value) if takes_value => {
-                lines.push(format!("{} {}", shell_quote(arg), shell_quote(value)));
-                rest.next();
-            }
-            _ => lines.push(shell_quote(arg)),
+        if let Some(name) = arg.strip_prefix("--builder=") {
+            return Some(name.to_string());
         }
     }
-    lines.join(" \\\n  ")
+    None
 }
 
 #[cfg(test)]

@@ -404,7 +404,10 @@ mod properties {
 
     /// Arbitrary text, with a workflow command on a line of its own in it half the time.
     fn hostile() -> impl Strategy<Value = String> {
-        prop_oneof![any::<String>(), (any::<String>(), any::<String>()).prop_map(|(a, b)| format!("{a}\n  ::add-mask::{b}\r::x::"))]
+        prop_oneof![
+            any::<String>(),
+            (any::<String>(), any::<String>()).prop_map(|(a, b)| format!("{a}\n  ::add-mask::{b}\r::x::"))
+        ]
     }
 
     proptest! {

@@ -3,8 +3,8 @@
 
 use std::collections::BTreeMap;
 
-use crate::exec::OutputStyle;
 use crate::output::Output;
+use crate::output::OutputStyle;
 use crate::report::ProgressEvent;
 
 /// Shows progress events in the chosen style.

@@ -243,7 +243,8 @@ impl DirPrune {
 /// kept tag's: that tag might name the same manifest).
 pub fn plan(registry: &RegistryClient, repository: &Repository, tags: &[String], options: &PruneOptions) -> PrunePlan {
     let removals = select(tags, options);
-    let mut plan = PrunePlan { repository: repository.to_string(), remove: Vec::new(), untag: Vec::new(), unchecked: Vec::new() };
+    let mut plan =
+        PrunePlan { repository: repository.to_string(), remove: Vec::new(), untag: Vec::new(), unchecked: Vec::new() };
     if removals.is_empty() {
         return plan;
     }

@@ -149,7 +149,9 @@ fn is_hashed(part: &str, room: usize, dots: bool) -> bool {
     let hint_ok = hint == "_"
         || (!hint.is_empty()
             && hint.len() <= room - 2 - HASH_LEN
-            && hint.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-' || (dots && c == '.'))
+            && hint
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-' || (dots && c == '.'))
             && !hint.starts_with(['-', '.'])
             && !hint.ends_with(['-', '.'])
             && !hint.contains("--")
@@ -261,7 +263,16 @@ mod tests {
 
     #[test]
     fn tags_the_scheme_never_writes_do_not_read_back() {
-        for tag in ["cache-Deps.Main", "cache-deps.MAIN", "latest", "cache-", "cache-deps.", "cache-.main", "cache-a.b.c--", "cache-deps.x--ABCDEF0123456789abcd"] {
+        for tag in [
+            "cache-Deps.Main",
+            "cache-deps.MAIN",
+            "latest",
+            "cache-",
+            "cache-deps.",
+            "cache-.main",
+            "cache-a.b.c--",
+            "cache-deps.x--ABCDEF0123456789abcd",
+        ] {
             assert_eq!(read_cache_tag(tag), None, "{tag}");
         }
         assert_eq!(read_cache_tag("cache-deps.main"), Some(("deps", Some("main"))));

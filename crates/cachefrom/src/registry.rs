@@ -184,14 +184,22 @@ impl RegistryClient {
                     let index = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     let Some((repository, tag)) = refs.get(index) else { break };
                     // A registry that did not answer one check is not asked again in this call.
-                    let down = silent.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).get(&repository.registry).cloned();
+                    let down = silent
+                        .lock()
+                        .unwrap_or_else(|poisoned| poisoned.into_inner())
+                        .get(&repository.registry)
+                        .cloned();
                     let answer = match down {
                         Some(why) => (Existence::Unknown(why), None),
                         None => self.exists_in(session, repository, tag),
                     };
                     if let (Existence::Unknown(why), _) = &answer {
                         if why.contains("did not answer") {
-                            silent.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).entry(repository.registry.clone()).or_insert_with(|| why.clone());
+                            silent
+                                .lock()
+                                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                                .entry(repository.registry.clone())
+                                .or_insert_with(|| why.clone());
                         }
                     }
                     *answers[index].lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(answer);
@@ -340,7 +348,11 @@ impl RegistryClient {
                 bail!("listing the tags of {repository}: registry {} sent more than {MAX_TAG_PAGES} pages; not read further", repository.registry);
             }
             if started.elapsed() > MAX_TAG_LIST_TIME {
-                bail!("listing the tags of {repository}: registry {} took more than {} s; not read further", repository.registry, MAX_TAG_LIST_TIME.as_secs());
+                bail!(
+                    "listing the tags of {repository}: registry {} took more than {} s; not read further",
+                    repository.registry,
+                    MAX_TAG_LIST_TIME.as_secs()
+                );
             }
             let mut response = self.send(&session, repository, Access::Pull, |agent, authorization| {
                 let mut request = agent.get(&url);
@@ -400,8 +412,9 @@ impl RegistryClient {
         let digest = format!("sha256:{:x}", <sha2::Sha256 as sha2::Digest>::digest(&body));
         let manifest = Manifest { content_type: "application/vnd.oci.image.manifest.v1+json".to_string(), body };
         self.put_manifest_in(&session, repository, &manifest, &[tag.to_string()])?;
-        self.delete_manifest(repository, &digest)
-            .with_context(|| format!("removing {} (it now names an empty manifest, {digest})", repository.with_tag(tag)))
+        self.delete_manifest(repository, &digest).with_context(|| {
+            format!("removing {} (it now names an empty manifest, {digest})", repository.with_tag(tag))
+        })
     }
 
     /// Makes sure the repository has the 2-byte `{}` blob an empty manifest names.
@@ -455,7 +468,11 @@ impl RegistryClient {
     }
 
     /// The manifest digest of each of `tags`, or why it could not be read.
-    pub fn digests(&self, repository: &Repository, tags: &[String]) -> Vec<std::result::Result<Option<String>, String>> {
+    pub fn digests(
+        &self,
+        repository: &Repository,
+        tags: &[String],
+    ) -> Vec<std::result::Result<Option<String>, String>> {
         let refs: Vec<(Repository, String)> = tags.iter().map(|tag| (repository.clone(), tag.clone())).collect();
         self.check_all_with_digests(&refs)
             .into_iter()

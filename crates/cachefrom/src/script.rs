@@ -8,7 +8,8 @@
 use std::fmt::{self, Write as _};
 
 use crate::backend::{Backend, CacheLocation};
-use crate::plan::{render_command_multiline, shell_quote, Builder, CacheRef, Execution, Plan, StagePlan, Step};
+use crate::plan::{Builder, CacheRef, Execution, Plan, StagePlan, Step};
+use crate::render::{render_command_multiline, shell_quote};
 
 /// `text` made safe for the inside of a `#` comment: control characters (a newline would end
 /// the comment) are written as escapes.

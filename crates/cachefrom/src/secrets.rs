@@ -258,7 +258,9 @@ mod tests {
         }
         for (shape, _) in SECRET_SHAPES {
             assert!(
-                examples.iter().any(|(_, value)| SECRET_SHAPES.iter().find(|(s, _)| s == shape).is_some_and(|(_, t)| t(value))),
+                examples
+                    .iter()
+                    .any(|(_, value)| SECRET_SHAPES.iter().find(|(s, _)| s == shape).is_some_and(|(_, t)| t(value))),
                 "no example for {shape}"
             );
         }

@@ -1,0 +1,342 @@
+//! [`build_stage`]: one BuildKit invocation, its progress streamed and kept, one report for each
+//! stage it covered, true to BuildKit's per-step record.
+
+use super::context::Context;
+use super::resolve::Resolution;
+use crate::backend::{Backend, CacheLocation};
+use crate::docker::last_lines;
+use crate::output::Output;
+use crate::output::OutputStyle;
+use crate::plan::{Builder, CacheErrors, CacheRef, Execution, Plan, StagePlan};
+use crate::progress::Renderer;
+use crate::render::render_command;
+use crate::report::{ClassicRecord, ProgressEvent, ProgressRecord, StageReport, StageStatus};
+use crate::writes::{self, remove_dir};
+use anyhow::{bail, Context as _, Result};
+use std::collections::BTreeSet;
+use std::time::Instant;
+
+/// A stage build that failed; carries the stage's report. Find it with
+/// `error.downcast_ref::<StageFailed>()`.
+#[derive(Debug)]
+pub struct StageFailed {
+    /// What BuildKit reported for the stage.
+    pub report: StageReport,
+    /// Why it failed.
+    pub message: String,
+}
+
+impl std::fmt::Display for StageFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for StageFailed {}
+
+/// What one `docker build` did to each stage it covered.
+#[derive(Debug)]
+pub struct BuildOutcome {
+    /// One report for each stage the build covered (the stage built and those it reads from), in
+    /// plan order.
+    pub reports: Vec<StageReport>,
+    /// The stages whose every step the build finished (BuildKit's record).
+    pub finished: BTreeSet<String>,
+    /// Why the build failed, if it did (carries a [`StageFailed`]).
+    pub error: Option<anyhow::Error>,
+    /// True when BuildKit reported that exporting the cache failed: the writes that copy the
+    /// export must not run (they would copy an older cache).
+    pub export_failed: bool,
+}
+
+impl BuildOutcome {
+    /// This outcome of a build tried again after `earlier`: a step that ran in the earlier try
+    /// ran (the later try finds it in the local build cache), so the counts stay true.
+    pub(crate) fn after(mut self, earlier: BuildOutcome) -> BuildOutcome {
+        for report in &mut self.reports {
+            let Some(before) = earlier.reports.iter().find(|before| before.name == report.name) else { continue };
+            for step in &mut report.steps {
+                if before.steps.iter().any(|ran| ran.name == step.name && !ran.cached) {
+                    step.cached = false;
+                }
+            }
+            report.steps_cached = report.steps.iter().filter(|step| step.cached).count();
+            if report.steps_cached == 0 {
+                report.cache_source = None;
+                report.cache_level = None;
+            }
+        }
+        self
+    }
+}
+
+/// Builds `stage` with `--target` (and so every stage it reads from), its cache sources from
+/// `resolution`, the backend's cache export, the user's options and the stage's tags. Progress
+/// streams to the user as it comes and is kept for the report: one report for every stage the
+/// build covered, each true to BuildKit's own per-step record.
+pub(crate) fn build_unit(
+    ctx: &Context,
+    plan: &Plan,
+    stage_name: &str,
+    resolution: &Resolution,
+) -> Result<BuildOutcome> {
+    let stage = plan.stage(stage_name).with_context(|| format!("the plan has no stage `{stage_name}`"))?;
+    if matches!(plan.backend, Backend::Tarball { .. } | Backend::Local { .. }) {
+        remove_dir(&plan.staging_dir(&stage.name))?;
+    }
+    let sources = resolution.sources(plan, stage);
+    if matches!(plan.backend, Backend::Tarball { .. } | Backend::Local { .. }) {
+        seed_export_dir(plan, stage, &sources, ctx.docker.timeouts.transfer)?;
+    }
+    if plan.pushes_in_build(stage) {
+        std::fs::create_dir_all(&plan.work_dir)
+            .with_context(|| format!("creating the work directory {}", plan.work_dir.display()))?;
+        let _ = std::fs::remove_file(plan.metadata_file());
+    }
+    let progress = if plan.builder == Builder::Buildx { "rawjson" } else { "plain" };
+    let args = plan.build_command(stage, &sources, progress);
+    let covered: Vec<&StagePlan> = match plan.execution {
+        Execution::OneBuild => plan.ancestors(stage).into_iter().chain(std::iter::once(stage)).collect(),
+        Execution::StageByStage => vec![stage],
+    };
+    let title = match plan.execution {
+        Execution::OneBuild if covered.len() > 1 => format!(
+            "{} with {}",
+            stage.name,
+            covered.iter().filter(|c| c.name != stage.name).map(|c| c.name.as_str()).collect::<Vec<_>>().join(", ")
+        ),
+        _ => {
+            let position = plan.stages.iter().position(|s| s.name == stage.name).unwrap_or(0) + 1;
+            format!("stage {} ({position}/{})", stage.name, plan.stages.len())
+        }
+    };
+    match ctx.style {
+        OutputStyle::GithubActions => ctx.out().ci_line(&format!("::group::{title}")),
+        OutputStyle::Plain => ctx.say(&format!("==> {title}")),
+        _ => {}
+    }
+    if ctx.style != OutputStyle::Terminal {
+        ctx.say(&format!("    {}", render_command(&args)));
+    }
+    // Folded (unnamed, intermediate) stages are counted with the stage built.
+    let folded: Vec<String> = plan.folded_stages.iter().map(|folded| format!("stage-{}", folded.name)).collect();
+    let shown: Vec<String> =
+        covered.iter().map(|covered| plan.progress_name(covered)).chain(folded.iter().cloned()).collect();
+    let started = Instant::now();
+    let mut record = ProgressRecord::default();
+    let mut classic_record = ClassicRecord::default();
+    let out = ctx.out();
+    let mut renderer = Renderer::new(ctx.style, &out, &stage.name, shown);
+    let mut text_lines: Vec<String> = Vec::new();
+    let mut env_docker = ctx.docker.clone();
+    if plan.builder == Builder::Classic {
+        env_docker.env.push(("DOCKER_BUILDKIT".into(), "0".into()));
+    }
+    env_docker.env.extend(plan.docker_env());
+    // On GitHub Actions, nothing the build prints is read as a workflow command.
+    let stop_commands = (ctx.style == OutputStyle::GithubActions).then(crate::output::stop_commands);
+    if let Some((stop, _)) = &stop_commands {
+        ctx.out().ci_line(stop);
+    }
+    let exit = env_docker.stream(&format!("building {title}"), &args, ctx.docker.timeouts.build, |line| {
+        if plan.builder == Builder::Classic {
+            classic_record.feed_line(line);
+        }
+        for event in record.feed_line(line) {
+            if let ProgressEvent::Text(text) = &event {
+                text_lines.push(text.clone());
+            }
+            renderer.show(&event, started.elapsed().as_secs_f64());
+        }
+    });
+    renderer.finish(started.elapsed().as_secs_f64());
+    if let Some((_, resume)) = &stop_commands {
+        ctx.out().ci_line(resume);
+    }
+    if ctx.style == OutputStyle::GithubActions {
+        ctx.out().ci_line("::endgroup::");
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let succeeded = matches!(exit, Ok(Some(0)));
+
+    let all_steps = if plan.builder == Builder::Classic { classic_record.steps() } else { record.steps() };
+    let mut finished = BTreeSet::new();
+    let mut reports = Vec::new();
+    for covered_stage in &covered {
+        let name = plan.progress_name(covered_stage);
+        let mut own: Vec<String> = vec![name.clone()];
+        if covered_stage.name == stage.name {
+            own.extend(folded.iter().cloned());
+        }
+        let steps: Vec<_> = all_steps.iter().filter(|step| own.contains(&step.stage)).cloned().collect();
+        let steps_cached = steps.iter().filter(|step| step.cached).count();
+        let is_finished = succeeded || (plan.builder == Builder::Buildx && record.stage_finished(&name));
+        if is_finished {
+            finished.insert(covered_stage.name.clone());
+        }
+        let status = if is_finished {
+            StageStatus::Built
+        } else if record.stage_failed(&name) || covered_stage.name == stage.name {
+            StageStatus::Failed
+        } else {
+            StageStatus::NotBuilt
+        };
+        let own_source = resolution
+            .stages
+            .get(&covered_stage.name)
+            .and_then(|choice| choice.chosen.clone())
+            .or_else(|| sources.iter().find(|(source, _)| *source == covered_stage.name).map(|(_, s)| s.clone()));
+        let stage_seconds = match plan.execution {
+            Execution::StageByStage => seconds,
+            Execution::OneBuild => record.stage_seconds(&name).unwrap_or(0.0),
+        };
+        reports.push(StageReport {
+            name: covered_stage.name.clone(),
+            cache_source: if steps_cached > 0 { own_source.as_ref().map(|s| s.location.to_string()) } else { None },
+            cache_level: if steps_cached > 0 { own_source.as_ref().map(|s| s.level) } else { None },
+            cache_from: sources.iter().map(|(_, source)| source.location.to_string()).collect(),
+            steps_cached,
+            steps_total: steps.len(),
+            seconds: stage_seconds,
+            pushed: Vec::new(),
+            status,
+            steps,
+            warnings: Vec::new(),
+            miss_reason: None,
+            miss: None,
+        });
+    }
+
+    let failure = match exit {
+        Ok(Some(0)) => None,
+        Ok(code) => {
+            let failed_step = all_steps
+                .iter()
+                .find(|step| step.error.as_deref().is_some_and(|e| !e.contains("context canceled")))
+                .or_else(|| all_steps.iter().find(|step| step.error.is_some()))
+                .map(|step| format!("{}: {}", step.name, step.error.clone().unwrap_or_default()));
+            let detail = failed_step.unwrap_or_else(|| last_lines(&text_lines.join("\n"), 4));
+            let failed_stage = reports
+                .iter()
+                .find(|report| report.status == StageStatus::Failed && report.name != stage.name)
+                .map(|report| report.name.clone())
+                .unwrap_or_else(|| stage.name.clone());
+            Some(format!(
+                "building stage {failed_stage} failed (docker exit code {}): {detail}",
+                code.map(|c| c.to_string()).unwrap_or_else(|| "none: killed".to_string())
+            ))
+        }
+        Err(error) => Some(format!("{error:#}")),
+    };
+    if let Some(message) = failure {
+        let report = reports.iter().find(|report| report.name == stage.name).cloned().expect("the stage is covered");
+        return Ok(BuildOutcome {
+            reports,
+            finished,
+            error: Some(anyhow::Error::new(StageFailed { report, message })),
+            export_failed: false,
+        });
+    }
+
+    // A cache source BuildKit could not read (truncated or half-written files): the steps ran
+    // without it; a warning, and nothing to do with this build's own export.
+    let (import_errors, export_errors): (Vec<String>, Vec<String>) = record
+        .other_errors()
+        .into_iter()
+        .filter(|(name, _)| name.contains("cache"))
+        .map(|(name, error)| format!("{name}: {error}"))
+        .partition(|problem| problem.starts_with("importing cache"));
+    let text_errors: Vec<String> = text_lines
+        .iter()
+        .filter(|line| line.contains("ERROR") || line.to_lowercase().contains("error:"))
+        .map(|line| line.trim().to_string())
+        .collect();
+    let own = reports.iter_mut().find(|report| report.name == stage.name).expect("the stage is covered");
+    for problem in import_errors.iter().chain(export_errors.iter()).chain(text_errors.iter()) {
+        own.warnings.push(format!("stage {}: {problem}", stage.name));
+    }
+    if plan.cache_errors == CacheErrors::Fail && !export_errors.is_empty() {
+        bail!(
+            "stage {}: cache export failed (cache errors are fatal: --strict-cache): {}",
+            stage.name,
+            export_errors.join("; ")
+        );
+    }
+    let export_failed = !export_errors.is_empty() || !text_errors.is_empty();
+    // What BuildKit itself wrote: the registry export, or every name for s3 and gha.
+    if !export_failed {
+        let exported: Vec<String> = match &plan.backend {
+            Backend::Registry { .. } => plan.primary_write(stage).map(|w| w.location.to_string()).into_iter().collect(),
+            Backend::S3 { .. } | Backend::Gha { .. } => plan.written_by(stage),
+            Backend::Inline if plan.pushes_in_build(stage) => plan.written_by(stage),
+            _ => Vec::new(),
+        };
+        credit_writes(plan, &mut reports, &exported);
+    }
+    Ok(BuildOutcome { reports, finished, error: None, export_failed })
+}
+
+/// Hard-links the blobs of the local caches a build reads into the directory it exports to. A
+/// build whose steps were all hits exports a cache that refers to layers it never fetched; with
+/// the blobs already there, the exported cache is whole.
+pub(crate) fn seed_export_dir(
+    plan: &Plan,
+    stage: &StagePlan,
+    sources: &[(String, CacheRef)],
+    timeout: std::time::Duration,
+) -> Result<()> {
+    let staging = plan.staging_dir(&stage.name);
+    for (source_stage, source) in sources {
+        let dir = match (&plan.backend, &source.location) {
+            (Backend::Local { .. }, CacheLocation::Directory(dir)) => dir.clone(),
+            (Backend::Tarball { .. }, _) => plan.unpacked_dir(source_stage),
+            _ => continue,
+        };
+        let blobs = dir.join("blobs");
+        if !blobs.is_dir() {
+            continue;
+        }
+        std::fs::create_dir_all(&staging).with_context(|| format!("creating {}", staging.display()))?;
+        writes::link_or_copy(&blobs, &staging, timeout)?;
+    }
+    Ok(())
+}
+
+/// Adds each written location to the report of the stage that owns it.
+/// The cache of a one-build target holds every stage's layers: its locations are every stage's.
+pub(crate) fn credit_writes<'a>(
+    plan: &Plan,
+    reports: impl IntoIterator<Item = &'a mut StageReport>,
+    written: &[String],
+) {
+    let owner_of = |location: &String| {
+        plan.stages.iter().find(|stage| stage.cache_to.iter().any(|write| write.location.to_string() == *location))
+    };
+    let holds = |location: &String, stage: &str| match owner_of(location) {
+        Some(owner) if owner.is_target && plan.execution == Execution::OneBuild => true,
+        Some(owner) => owner.name == stage,
+        None => false,
+    };
+    for report in reports {
+        for location in written.iter().filter(|location| holds(location, &report.name)) {
+            if !report.pushed.contains(location) {
+                report.pushed.push(location.clone());
+            }
+        }
+    }
+}
+
+/// Builds one stage of `plan` with `--target` (and so every stage it reads from), its cache
+/// sources from `resolution`, and returns its report, true to BuildKit's per-step record. A failed build is an
+/// error carrying a [`StageFailed`]. [`PushGuard::build`] does the same and marks the stage built.
+pub fn build_stage(ctx: &Context, plan: &Plan, stage: &StagePlan, resolution: &Resolution) -> Result<StageReport> {
+    let outcome = build_unit(ctx, plan, &stage.name, resolution)?;
+    if let Some(error) = outcome.error {
+        return Err(error);
+    }
+    outcome
+        .reports
+        .into_iter()
+        .find(|report| report.name == stage.name)
+        .with_context(|| format!("the build of {} reported nothing for it", stage.name))
+}

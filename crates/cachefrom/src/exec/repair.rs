@@ -1,0 +1,234 @@
+//! Each repair named on its own: a broken cache source dropped, a lost race built again, a full
+//! disk told once, an unchanged build reused, an all-hit cache written back, stale stage tags refreshed.
+
+use super::build::credit_writes;
+use super::context::Context;
+use super::guard::perform_writes;
+use super::resolve::Resolution;
+use crate::backend::Backend;
+use crate::inputs::CacheRecord;
+use crate::plan::{CacheRef, CacheWrite, Execution, Plan, StagePlan};
+use crate::registry::Existence;
+use crate::report::{StageReport, StageStatus};
+use crate::writes::{self};
+use anyhow::{bail, Context as _, Result};
+use std::collections::{BTreeMap, BTreeSet};
+
+/// True for a write that failed because its disk is full.
+pub(crate) fn is_disk_full(error: &str) -> bool {
+    // GNU tar says "Wrote only N of M bytes" on a short write, which is what a full disk gives it.
+    ["No space left on device", "os error 28", "Disk quota exceeded", "Wrote only"]
+        .iter()
+        .any(|sign| error.contains(sign))
+}
+
+/// The digest of cache content BuildKit could not fetch, from a build's error: a cache whose
+/// manifest names a blob the registry no longer has.
+pub(crate) fn missing_content(error: &str) -> Option<String> {
+    let broken = ["could not fetch content descriptor", "blob unknown", "content digest", "failed to fetch"]
+        .iter()
+        .any(|marker| error.contains(marker))
+        && (error.contains("not found") || error.contains("unknown"));
+    if !broken {
+        return None;
+    }
+    let start = error.find("sha256:")?;
+    let hex: String = error[start + 7..].chars().take_while(|c| c.is_ascii_hexdigit()).collect();
+    (hex.len() == 64).then(|| format!("sha256:{hex}"))
+}
+
+/// `resolution` without the caches that hold `digest` (every chosen one when none can be
+/// named), each stage falling back to the next cache of its chain that exists; and the warning
+/// that says so. `None` when no stage had a cache to drop.
+pub(crate) fn without_broken(
+    ctx: &Context,
+    plan: &Plan,
+    resolution: &Resolution,
+    digest: &str,
+) -> Option<(Resolution, String)> {
+    let chosen: BTreeSet<String> = resolution
+        .stages
+        .values()
+        .filter_map(|choice| choice.chosen.as_ref().map(|chosen| chosen.location.to_string()))
+        .collect();
+    if chosen.is_empty() {
+        return None;
+    }
+    let holds = |location: &str| -> bool {
+        let Ok(tag) = writes::tag_of(&plan.repository, location) else { return false };
+        ctx.registry
+            .manifest(&plan.repository, &tag)
+            .is_ok_and(|manifest| String::from_utf8_lossy(&manifest.body).contains(digest))
+    };
+    // Every cache that names the digest is broken, copies of the same manifest included.
+    let existing: BTreeSet<String> = resolution
+        .stages
+        .values()
+        .flat_map(|choice| choice.checked.iter())
+        .filter(|(_, existence)| *existence == Existence::Exists)
+        .map(|(candidate, _)| candidate.location.to_string())
+        .collect();
+    let named: BTreeSet<String> = existing.iter().filter(|location| holds(location)).cloned().collect();
+    let broken = if named.is_empty() { chosen } else { named };
+    let mut fixed = resolution.clone();
+    for choice in fixed.stages.values_mut() {
+        choice.chosen = choice
+            .checked
+            .iter()
+            .find(|(candidate, existence)| {
+                *existence == Existence::Exists && !broken.contains(&candidate.location.to_string())
+            })
+            .map(|(candidate, _)| candidate.clone());
+    }
+    let warning = format!(
+        "the cache {} is broken: BuildKit could not fetch {digest} from it (removed from the registry?); built without it, and this run's cache replaces it",
+        broken.iter().cloned().collect::<Vec<_>>().join(", ")
+    );
+    Some((fixed, warning))
+}
+
+/// True for the error of a build that lost a race with an identical build on the same engine.
+pub(crate) fn is_image_store_race(error: &str) -> bool {
+    error.contains("moby-dangling@") && error.contains("already exists")
+}
+
+/// Further tries of a cache export that failed while the build succeeded.
+pub(crate) const EXPORT_RETRIES: u32 = 2;
+
+/// The record on the cache this run exports to, when it says the run has nothing to build: the
+/// same inputs, and an output the record can stand for (the cache alone, or images pushed to the
+/// cache's repository, whose digest it names).
+pub(crate) fn unchanged_record<'a>(plan: &Plan, resolution: &'a Resolution) -> Option<&'a CacheRecord> {
+    let record = resolution.record.as_ref()?;
+    if resolution.inputs.as_deref() != Some(record.inputs.as_str()) || plan.wants_local_image() {
+        return None;
+    }
+    let tags_in_repository = plan.tags.iter().all(|tag| writes::tag_of(&plan.repository, tag).is_ok());
+    match (plan.tags.is_empty(), plan.push_tags) {
+        (true, _) => Some(record),
+        (false, true) if tags_in_repository && record.image.is_some() => Some(record),
+        _ => None,
+    }
+}
+
+/// Nothing to build: tags the recorded image and writes the recorded cache's further tags, and
+/// reports each stage as the record has it.
+pub(crate) fn reuse_unchanged(
+    ctx: &Context,
+    plan: &Plan,
+    resolution: &Resolution,
+    record: &CacheRecord,
+) -> Result<Vec<StageReport>> {
+    let target = plan.stages.iter().find(|stage| stage.is_target).context("the plan has a target")?;
+    let primary = plan.primary_write(target).context("the run writes a cache")?;
+    if let (Some(image), true) = (&record.image, plan.push_tags) {
+        let tags = plan.tags.iter().map(|tag| writes::tag_of(&plan.repository, tag)).collect::<Result<Vec<_>>>()?;
+        ctx.registry
+            .copy_tag(&plan.repository, image, &tags)
+            .with_context(|| format!("tagging the image {image} built from the same inputs"))?;
+    }
+    let written = perform_writes(ctx, plan, &plan.writes_after(target), &BTreeMap::new())?;
+    // A copy the registry refuses (400: it no longer has a blob the cache names) means the cache
+    // cannot be reused: build instead.
+    if !written.warnings.is_empty() {
+        bail!("copying its tags failed: {}", written.warnings.join("; "));
+    }
+    let mut reports: Vec<StageReport> = plan
+        .stages
+        .iter()
+        .map(|stage| {
+            let steps = record.steps.get(&stage.name).copied().unwrap_or(0);
+            let source = resolution.stages.get(&stage.name).and_then(|choice| choice.chosen.clone());
+            StageReport {
+                name: stage.name.clone(),
+                cache_source: source.as_ref().map(|s| s.location.to_string()),
+                cache_level: source.as_ref().map(|s| s.level),
+                cache_from: vec![primary.location.to_string()],
+                steps_cached: steps,
+                steps_total: steps,
+                seconds: 0.0,
+                pushed: Vec::new(),
+                status: StageStatus::Unchanged,
+                steps: Vec::new(),
+                warnings: written.warnings.clone(),
+                miss_reason: None,
+                miss: None,
+            }
+        })
+        .collect();
+    credit_writes(plan, reports.iter_mut(), &written.pushed);
+    Ok(reports)
+}
+
+/// After a successful one build of the target: the tags of other stages that a failed run wrote
+/// at the levels this run writes (the checks found them), overwritten with the new cache so that
+/// they are not read as older caches beside it.
+pub(crate) fn stale_stage_writes(plan: &Plan, stage: &str, resolution: &Resolution) -> Vec<CacheWrite> {
+    let Some(target) = plan.stage(stage).filter(|stage| stage.is_target && plan.execution == Execution::OneBuild)
+    else {
+        return Vec::new();
+    };
+    let stale: Vec<&CacheRef> = plan
+        .stages
+        .iter()
+        .filter(|other| !other.is_target)
+        .flat_map(|other| other.cache_to.iter())
+        .filter(|write| {
+            resolution
+                .stages
+                .values()
+                .flat_map(|choice| choice.checked.iter())
+                .any(|(candidate, answer)| candidate.location == write.location && *answer == Existence::Exists)
+        })
+        .collect();
+    if stale.is_empty() {
+        return Vec::new();
+    }
+    plan.writes_to(target, &stale)
+}
+
+/// After a registry build of `stage` whose every step was a hit from one cache: that cache's
+/// manifest digest and the tag the build exported to. BuildKit's export of such a build can lack
+/// results it never had to load (seen here: the layer of a `COPY` whose later steps hit too, so
+/// that the next run missed the whole stage); the cache it read holds every result of the same
+/// steps, so it is what the export's tag gets.
+pub(crate) fn complete_cache_of_all_hit_build(
+    plan: &Plan,
+    stage: &str,
+    resolution: &Resolution,
+    reports: &BTreeMap<String, StageReport>,
+) -> Option<(String, String)> {
+    if !matches!(plan.backend, Backend::Registry { .. }) {
+        return None;
+    }
+    let stage = plan.stage(stage)?;
+    let primary = plan.primary_write(stage)?;
+    let sources = resolution.sources(plan, stage);
+    let [(_, only)] = sources.as_slice() else { return None };
+    let digest = resolution.digests.get(&only.location.to_string())?;
+    let covered: Vec<&StagePlan> = match plan.execution {
+        Execution::OneBuild => plan.ancestors(stage).into_iter().chain(std::iter::once(stage)).collect(),
+        Execution::StageByStage => vec![stage],
+    };
+    let all_hit = covered
+        .iter()
+        .all(|covered| reports.get(&covered.name).is_some_and(|report| report.steps_cached == report.steps_total))
+        && covered.iter().any(|covered| reports.get(&covered.name).is_some_and(|report| report.steps_total > 0));
+    all_hit.then(|| (digest.clone(), primary.location.to_string()))
+}
+
+/// Puts the cache manifest `digest` (in the plan's repository) at `to`, with `annotations`.
+pub(crate) fn restore_cache(
+    ctx: &Context,
+    plan: &Plan,
+    digest: &str,
+    to: &str,
+    annotations: &BTreeMap<String, String>,
+) -> Result<()> {
+    let tag = writes::tag_of(&plan.repository, to)?;
+    let manifest = ctx.registry.manifest(&plan.repository, digest)?;
+    let manifest = if annotations.is_empty() { manifest } else { manifest.with_annotations(annotations)? };
+    ctx.registry
+        .put_manifest(&plan.repository, &manifest, &[tag])
+        .with_context(|| format!("writing the cache that was read ({digest}) to {to}"))
+}

@@ -1,0 +1,493 @@
+//! [`build_with_cache`]: probe the engine, plan, check the caches, walk the plan's steps, write
+//! the caches, publish the report.
+
+use super::build::{build_unit, credit_writes};
+use super::context::Context;
+use super::evidence::{explain_stages, gather_evidence, joined, record_of, write_stage_records, MissEvidence};
+use super::guard::{not_built, perform_writes, recover};
+use super::repair::{
+    complete_cache_of_all_hit_build, is_disk_full, is_image_store_race, missing_content, restore_cache,
+    reuse_unchanged, stale_stage_writes, unchanged_record, without_broken, EXPORT_RETRIES,
+};
+use super::resolve::{check_caches, Resolution};
+use crate::ci::step_summary_path;
+use crate::docker::signal_name;
+use crate::docker::{last_lines, Docker};
+use crate::engine::{BackendFallback, Engine};
+use crate::error::BuildFailed;
+use crate::error::Error;
+use crate::output::Output;
+use crate::plan::builder_from_docker_args;
+use crate::plan::{CacheWrite, Plan, PlanOptions, Step};
+use crate::report::{RunReport, StageReport};
+use crate::writes::{self};
+use anyhow::{bail, Context as _, Result};
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Write as _;
+use std::path::Path;
+use std::time::Instant;
+
+/// Options of [`build_with_cache`] beyond the plan's.
+#[derive(Debug, Clone)]
+pub struct BuildOptions {
+    /// What the plan is computed from.
+    pub plan: PlanOptions,
+    /// What to do when the engine cannot serve the backend.
+    pub fallback: BackendFallback,
+    /// The buildx builder to ask about (`--builder` among docker's options), if any.
+    pub builder_name: Option<String>,
+    /// Write the report as JSON here.
+    pub report_file: Option<std::path::PathBuf>,
+}
+
+impl BuildOptions {
+    /// Build options with the defaults: refuse a backend the engine cannot serve, no report file.
+    pub fn new(plan: PlanOptions) -> BuildOptions {
+        let builder_name = builder_from_docker_args(&plan.docker_args);
+        BuildOptions { plan, fallback: BackendFallback::Refuse, builder_name, report_file: None }
+    }
+}
+
+/// The whole sequence for a Dockerfile and a target: probe the engine, plan, [`pull_cached`],
+/// build (one build of the target, or stage by stage for inline), write the caches, push the
+/// final tags, and report (a table through the context's output, `report_file` JSON, the GitHub
+/// step summary).
+///
+/// A failed build still has the caches of the stages it finished written; the error says what
+/// failed ([`Error`]) and carries the report ([`Error::report`]).
+pub fn build_with_cache(ctx: &Context, options: &BuildOptions) -> std::result::Result<RunReport, Error> {
+    let started = Instant::now();
+    // Check the Dockerfile and the target before asking Docker anything.
+    Plan::new(&options.plan).map_err(Error::Usage)?;
+    let moved = on_builders_context(ctx, options).map_err(Error::Engine)?;
+    let (ctx, options) = match &moved {
+        Some((ctx, options)) => (ctx, options),
+        None => (ctx, options),
+    };
+    let plan = Plan::new(&options.plan).map_err(Error::Usage)?;
+    let (plan, backend_fallback, resolution, engine) = fit_and_check(ctx, options, plan).map_err(Error::Engine)?;
+    execute_checked(ctx, &plan, backend_fallback, resolution, options.report_file.as_deref(), started, Some(engine))
+        .map_err(|error| Error::of_run(error, &ctx.docker.cancel))
+}
+
+/// `-- --builder NAME` naming the docker driver of another docker context: buildx builds there
+/// only from that context ("use `docker --context=NAME buildx`"), so the run moves to it
+/// (`DOCKER_CONTEXT`) and leaves `--builder` out; every docker call, the probe included, then
+/// asks the engine that builds. `None` when nothing moves.
+pub(crate) fn on_builders_context(ctx: &Context, options: &BuildOptions) -> Result<Option<(Context, BuildOptions)>> {
+    let Some(name) = &options.builder_name else { return Ok(None) };
+    let args = vec!["buildx".to_string(), "inspect".to_string(), name.clone()];
+    let inspect = ctx.docker.run("asking buildx about the builder", &args, ctx.docker.timeouts.probe)?;
+    if !inspect.success {
+        bail!("buildx does not know the builder `{name}`: {}", last_lines(&inspect.stderr, 2));
+    }
+    let field = |key: &str| {
+        inspect.stdout.lines().find_map(|line| line.trim().strip_prefix(key).map(|value| value.trim().to_string()))
+    };
+    let (Some(driver), Some(endpoint)) = (field("Driver:"), field("Endpoint:")) else { return Ok(None) };
+    if driver != "docker" || endpoint.contains("://") || endpoint == "default" {
+        return Ok(None);
+    }
+    let mut moved_ctx = ctx.clone();
+    moved_ctx.docker.env.retain(|(key, _)| key != "DOCKER_CONTEXT");
+    moved_ctx.docker.env.push(("DOCKER_CONTEXT".to_string(), endpoint.clone()));
+    let mut moved = options.clone();
+    let mut kept = Vec::new();
+    let mut args = options.plan.docker_args.iter();
+    while let Some(arg) = args.next() {
+        if arg == "--builder" {
+            args.next();
+        } else if !arg.starts_with("--builder=") {
+            kept.push(arg.clone());
+        }
+    }
+    moved.plan.docker_args = kept;
+    moved.builder_name = None;
+    moved.plan.notes.push(format!(
+        "builder {name} is the docker engine of context {endpoint}: the build runs there (DOCKER_CONTEXT={endpoint})"
+    ));
+    Ok(Some((moved_ctx, moved)))
+}
+
+/// Probes the engine and checks which caches exist at the same time (both ask over the network);
+/// the checks run again only when the engine changes the plan's backend or builder.
+pub(crate) fn fit_and_check(
+    ctx: &Context,
+    options: &BuildOptions,
+    plan: Plan,
+) -> Result<(Plan, Option<String>, Result<Resolution>, String)> {
+    let (engine, resolution) = std::thread::scope(|scope| {
+        let probe = scope.spawn(|| Engine::probe(&ctx.docker, options.builder_name.as_deref()));
+        let resolution = check_caches(ctx, &plan);
+        let engine = probe.join().unwrap_or_else(|_| Err(anyhow::anyhow!("probing the engine panicked")));
+        (engine, resolution)
+    });
+    let (backend, builder) = (plan.backend.clone(), plan.builder);
+    let engine = engine?;
+    let (plan, fallback) = fit_plan(options, &engine, Some(plan))?;
+    let resolution =
+        if plan.backend == backend && plan.builder == builder { resolution } else { check_caches(ctx, &plan) };
+    Ok((plan, fallback, resolution, engine.describe()))
+}
+
+pub(crate) fn fit_plan(
+    options: &BuildOptions,
+    engine: &Engine,
+    planned: Option<Plan>,
+) -> Result<(Plan, Option<String>)> {
+    let (backend, fallback_reason) = engine.check_backend(&options.plan.backend, options.fallback)?;
+    let builder = engine.builder();
+    // The Dockerfile was read for this machine's platform; a remote engine may have another.
+    let build_platform = match (&options.plan.build_platform, &engine.platform) {
+        (None, Some(engine_platform)) => crate::dockerfile::Platform::parse(engine_platform)
+            .ok()
+            .filter(|platform| *platform != crate::dockerfile::Platform::host())
+            .map(|platform| platform.to_string()),
+        _ => None,
+    };
+    match planned {
+        Some(plan) if plan.backend == backend && plan.builder == builder && build_platform.is_none() => {
+            Ok((plan, fallback_reason))
+        }
+        _ => {
+            let mut plan_options = options.plan.clone();
+            plan_options.backend = backend;
+            plan_options.builder = builder;
+            if build_platform.is_some() {
+                plan_options.build_platform = build_platform;
+            }
+            Ok((Plan::new(&plan_options)?, fallback_reason))
+        }
+    }
+}
+
+/// Runs an already computed plan. See [`build_with_cache`].
+pub fn execute_plan(
+    ctx: &Context,
+    plan: &Plan,
+    backend_fallback: Option<String>,
+    report_file: Option<&Path>,
+    started: Instant,
+) -> Result<RunReport> {
+    let resolution = check_caches(ctx, plan);
+    execute_checked(ctx, plan, backend_fallback, resolution, report_file, started, None)
+}
+
+/// Runs a plan whose caches were checked already ([`pull_cached`]'s answer).
+pub(crate) fn execute_checked(
+    ctx: &Context,
+    plan: &Plan,
+    backend_fallback: Option<String>,
+    resolution: Result<Resolution>,
+    report_file: Option<&Path>,
+    started: Instant,
+    engine: Option<String>,
+) -> Result<RunReport> {
+    for note in &plan.notes {
+        ctx.say(&format!("cachefrom: {note}"));
+    }
+    if let Some(why) = &backend_fallback {
+        ctx.warn(why);
+    }
+    // Its warnings go into the report, printed once at the end.
+    let mut resolution = resolution?;
+    for stage in &plan.stages {
+        let choice = &resolution.stages[&stage.name];
+        match &choice.chosen {
+            Some(chosen) => ctx.say(&format!("cachefrom: {} reads {} ({})", stage.name, chosen.location, chosen.level)),
+            None if !plan.backend.can_check_existence() => {
+                ctx.say(&format!("cachefrom: {} reads every candidate; BuildKit takes what exists", stage.name))
+            }
+            None => ctx.say(&format!("cachefrom: {} has no cache yet", stage.name)),
+        }
+    }
+
+    let mut stage_reports: BTreeMap<String, StageReport> = BTreeMap::new();
+    let mut unchanged = None;
+    if let Some(record) = unchanged_record(plan, &resolution) {
+        match reuse_unchanged(ctx, plan, &resolution, record) {
+            Ok(reports) => {
+                unchanged = plan.stages.iter().find(|s| s.is_target).and_then(|target| plan.primary_write(target));
+                stage_reports = reports.into_iter().map(|report| (report.name.clone(), report)).collect();
+            }
+            Err(error) => ctx.warn(&format!("reusing the unchanged build failed, building: {error:#}")),
+        }
+    }
+    let steps: &[Step] = if unchanged.is_some() { &[] } else { &plan.steps };
+    // The record written on the exported cache, once the target's build has succeeded.
+    let mut annotations: BTreeMap<String, String> = BTreeMap::new();
+    // Each stage's inputs and the records on the caches read, gathered while the build runs (the
+    // build overwrites the caches it read): what a miss is explained with, and the records this
+    // run writes.
+    let mut gathering = (plan.backend.keeps_records() && !steps.is_empty()).then(|| {
+        let (ctx, plan, resolution) = (ctx.clone(), plan.clone(), resolution.clone());
+        std::thread::spawn(move || gather_evidence(&ctx, &plan, &resolution))
+    });
+    let mut evidence: Option<MissEvidence> = None;
+
+    // Walk the plan's steps; a failed build stops the walk after recovering what it finished.
+    let mut build_error: Option<anyhow::Error> = None;
+    let mut write_warnings: Vec<(String, String)> = Vec::new();
+    let mut write_error: Option<String> = None;
+    let mut not_exported: BTreeSet<String> = BTreeSet::new();
+    let mut refresh: Vec<CacheWrite> = Vec::new();
+    // The first write that found the disk full, and how many writes were skipped after it.
+    let mut disk_full: Option<String> = None;
+    let mut skipped_full = 0;
+    for step in steps {
+        match step {
+            Step::Build { .. } if ctx.docker.cancel.requested().is_some() => {
+                build_error = Some(anyhow::anyhow!("cancelled before the next build started"));
+                break;
+            }
+            Step::Build { stage } => {
+                let mut outcome = build_unit(ctx, plan, stage, &resolution)?;
+                // A cache whose manifest is there but whose content is not (a registry's garbage
+                // collection, a half-finished push) must not fail every run: build again
+                // without it; this run's export replaces it.
+                // (The build fails where the image needs the content; only the export fails,
+                // as a warning, where nothing but the cache needs it.)
+                let failure_text = match (&outcome.error, outcome.export_failed) {
+                    (Some(error), _) => format!("{error:#}"),
+                    (None, true) => outcome.reports.iter().flat_map(|report| report.warnings.iter()).cloned().collect(),
+                    (None, false) => String::new(),
+                };
+                if let Some(digest) = missing_content(&failure_text) {
+                    if let Some((fixed, warning)) = without_broken(ctx, plan, &resolution, &digest) {
+                        ctx.warn(&warning);
+                        resolution = fixed;
+                        resolution.warnings.push(warning);
+                        outcome = build_unit(ctx, plan, stage, &resolution)?.after(outcome);
+                    }
+                }
+                // An export the registry refused for a moment (writers racing on one tag answer
+                // 5xx) is tried again: the build is in BuildKit's cache, so only the export runs.
+                // Two identical builds at once on one engine race on the image store
+                // (`image "moby-dangling@sha256:…": already exists`): the other one has finished
+                // by then, and the same build again is a cache hit.
+                let mut attempt = 0;
+                while attempt < EXPORT_RETRIES
+                    && outcome.error.as_ref().is_some_and(|error| is_image_store_race(&format!("{error:#}")))
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(500 * 2u64.pow(attempt)));
+                    attempt += 1;
+                    ctx.say(&format!(
+                        "cachefrom: building {stage} again: another build of the same image finished first"
+                    ));
+                    outcome = build_unit(ctx, plan, stage, &resolution)?.after(outcome);
+                }
+                let mut attempt = 0;
+                while outcome.error.is_none() && outcome.export_failed && attempt < EXPORT_RETRIES {
+                    std::thread::sleep(std::time::Duration::from_millis(500 * 2u64.pow(attempt)));
+                    attempt += 1;
+                    ctx.say(&format!("cachefrom: exporting the cache of {stage} again (try {})", attempt + 1));
+                    outcome = build_unit(ctx, plan, stage, &resolution)?.after(outcome);
+                }
+                if outcome.export_failed {
+                    not_exported.insert(stage.clone());
+                }
+                for report in outcome.reports {
+                    stage_reports.insert(report.name.clone(), report);
+                }
+                if let Some(error) = outcome.error {
+                    build_error = Some(error);
+                    // Writing what finished is not cancelled: it is what a cancel waits for.
+                    let uncancelled =
+                        Context { docker: Docker { cancel: Default::default(), ..ctx.docker.clone() }, ..ctx.clone() };
+                    if let Err(error) = recover(&uncancelled, plan, &resolution, &outcome.finished, &mut stage_reports)
+                    {
+                        write_error = Some(format!("{error:#}"));
+                    }
+                    break;
+                }
+                annotations = record_of(plan, stage, &resolution, &stage_reports)
+                    .map(|record| record.to_annotations())
+                    .unwrap_or_default();
+                joined(ctx, &mut gathering, &mut evidence);
+                if let Some(gathered) = evidence.as_ref().filter(|_| !outcome.export_failed) {
+                    write_stage_records(plan, stage, &gathered.now, &mut annotations);
+                }
+                if !outcome.export_failed {
+                    refresh = stale_stage_writes(plan, stage, &resolution);
+                    if let Some((digest, primary)) =
+                        complete_cache_of_all_hit_build(plan, stage, &resolution, &stage_reports)
+                    {
+                        if let Err(error) = restore_cache(ctx, plan, &digest, &primary, &annotations) {
+                            resolution.warnings.push(format!("{error:#}"));
+                        }
+                    }
+                }
+            }
+            // The export failed (its warning is in the report): copying it would copy an older cache.
+            Step::Write { stage, .. } if not_exported.contains(stage) => {}
+            // The cache directory is full: the other file writes would fail the same way.
+            Step::Write { write: CacheWrite::CopyDir { .. } | CacheWrite::Pack { .. }, .. } if disk_full.is_some() => {
+                skipped_full += 1;
+            }
+            Step::Write { stage, write } => {
+                match perform_writes(ctx, plan, std::slice::from_ref(write), &annotations) {
+                    Ok(outcome) => {
+                        credit_writes(plan, stage_reports.values_mut(), &outcome.pushed);
+                        for warning in outcome.warnings {
+                            if is_disk_full(&warning) {
+                                disk_full.get_or_insert(warning);
+                            } else {
+                                write_warnings.push((stage.clone(), warning));
+                            }
+                        }
+                    }
+                    Err(error) => {
+                        write_error = Some(format!("{error:#}"));
+                        break;
+                    }
+                }
+            }
+            Step::PushImage { image } => {
+                let args = vec!["push".to_string(), "--quiet".to_string(), image.clone()];
+                if let Err(error) =
+                    ctx.docker.run_checked(&format!("pushing the image {image}"), &args, ctx.docker.timeouts.transfer)
+                {
+                    build_error = Some(error);
+                    break;
+                }
+            }
+        }
+    }
+    if build_error.is_none() && write_error.is_none() && disk_full.is_none() && !refresh.is_empty() {
+        match perform_writes(ctx, plan, &refresh, &annotations) {
+            Ok(outcome) => {
+                credit_writes(plan, stage_reports.values_mut(), &outcome.pushed);
+                write_warnings.extend(outcome.warnings.into_iter().map(|w| (plan.target.clone(), w)));
+            }
+            Err(error) => write_error = Some(format!("{error:#}")),
+        }
+    }
+    for (stage, warning) in write_warnings {
+        if let Some(report) = stage_reports.get_mut(&stage) {
+            report.warnings.push(format!("cache write failed: {warning}"));
+        }
+    }
+    let stage_reports: Vec<StageReport> = plan
+        .stages
+        .iter()
+        .map(|stage| stage_reports.remove(&stage.name).unwrap_or_else(|| not_built(&stage.name)))
+        .collect();
+    // Why each stage that missed did.
+    joined(ctx, &mut gathering, &mut evidence);
+    let mut stage_reports = stage_reports;
+    let missed: BTreeSet<String> = stage_reports
+        .iter()
+        .filter(|report| report.steps_total > 0 && report.steps_cached < report.steps_total)
+        .map(|report| report.name.clone())
+        .collect();
+    let empty = MissEvidence { now: BTreeMap::new(), records: BTreeMap::new() };
+    for (stage, miss) in explain_stages(plan, &resolution, evidence.as_ref().unwrap_or(&empty), &missed) {
+        if let Some(report) = stage_reports.iter_mut().find(|report| report.name == stage) {
+            report.miss_reason = Some(crate::secrets::scrub(&miss.line).into_owned());
+            report.miss = Some(miss);
+        }
+    }
+    let mut run_warnings = resolution.warnings.clone();
+    if let Some(first) = disk_full {
+        // One warning for the cause, not one per tag; nothing partial was left (see `writes`).
+        run_warnings.push(format!(
+            "the cache directory is full: {first}; {} more cache writes skipped, nothing partial left behind; the build itself went on (free space, or point the backend's dir= elsewhere)",
+            skipped_full
+        ));
+    }
+    let push_error = write_error;
+
+    let cancelled = ctx.docker.cancel.requested().map(signal_name);
+    if let Some(by) = &cancelled {
+        build_error = build_error.map(|error| {
+            error.context(format!("cancelled by {by}; the caches of the stages it finished were written"))
+        });
+    }
+    let message = match (&build_error, &push_error) {
+        (Some(build), Some(push)) => {
+            Some(format!("{build:#}\nand writing the caches of the stages built before it failed too: {push}"))
+        }
+        (Some(build), None) => Some(format!("{build:#}")),
+        (None, Some(push)) => Some(push.clone()),
+        (None, None) => None,
+    };
+    if message.is_some() && build_error.is_none() {
+        run_warnings.push("the build succeeded but writing its cache failed".to_string());
+    }
+    let report = RunReport {
+        engine,
+        cancelled,
+        stages: stage_reports,
+        seconds: started.elapsed().as_secs_f64(),
+        backend: plan.backend.name().to_string(),
+        backend_fallback,
+        level: resolution.level,
+        check_seconds: resolution.seconds,
+        success: message.is_none(),
+        error: message.clone(),
+        warnings: run_warnings,
+        unchanged: unchanged.map(|primary| {
+            format!(
+                "the inputs are those recorded on {}: nothing to build, its cache and image reused",
+                primary.location
+            )
+        }),
+    };
+    remove_scratch(plan);
+    publish_report(ctx, &report, report_file)?;
+    match message {
+        None => Ok(report),
+        Some(message) => {
+            Err(anyhow::Error::new(BuildFailed { report, message, cache_write_only: build_error.is_none() }))
+        }
+    }
+}
+
+/// Removes what the run put in its scratch directory (unpacked caches, exports, buildx's metadata
+/// file), and the directory itself when that leaves it empty: a full disk gets its space back.
+pub(crate) fn remove_scratch(plan: &Plan) {
+    let _ = writes::remove_dir(&plan.work_dir.join("from"));
+    let _ = writes::remove_dir(&plan.work_dir.join("to"));
+    let _ = std::fs::remove_file(plan.metadata_file());
+    let _ = std::fs::remove_dir(&plan.work_dir);
+}
+
+/// Prints the report's table on stderr, writes its JSON to `report_file`, and appends its markdown
+/// to GitHub's step summary when there is one.
+pub fn publish_report(ctx: &Context, report: &RunReport, report_file: Option<&Path>) -> Result<()> {
+    ctx.out().line("");
+    for line in report.table().lines() {
+        ctx.out().line(line);
+    }
+    if let Some(file) = report_file {
+        if let Some(parent) = file.parent().filter(|parent| !parent.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+        }
+        std::fs::write(file, crate::secrets::scrub(&report.to_json()).as_bytes())
+            .with_context(|| format!("writing the report to {}", file.display()))?;
+    }
+    if let Some(summary) = step_summary_path(&ctx.env) {
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&summary)
+            .with_context(|| format!("opening the step summary {}", summary.display()))?;
+        file.write_all(crate::secrets::scrub(&report.markdown()).as_bytes())
+            .with_context(|| format!("writing the step summary {}", summary.display()))?;
+    }
+    // GitHub Actions: the counts and the report's path as the step's outputs.
+    if let Some(outputs) = ctx.env.get("GITHUB_OUTPUT").filter(|path| !path.is_empty()) {
+        let (cached, total) = report.totals();
+        let mut lines = format!("cached={cached}\ntotal={total}\nsuccess={}\n", report.success);
+        if let Some(file) = report_file.and_then(|file| file.to_str()).filter(|file| !file.contains('\n')) {
+            lines.push_str(&format!("report={file}\n"));
+        }
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(outputs)
+            .and_then(|mut file| file.write_all(lines.as_bytes()))
+            .with_context(|| format!("writing the step's outputs to {outputs}"))?;
+    }
+    Ok(())
+}
