@@ -25,11 +25,10 @@ fn no_expression_is_spliced_into_a_script() {
 }
 
 #[test]
+#[cfg_attr(not(stack_up), ignore = "needs the stack: cargo xtask stack up")]
 fn the_action_builds_pushes_reports_and_the_next_run_hits() {
     let _serial = serial();
-    if !stack_ready("the_action_builds_pushes_reports_and_the_next_run_hits") {
-        return;
-    }
+    need_stack("the_action_builds_pushes_reports_and_the_next_run_hits");
     let project = synthetic_project(SYNTHETIC_DOCKERFILE).unwrap();
     let github = tempfile::tempdir().unwrap();
     let image = unique_repository("action");

@@ -48,9 +48,7 @@ fn assert_deps_cached(report: &RunReport, what: &str) {
 
 fn scenario(backend_name: &str, backend: &str) {
     let _serial = serial();
-    if !stack_ready(backend_name) {
-        return;
-    }
+    need_stack(backend_name);
     let repo = example_repository_copy().unwrap();
     let dir = repo.path();
     let image = unique_repository(&format!("example-{backend_name}"));
@@ -114,22 +112,26 @@ fn scenario(backend_name: &str, backend: &str) {
 }
 
 #[test]
+#[cfg_attr(not(stack_up), ignore = "needs the stack: cargo xtask stack up")]
 fn inline_backend() {
     scenario("inline", "inline");
 }
 
 #[test]
+#[cfg_attr(not(stack_up), ignore = "needs the stack: cargo xtask stack up")]
 fn registry_backend() {
     scenario("registry", "registry");
 }
 
 #[test]
+#[cfg_attr(not(stack_up), ignore = "needs the stack: cargo xtask stack up")]
 fn local_backend() {
     let cache = tempfile::tempdir().unwrap();
     scenario("local", &format!("local,dir={}", cache.path().display()));
 }
 
 #[test]
+#[cfg_attr(not(stack_up), ignore = "needs the stack: cargo xtask stack up")]
 fn tarball_backend() {
     let cache = tempfile::tempdir().unwrap();
     scenario("tarball", &format!("tarball,dir={}", cache.path().display()));

@@ -16,11 +16,10 @@ fn blob_answers(repository: &str, digest: &str) -> bool {
 }
 
 #[test]
+#[cfg_attr(not(stack_up), ignore = "needs the stack: cargo xtask stack up")]
 fn a_cache_with_a_missing_blob_is_rebuilt_and_replaced() {
     let _serial = serial();
-    if !stack_ready("a_cache_with_a_missing_blob_is_rebuilt_and_replaced") {
-        return;
-    }
+    need_stack("a_cache_with_a_missing_blob_is_rebuilt_and_replaced");
     let image = unique_repository("broken");
     // The last layer holds the repository's name: no other cache shares its blob.
     let dockerfile = format!("{SYNTHETIC_DOCKERFILE}RUN echo {image} > /marker\n");

@@ -94,19 +94,17 @@ fn cancel_with(signal: i32, to_group: bool) {
 }
 
 #[test]
+#[cfg_attr(not(stack_up), ignore = "needs the stack: cargo xtask stack up")]
 fn sigterm_to_the_process_group_writes_what_finished() {
     let _serial = serial();
-    if !stack_ready("sigterm_to_the_process_group_writes_what_finished") {
-        return;
-    }
+    need_stack("sigterm_to_the_process_group_writes_what_finished");
     cancel_with(libc::SIGTERM, true);
 }
 
 #[test]
+#[cfg_attr(not(stack_up), ignore = "needs the stack: cargo xtask stack up")]
 fn sigint_to_cachefrom_alone_stops_its_build_and_writes_what_finished() {
     let _serial = serial();
-    if !stack_ready("sigint_to_cachefrom_alone_stops_its_build_and_writes_what_finished") {
-        return;
-    }
+    need_stack("sigint_to_cachefrom_alone_stops_its_build_and_writes_what_finished");
     cancel_with(libc::SIGINT, false);
 }

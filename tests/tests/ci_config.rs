@@ -26,11 +26,10 @@ fn with_inputs(yaml: &str, name: &str, expressions: &[(&str, &str)]) -> Vec<(Str
 }
 
 #[test]
+#[cfg_attr(not(stack_up), ignore = "needs the stack: cargo xtask stack up")]
 fn the_github_actions_step_runs_with_github_variables() {
     let _serial = serial();
-    if !stack_ready("the_github_actions_step_runs_with_github_variables") {
-        return;
-    }
+    need_stack("the_github_actions_step_runs_with_github_variables");
     let yaml = std::fs::read_to_string(repository_root().join("docs/ci/github-actions.yml")).unwrap();
     assert!(yaml.contains("uses: OWNER/cachefrom@"), "the workflow uses the action");
 

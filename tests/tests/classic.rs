@@ -18,11 +18,10 @@ RUN echo two > /two
 ";
 
 #[test]
+#[cfg_attr(not(stack_up), ignore = "needs the stack: cargo xtask stack up")]
 fn the_classic_builder_pulls_the_chosen_caches_and_hits_them() {
     let _serial = serial();
-    if !stack_ready("the_classic_builder_pulls_the_chosen_caches_and_hits_them") {
-        return;
-    }
+    need_stack("the_classic_builder_pulls_the_chosen_caches_and_hits_them");
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("Dockerfile"), DOCKERFILE).unwrap();
     git(dir.path(), &["init", "-q", "-b", "main"]).unwrap();

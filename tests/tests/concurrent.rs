@@ -28,11 +28,10 @@ fn together(commands: Vec<Command>) -> Vec<Output> {
 }
 
 #[test]
+#[cfg_attr(not(stack_up), ignore = "needs the stack: cargo xtask stack up")]
 fn concurrent_runs_leave_one_complete_cache() {
     let _serial = serial();
-    if !stack_ready("concurrent_runs_leave_one_complete_cache") {
-        return;
-    }
+    need_stack("concurrent_runs_leave_one_complete_cache");
     let project = synthetic_project(SYNTHETIC_DOCKERFILE).unwrap();
     let shared = tempfile::tempdir().unwrap();
     for backend in [format!("local,dir={}", shared.path().display()), "registry".to_string()] {

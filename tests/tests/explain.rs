@@ -111,11 +111,10 @@ fn scenario(backend: &str) {
 }
 
 #[test]
+#[cfg_attr(not(stack_up), ignore = "needs the stack: cargo xtask stack up")]
 fn explain_and_the_report_say_why_a_stage_missed() {
     let _serial = serial();
-    if !stack_ready("explain_and_the_report_say_why_a_stage_missed") {
-        return;
-    }
+    need_stack("explain_and_the_report_say_why_a_stage_missed");
     scenario("registry");
     let cache = tempfile::tempdir().unwrap();
     scenario(&format!("local,dir={}", cache.path().display()));

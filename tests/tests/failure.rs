@@ -22,11 +22,10 @@ fn path_of(image: &str) -> &str {
 }
 
 #[test]
+#[cfg_attr(not(stack_up), ignore = "needs the stack: cargo xtask stack up")]
 fn a_failed_final_stage_still_pushes_the_stages_before_it() {
     let _serial = serial();
-    if !stack_ready("a_failed_final_stage_still_pushes_the_stages_before_it") {
-        return;
-    }
+    need_stack("a_failed_final_stage_still_pushes_the_stages_before_it");
     let repo = example_repository_copy().unwrap();
     let image = unique_repository("failing");
     let report_file = repo.path().join("report.json");
@@ -92,11 +91,10 @@ fn release_tooling_that_gives_up(ctx: &Context, plan: &Plan) -> anyhow::Result<(
 }
 
 #[test]
+#[cfg_attr(not(stack_up), ignore = "needs the stack: cargo xtask stack up")]
 fn an_early_return_and_a_panic_still_push() {
     let _serial = serial();
-    if !stack_ready("an_early_return_and_a_panic_still_push") {
-        return;
-    }
+    need_stack("an_early_return_and_a_panic_still_push");
     let repo = example_repository_copy().unwrap();
     let ctx = plain_context();
 
@@ -128,11 +126,10 @@ fn an_early_return_and_a_panic_still_push() {
 }
 
 #[test]
+#[cfg_attr(not(stack_up), ignore = "needs the stack: cargo xtask stack up")]
 fn a_registry_that_goes_away_mid_run_leaves_a_build_without_cache() {
     let _serial = serial();
-    if !stack_ready("a_registry_that_goes_away_mid_run_leaves_a_build_without_cache") {
-        return;
-    }
+    need_stack("a_registry_that_goes_away_mid_run_leaves_a_build_without_cache");
     let repo = example_repository_copy().unwrap();
     let mut cache_registry = TempRegistry::start(5001).unwrap();
     let image = format!("{}/gone/app", cache_registry.address);
@@ -169,11 +166,10 @@ fn a_registry_that_goes_away_mid_run_leaves_a_build_without_cache() {
 /// are exported from BuildKit's local cache and written; the next run, on a fresh runner, reads
 /// them whole.
 #[test]
+#[cfg_attr(not(stack_up), ignore = "needs the stack: cargo xtask stack up")]
 fn a_failed_one_build_writes_the_stages_it_finished() {
     let _serial = serial();
-    if !stack_ready("a_failed_one_build_writes_the_stages_it_finished") {
-        return;
-    }
+    need_stack("a_failed_one_build_writes_the_stages_it_finished");
     let project = synthetic_project(SYNTHETIC_DOCKERFILE).unwrap();
     let image = unique_repository("one-build-failing");
     let report_file = project.path().join("report.json");

@@ -43,11 +43,10 @@ fn files_under(dir: &Path) -> Vec<PathBuf> {
 }
 
 #[test]
+#[cfg_attr(not(stack_up), ignore = "needs the stack: cargo xtask stack up")]
 fn a_local_cache_cut_short_is_built_without_and_replaced_and_the_counts_are_true() {
     let _serial = serial();
-    if !stack_ready("a_local_cache_cut_short_is_built_without_and_replaced_and_the_counts_are_true") {
-        return;
-    }
+    need_stack("a_local_cache_cut_short_is_built_without_and_replaced_and_the_counts_are_true");
     let project = synthetic_project(DOCKERFILE).unwrap();
     let cache = tempfile::tempdir().unwrap();
     let backend = format!("local,dir={}", cache.path().display());
@@ -111,11 +110,10 @@ impl Drop for SmallDisk {
 }
 
 #[test]
+#[cfg_attr(not(stack_up), ignore = "needs the stack: cargo xtask stack up")]
 fn a_full_cache_disk_is_one_warning_and_leaves_nothing_partial() {
     let _serial = serial();
-    if !stack_ready("a_full_cache_disk_is_one_warning_and_leaves_nothing_partial") {
-        return;
-    }
+    need_stack("a_full_cache_disk_is_one_warning_and_leaves_nothing_partial");
     let project = synthetic_project(DOCKERFILE).unwrap();
     for kind in ["local", "tarball"] {
         // Big enough for a few files, far too small for the base image's layers.

@@ -55,11 +55,10 @@ fn text(output: &Output) -> String {
 }
 
 #[test]
+#[cfg_attr(not(stack_up), ignore = "needs the stack: cargo xtask stack up")]
 fn a_fork_reads_and_writes_nothing_unless_allowed() {
     let _serial = serial();
-    if !stack_ready("a_fork_reads_and_writes_nothing_unless_allowed") {
-        return;
-    }
+    need_stack("a_fork_reads_and_writes_nothing_unless_allowed");
     let project = synthetic_project(SYNTHETIC_DOCKERFILE).unwrap();
     let image = unique_repository("forks");
     let path = image.strip_prefix(&format!("{REGISTRY}/")).unwrap().to_string();

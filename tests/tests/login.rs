@@ -6,11 +6,10 @@ use std::process::Command;
 use cachefrom_tests::*;
 
 #[test]
+#[cfg_attr(not(stack_up), ignore = "needs the stack: cargo xtask stack up")]
 fn a_registry_that_refuses_login_gives_one_line_and_the_build_goes_on() {
     let _serial = serial();
-    if !stack_ready("a_registry_that_refuses_login_gives_one_line_and_the_build_goes_on") {
-        return;
-    }
+    need_stack("a_registry_that_refuses_login_gives_one_line_and_the_build_goes_on");
     let hash = bcrypt::hash("not-in-any-docker-config", 4).unwrap();
     let registry = TempRegistry::start_with_auth(5002, Some(&format!("ci:{hash}\n"))).unwrap();
     let repo = example_repository_copy().unwrap();

@@ -10,11 +10,10 @@ use cachefrom::settings::Settings;
 use cachefrom_tests::*;
 
 #[test]
+#[cfg_attr(not(stack_up), ignore = "needs the stack: cargo xtask stack up")]
 fn a_run_writes_through_the_callers_output() {
     let _serial = serial();
-    if !stack_ready("a_run_writes_through_the_callers_output") {
-        return;
-    }
+    need_stack("a_run_writes_through_the_callers_output");
     let project = synthetic_project(SYNTHETIC_DOCKERFILE).unwrap();
     let mut settings = Settings::new(unique_repository("output"), project.path());
     settings.branch = Some("main".into());

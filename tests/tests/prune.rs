@@ -45,11 +45,10 @@ fn prune(dir: &Path, image: &str, apply: bool) -> (String, String) {
 }
 
 #[test]
+#[cfg_attr(not(stack_up), ignore = "needs the stack: cargo xtask stack up")]
 fn prune_removes_exactly_the_tags_nobody_reads() {
     let _serial = serial();
-    if !stack_ready("prune_removes_exactly_the_tags_nobody_reads") {
-        return;
-    }
+    need_stack("prune_removes_exactly_the_tags_nobody_reads");
     let project = synthetic_project(SYNTHETIC_DOCKERFILE).unwrap();
     let dir = project.path();
     let origin = tempfile::tempdir().unwrap();
@@ -130,11 +129,10 @@ fn prune_removes_exactly_the_tags_nobody_reads() {
 }
 
 #[test]
+#[cfg_attr(not(stack_up), ignore = "needs the stack: cargo xtask stack up")]
 fn prune_cleans_a_local_cache_directory_too() {
     let _serial = serial();
-    if !stack_ready("prune_cleans_a_local_cache_directory_too") {
-        return;
-    }
+    need_stack("prune_cleans_a_local_cache_directory_too");
     let project = synthetic_project(SYNTHETIC_DOCKERFILE).unwrap();
     let dir = project.path();
     let cache = tempfile::tempdir().unwrap();
@@ -185,11 +183,10 @@ fn prune_cleans_a_local_cache_directory_too() {
 }
 
 #[test]
+#[cfg_attr(not(stack_up), ignore = "needs the stack: cargo xtask stack up")]
 fn a_gone_branch_tag_that_shares_its_manifest_goes_alone() {
     let _serial = serial();
-    if !stack_ready("a_gone_branch_tag_that_shares_its_manifest_goes_alone") {
-        return;
-    }
+    need_stack("a_gone_branch_tag_that_shares_its_manifest_goes_alone");
     let project = synthetic_project(SYNTHETIC_DOCKERFILE).unwrap();
     let dir = project.path();
     let image = unique_repository("prune-shared");

@@ -22,11 +22,10 @@ RUN cp /src/main.txt /worker
 ";
 
 #[test]
+#[cfg_attr(not(stack_up), ignore = "needs the stack: cargo xtask stack up")]
 fn the_release_example_builds_two_images_and_the_next_run_reads_their_caches() {
     let _serial = serial();
-    if !stack_ready("the_release_example_builds_two_images_and_the_next_run_reads_their_caches") {
-        return;
-    }
+    need_stack("the_release_example_builds_two_images_and_the_next_run_reads_their_caches");
     let project = synthetic_project(TWO_IMAGES).unwrap();
     let image = unique_repository("release");
     let log = project.path().join("release.log");

@@ -39,11 +39,10 @@ fn engine_of(report: &serde_json::Value) -> String {
 }
 
 #[test]
+#[cfg_attr(not(stack_up), ignore = "needs the stack: cargo xtask stack up")]
 fn a_remote_engine_builds_and_shares_its_caches_with_the_local_one() {
     let _serial = serial();
-    if !stack_ready("a_remote_engine_builds_and_shares_its_caches_with_the_local_one") {
-        return;
-    }
+    need_stack("a_remote_engine_builds_and_shares_its_caches_with_the_local_one");
     let remote = SecondEngine::start().unwrap();
     let remote_root = remote.root.display().to_string();
     let project = synthetic_project(SYNTHETIC_DOCKERFILE).unwrap();

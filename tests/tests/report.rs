@@ -8,11 +8,10 @@ use cachefrom::plan::Plan;
 use cachefrom_tests::*;
 
 #[test]
+#[cfg_attr(not(stack_up), ignore = "needs the stack: cargo xtask stack up")]
 fn cached_counts_match_buildkits_record_not_the_cached_lines() {
     let _serial = serial();
-    if !stack_ready("cached_counts_match_buildkits_record_not_the_cached_lines") {
-        return;
-    }
+    need_stack("cached_counts_match_buildkits_record_not_the_cached_lines");
     let repo = example_repository_copy().unwrap();
     let settings = example_settings(&unique_repository("counts"), repo.path());
     let options = settings.plan_options(&Environment::default()).unwrap();

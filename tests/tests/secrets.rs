@@ -178,11 +178,10 @@ RUN echo \"the token is $GH_PAT\" && test -z \"$FAIL\"
 ";
 
 #[test]
+#[cfg_attr(not(stack_up), ignore = "needs the stack: cargo xtask stack up")]
 fn a_build_with_secrets_shows_none_and_gives_docker_the_values_in_its_environment() {
     let _serial = serial();
-    if !stack_ready("a_build_with_secrets_shows_none_and_gives_docker_the_values_in_its_environment") {
-        return;
-    }
+    need_stack("a_build_with_secrets_shows_none_and_gives_docker_the_values_in_its_environment");
     let project = synthetic_project(USES_SECRETS).unwrap();
     let scratch = tempfile::tempdir().unwrap();
     let docker = recording_docker(scratch.path());

@@ -124,11 +124,10 @@ impl Issuer {
 }
 
 #[test]
+#[cfg_attr(not(stack_up), ignore = "needs the stack: cargo xtask stack up")]
 fn a_registry_with_token_authentication_serves_every_cache() {
     let _serial = serial();
-    if !stack_ready("a_registry_with_token_authentication_serves_every_cache") {
-        return;
-    }
+    need_stack("a_registry_with_token_authentication_serves_every_cache");
     let issuer = Issuer::start();
     let registry = TempRegistry::start_with_auth_config(5004, |dir| {
         let bundle = dir.join("issuer.pem");

@@ -18,11 +18,10 @@ fn build(dir: &Path, image: &str, extra: &[&str]) -> (Output, serde_json::Value)
 }
 
 #[test]
+#[cfg_attr(not(stack_up), ignore = "needs the stack: cargo xtask stack up")]
 fn a_rerun_with_the_same_inputs_builds_nothing_and_any_change_builds() {
     let _serial = serial();
-    if !stack_ready("a_rerun_with_the_same_inputs_builds_nothing_and_any_change_builds") {
-        return;
-    }
+    need_stack("a_rerun_with_the_same_inputs_builds_nothing_and_any_change_builds");
     let project = synthetic_project(SYNTHETIC_DOCKERFILE).unwrap();
     let dir = project.path();
     std::fs::write(dir.join(".dockerignore"), "*.log\n").unwrap();

@@ -20,7 +20,7 @@ use cachefrom::plan::{Plan, PlanOptions};
 use cachefrom::refs::Repository;
 use cachefrom::registry::{Existence, RegistryClient};
 use cachefrom::settings::Settings;
-use cachefrom_tests::{
+use cachefrom_stack::{
     change_source, example_build_args, example_docker_args, example_repository_copy, fresh_runner, git,
     unique_repository,
 };
@@ -56,7 +56,7 @@ pub fn run(sh: &Shell, args: &BenchArgs) -> Result<()> {
             out.push_str(&rebuilds(sh)?);
         }
     }
-    let path = cachefrom_tests::repository_root().join("BENCHMARKS.md");
+    let path = cachefrom_stack::repository_root().join("BENCHMARKS.md");
     std::fs::write(&path, &out).with_context(|| format!("writing {}", path.display()))?;
     print!("{out}");
     Ok(())
@@ -113,7 +113,7 @@ fn existence_checks(sh: &Shell) -> Result<String> {
     // Three stages, four candidates each; half of them exist.
     let repository_text = unique_repository("exists");
     let repository = Repository::parse(&repository_text)?;
-    let base = cachefrom_tests::RUNTIME_BASE_IMAGE;
+    let base = cachefrom_stack::RUNTIME_BASE_IMAGE;
     cmd!(sh, "timeout 300 docker pull -q {base}").quiet().ignore_stdout().run()?;
     let mut refs = Vec::new();
     for stage in ["deps", "builder", "runtime"] {
@@ -218,7 +218,7 @@ fn time_recipe(sh: &Shell, script: &str) -> Result<Duration> {
 }
 
 fn time_cachefrom(dir: &Path, image: &str, branch: &str) -> Result<Duration> {
-    let mut settings = cachefrom_tests::example_settings(image, dir);
+    let mut settings = cachefrom_stack::example_settings(image, dir);
     settings.branch = Some(branch.to_string());
     let options: PlanOptions = settings.plan_options(&Environment::default())?;
     let mut ctx = Context::from_environment();

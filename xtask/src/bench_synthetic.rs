@@ -8,7 +8,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
-use cachefrom_tests::{fresh_runner, git, unique_repository, RUNTIME_BASE_IMAGE};
+use cachefrom_stack::{fresh_runner, git, unique_repository, RUNTIME_BASE_IMAGE};
 
 /// The registry's access log and storage, as `cargo xtask stack up` sets them.
 const REGISTRY_LOG: &str = "/var/lib/cachefrom-stack/registry.log";
@@ -140,7 +140,7 @@ fn hand_written(dir: &Path, image: &str, branch: &str) -> Result<()> {
 /// `cachefrom build` (the CLI, as a CI step runs it), the same image tagged and pushed.
 fn cachefrom(dir: &Path, image: &str, branch: &str) -> Result<()> {
     let tag = cachefrom::refs::sanitize_tag(branch);
-    let mut command = Command::new(cachefrom_tests::cachefrom_binary());
+    let mut command = Command::new(cachefrom_stack::cachefrom_binary());
     command.args(["build", "--quiet", "--image", image, "--branch", branch, "--default-branch", "main"]);
     command.args(["--build-arg", &format!("BASE={RUNTIME_BASE_IMAGE}"), "--tag", &format!("{image}:{tag}"), "--push"]);
     command.arg(dir).args(["--", "--network=none"]);
@@ -162,7 +162,7 @@ fn scenarios(dockerfile: &str, list: &[&str], reps: usize) -> Result<Vec<Row>> {
     for (tool_name, tool) in TOOLS {
         let mut per_scenario: Vec<Vec<Run>> = vec![Vec::new(); list.len()];
         for rep in 0..reps {
-            let dir = cachefrom_tests::synthetic_project(dockerfile)?;
+            let dir = cachefrom_stack::synthetic_project(dockerfile)?;
             let dir = dir.path();
             let image = unique_repository(&format!("bench-{tool_name}"));
             let mut branch = "main".to_string();
@@ -233,7 +233,7 @@ fn table(title: &str, rows: &[Row], out: &mut String) {
 /// The synthetic section of BENCHMARKS.md; `reps` runs of each, the fastest kept.
 pub fn synthetic(reps: usize) -> Result<String> {
     // Built before anything is timed.
-    let _ = cachefrom_tests::cachefrom_binary();
+    let _ = cachefrom_stack::cachefrom_binary();
     let mut out = String::from("## Against the best hand-written build (synthetic, fresh runner)\n\n");
     out.push_str(&format!(
         "Every run starts as a fresh runner (no image, no build cache); fastest of {reps}. Hand-written: one \

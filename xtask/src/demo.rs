@@ -34,7 +34,7 @@ impl Drop for RestoreFile {
 }
 
 fn build(image: &str) -> Result<RunReport> {
-    let settings = cachefrom_tests::example_settings(image, &cachefrom_tests::example_project());
+    let settings = cachefrom_stack::example_settings(image, &cachefrom_stack::example_project());
     let options = BuildOptions::new(settings.plan_options(&Environment::from_process())?);
     Ok(build_with_cache(&Context::from_environment(), &options)?)
 }
@@ -42,16 +42,16 @@ fn build(image: &str) -> Result<RunReport> {
 pub fn run(sh: &Shell) -> Result<()> {
     Stack::new().up(sh)?;
     let stamp = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
-    let image = format!("{}/demo-{stamp}/example-app", cachefrom_tests::REGISTRY);
+    let image = format!("{}/demo-{stamp}/example-app", cachefrom_stack::REGISTRY);
 
     eprintln!("\n== 1. cold build: no cache anywhere ({image})");
-    cachefrom_tests::fresh_runner()?;
+    cachefrom_stack::fresh_runner()?;
     let cold = build(&image)?;
 
     eprintln!("\n== 2. a fresh runner: local images and build cache removed");
-    cachefrom_tests::fresh_runner()?;
+    cachefrom_stack::fresh_runner()?;
 
-    let main_rs = cachefrom_tests::example_project().join("src/lib.rs");
+    let main_rs = cachefrom_stack::example_project().join("src/lib.rs");
     let _restore = RestoreFile::new(main_rs.clone())?;
     eprintln!("== 3. a source change: {}", main_rs.display());
     let mut source = std::fs::read_to_string(&main_rs)?;

@@ -54,9 +54,9 @@ pub fn example_settings(args: &DockerArgs) -> Settings {
         branch: args.branch.clone(),
         default_branch: args.default_branch.clone(),
         tags: args.tags.clone(),
-        build_args: cachefrom_tests::example_build_args(),
-        docker_args: cachefrom_tests::example_docker_args(),
-        ..Settings::new(&args.image, cachefrom_tests::example_project()).backend(args.backend.clone()).push(args.push)
+        build_args: cachefrom_stack::example_build_args(),
+        docker_args: cachefrom_stack::example_docker_args(),
+        ..Settings::new(&args.image, cachefrom_stack::example_project()).backend(args.backend.clone()).push(args.push)
     }
 }
 

@@ -6,7 +6,7 @@ mod demo;
 mod docker;
 mod stack;
 
-use cachefrom_tests::repository_root;
+use cachefrom_stack::repository_root;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};

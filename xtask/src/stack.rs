@@ -14,7 +14,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use cachefrom_tests::{registry_answers, REGISTRY, RUNTIME_BASE_IMAGE, RUST_BASE_IMAGE};
+use cachefrom_stack::{registry_answers, REGISTRY, RUNTIME_BASE_IMAGE, RUST_BASE_IMAGE};
 use xshell::{cmd, Shell};
 
 const DOCKER_HOST: &str = "unix:///var/run/docker.sock";
@@ -123,7 +123,7 @@ impl Stack {
                 .quiet()
                 .ignore_stdout()
                 .run();
-            sh.change_dir(cachefrom_tests::repository_root());
+            sh.change_dir(cachefrom_stack::repository_root());
             downloaded.context("downloading the trixie packages failed")?;
             let files: Vec<PathBuf> = fs::read_dir(&debs)?
                 .flatten()
@@ -199,7 +199,7 @@ impl Stack {
         let data_root = self.path("docker-data");
         let exec_root = self.path("docker-exec");
         let daemon_json =
-            cachefrom_tests::dockerd_config(&data_root, &exec_root, &self.path("dockerd.pid.daemon"), DOCKER_HOST);
+            cachefrom_stack::dockerd_config(&data_root, &exec_root, &self.path("dockerd.pid.daemon"), DOCKER_HOST);
         fs::write(&config, serde_json::to_string_pretty(&daemon_json)?)?;
         let args = ["--config-file".as_ref(), config.as_os_str()];
         self.launch("dockerd", "dockerd", &args, DOCKER_HOST, Duration::from_secs(60), || docker_answers(sh))
@@ -336,7 +336,7 @@ impl Stack {
             let _ = fs::remove_file(&pid_file);
         }
         // dockerd unmounts its overlays on a clean stop; take away anything it left.
-        cachefrom_tests::unmount_under(&self.dir);
+        cachefrom_stack::unmount_under(&self.dir);
         eprintln!("stack: down");
         Ok(())
     }
@@ -368,7 +368,7 @@ impl Stack {
             for image in [RUST_BASE_IMAGE, RUNTIME_BASE_IMAGE] {
                 let (repository, tag) = image.rsplit_once(':').expect("tagged");
                 let path = repository.trim_start_matches(&format!("{REGISTRY}/"));
-                let present = cachefrom_tests::registry_tags(REGISTRY, path)
+                let present = cachefrom_stack::registry_tags(REGISTRY, path)
                     .map(|tags| tags.iter().any(|t| t == tag))
                     .unwrap_or(false);
                 println!(
