@@ -1,4 +1,5 @@
-//! How the cache travels: one enum, each variant mapped to docker arguments in one place.
+//! How the cache travels: one enum, each variant mapped to BuildKit's `--cache-from` and
+//! `--cache-to` values here ([`Backend::cache_from_arg`], [`Backend::cache_to_arg`]).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -67,8 +67,9 @@
 //! The library prints nothing itself: what a run shows goes through the [`Output`] in the
 //! [`Context`] ([`StandardStreams`] by default; [`Silent`], [`Recorded`], or your own).
 //!
-//! The data flows one way: options → [`plan`] → [`exec`] → [`report`]. The modules below `exec`
-//! are pure except [`docker`] and [`registry`], the only ones that touch the outside world.
+//! The data flows one way: options → [`plan`] → [`exec`] → [`report`]. Below `exec`, [`docker`]
+//! runs every external program (docker, tar, cp, git), [`registry`] is the only one that speaks
+//! HTTP, and [`writes`] and [`prune`] carry out writes through them; the rest only compute.
 
 #![deny(missing_docs)]
 

@@ -191,8 +191,9 @@ pub enum CacheWrite {
         /// The further tags (`REPOSITORY:TAG`).
         to: Vec<String>,
     },
-    /// `docker push` of a stage image carrying inline cache.
-    PushImage {
+    /// `docker push` of a stage image carrying inline cache (`push-image` in the JSON plan).
+    #[serde(rename = "push-image")]
+    PushCacheImage {
         /// `REPOSITORY:TAG`.
         image: String,
     },
@@ -217,7 +218,7 @@ impl CacheWrite {
     pub fn destinations(&self) -> Vec<String> {
         match self {
             CacheWrite::CopyTag { to, .. } => to.clone(),
-            CacheWrite::PushImage { image } => vec![image.clone()],
+            CacheWrite::PushCacheImage { image } => vec![image.clone()],
             CacheWrite::CopyDir { to, .. } | CacheWrite::Pack { to, .. } => vec![to.display().to_string()],
         }
     }
@@ -233,7 +234,7 @@ impl CacheWrite {
                 }
                 line
             }
-            CacheWrite::PushImage { image } => format!("docker push {}", shell_quote(image)),
+            CacheWrite::PushCacheImage { image } => format!("docker push {}", shell_quote(image)),
             // `.partial.$$`: the shell's own scratch name, as the executor uses its process id.
             CacheWrite::CopyDir { from, to } => {
                 let (from, partial, dir) =
@@ -748,12 +749,13 @@ impl Plan {
             .collect()
     }
 
-    /// The stages whose tags a build of `stage` writes: the target of a one-build run writes its
-    /// own tags (its cache holds every stage's layers, and the other stages read it from there);
-    /// a stage exported alone (after a failure, or built on its own) writes its own tags and
-    /// those of the stages it reads from.
-    fn written_stages<'a>(&'a self, stage: &'a StagePlan) -> Vec<&'a StagePlan> {
-        vec![stage]
+    /// The stages one build of `stage` covers, in build order: with every stage it reads from in
+    /// a one-build run, alone stage by stage.
+    pub fn covered_by<'a>(&'a self, stage: &'a StagePlan) -> Vec<&'a StagePlan> {
+        match self.execution {
+            Execution::OneBuild => self.ancestors(stage).into_iter().chain(std::iter::once(stage)).collect(),
+            Execution::StageByStage => vec![stage],
+        }
     }
 
     /// Every built stage `stage` reads from, directly or not, in build order.
@@ -788,11 +790,11 @@ impl Plan {
         stage.cache_to.first()
     }
 
-    /// The writes that follow a successful build of `stage`: the tags it did not export to
-    /// itself, of the stages it writes (see `written_stages`).
+    /// The writes that follow a successful build of `stage`: its own tags that the build did not
+    /// export to itself (a one-build target's cache holds every stage's layers, so its tags serve
+    /// every stage).
     pub fn writes_after(&self, stage: &StagePlan) -> Vec<CacheWrite> {
-        let all: Vec<&CacheRef> =
-            self.written_stages(stage).into_iter().flat_map(|written| written.cache_to.iter()).collect();
+        let all: Vec<&CacheRef> = stage.cache_to.iter().collect();
         self.writes_to(stage, &all)
     }
 
@@ -806,7 +808,7 @@ impl Plan {
                 .cache_to
                 .iter()
                 .filter_map(|write| match &write.location {
-                    CacheLocation::Image(image) => Some(CacheWrite::PushImage { image: image.clone() }),
+                    CacheLocation::Image(image) => Some(CacheWrite::PushCacheImage { image: image.clone() }),
                     _ => None,
                 })
                 .collect(),
@@ -866,12 +868,7 @@ impl Plan {
     pub fn written_by(&self, stage: &StagePlan) -> Vec<String> {
         match self.backend {
             Backend::Inline => stage.cache_to.iter().map(|write| write.location.to_string()).collect(),
-            _ => self
-                .written_stages(stage)
-                .into_iter()
-                .flat_map(|written| written.cache_to.iter())
-                .map(|w| w.location.to_string())
-                .collect(),
+            _ => stage.cache_to.iter().map(|w| w.location.to_string()).collect(),
         }
     }
 
@@ -931,12 +928,7 @@ impl Plan {
             let exports: Vec<CacheLocation> = match &self.backend {
                 // Every name in one export: BuildKit writes the blobs once.
                 Backend::S3 { .. } => vec![CacheLocation::Named(self.written_by(stage).join(";"))],
-                Backend::Gha { .. } => self
-                    .written_stages(stage)
-                    .into_iter()
-                    .flat_map(|written| written.cache_to.iter())
-                    .map(|write| write.location.clone())
-                    .collect(),
+                Backend::Gha { .. } => stage.cache_to.iter().map(|write| write.location.clone()).collect(),
                 _ => vec![primary.location.clone()],
             };
             for location in exports {

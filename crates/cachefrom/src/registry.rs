@@ -111,12 +111,12 @@ impl Manifest {
 struct Session {
     agent: ureq::Agent,
     /// Per repository and access: the `Authorization` header, or why there is none.
-    authorizations: Mutex<BTreeMap<(Repository, Access), std::result::Result<String, String>>>,
+    authorizations: Mutex<BTreeMap<(Repository, Scope), std::result::Result<String, String>>>,
 }
 
-/// What a request needs of a repository: a token's scope.
+/// What a request needs of a repository: the scope of its token.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-enum Access {
+enum Scope {
     Pull,
     Push,
     Delete,
@@ -255,7 +255,7 @@ impl RegistryClient {
 
     fn manifest_once(&self, session: &Session, repository: &Repository, reference: &str) -> Result<Manifest> {
         let url = manifest_url(repository, reference)?;
-        let mut response = self.send(session, repository, Access::Pull, |agent, authorization| {
+        let mut response = self.send(session, repository, Scope::Pull, |agent, authorization| {
             let mut request = agent.get(&url).header("Accept", MANIFEST_TYPES);
             if let Some(authorization) = authorization {
                 request = request.header("Authorization", authorization);
@@ -298,7 +298,7 @@ impl RegistryClient {
                         // (a registry busy with racing exports answers 400 or 5xx for a moment).
                         let write = || -> Result<()> {
                             let url = manifest_url(repository, tag)?;
-                            let response = self.send(session, repository, Access::Push, |agent, authorization| {
+                            let response = self.send(session, repository, Scope::Push, |agent, authorization| {
                                 let mut request = agent.put(&url).header("Content-Type", manifest.content_type.as_str());
                                 if let Some(authorization) = authorization {
                                     request = request.header("Authorization", authorization);
@@ -354,7 +354,7 @@ impl RegistryClient {
                     MAX_TAG_LIST_TIME.as_secs()
                 );
             }
-            let mut response = self.send(&session, repository, Access::Pull, |agent, authorization| {
+            let mut response = self.send(&session, repository, Scope::Pull, |agent, authorization| {
                 let mut request = agent.get(&url);
                 if let Some(authorization) = authorization {
                     request = request.header("Authorization", authorization);
@@ -421,7 +421,7 @@ impl RegistryClient {
     fn put_empty_blob(&self, session: &Session, repository: &Repository) -> Result<()> {
         let base = registry_base_url(repository);
         let blob_url = format!("{base}/v2/{}/blobs/{EMPTY_DIGEST}", repository.path);
-        let head = self.send(session, repository, Access::Delete, |agent, authorization| {
+        let head = self.send(session, repository, Scope::Delete, |agent, authorization| {
             let mut request = agent.head(&blob_url);
             if let Some(authorization) = authorization {
                 request = request.header("Authorization", authorization);
@@ -432,7 +432,7 @@ impl RegistryClient {
             return Ok(());
         }
         let start_url = format!("{base}/v2/{}/blobs/uploads/", repository.path);
-        let started = self.send(session, repository, Access::Delete, |agent, authorization| {
+        let started = self.send(session, repository, Scope::Delete, |agent, authorization| {
             let mut request = agent.post(&start_url);
             if let Some(authorization) = authorization {
                 request = request.header("Authorization", authorization);
@@ -454,7 +454,7 @@ impl RegistryClient {
         }
         let separator = if location.contains('?') { '&' } else { '?' };
         let put_url = format!("{location}{separator}digest={EMPTY_DIGEST}");
-        let done = self.send(session, repository, Access::Delete, |agent, authorization| {
+        let done = self.send(session, repository, Scope::Delete, |agent, authorization| {
             let mut request = agent.put(&put_url).header("Content-Type", "application/octet-stream");
             if let Some(authorization) = authorization {
                 request = request.header("Authorization", authorization);
@@ -488,7 +488,7 @@ impl RegistryClient {
     /// Deletes the manifest `digest` from `repository`, and with it every tag that names it.
     pub fn delete_manifest(&self, repository: &Repository, digest: &str) -> Result<()> {
         let url = manifest_url(repository, digest)?;
-        let response = self.send(&self.session(), repository, Access::Delete, |agent, authorization| {
+        let response = self.send(&self.session(), repository, Scope::Delete, |agent, authorization| {
             let mut request = agent.delete(&url);
             if let Some(authorization) = authorization {
                 request = request.header("Authorization", authorization);
@@ -521,7 +521,7 @@ impl RegistryClient {
             Ok(url) => url,
             Err(error) => return (Existence::Unknown(format!("{error:#}")), None),
         };
-        let answer = self.send(session, repository, Access::Pull, |agent, authorization| {
+        let answer = self.send(session, repository, Scope::Pull, |agent, authorization| {
             let mut request = agent.head(&url).header("Accept", MANIFEST_TYPES);
             if let Some(authorization) = authorization {
                 request = request.header("Authorization", authorization);
@@ -551,7 +551,7 @@ impl RegistryClient {
         &self,
         session: &Session,
         repository: &Repository,
-        access: Access,
+        access: Scope,
         make: impl Fn(&ureq::Agent, Option<&str>) -> std::result::Result<ureq::http::Response<ureq::Body>, ureq::Error>,
     ) -> Result<ureq::http::Response<ureq::Body>> {
         let call = |authorization: Option<&str>| {
@@ -587,7 +587,7 @@ impl RegistryClient {
         agent: &ureq::Agent,
         challenge: &str,
         repository: &Repository,
-        access: Access,
+        access: Scope,
     ) -> Result<String> {
         let credentials = self.credentials(&repository.registry)?;
         if challenge.to_lowercase().starts_with("bearer") {
@@ -605,15 +605,15 @@ impl RegistryClient {
         agent: &ureq::Agent,
         challenge: &str,
         repository: &Repository,
-        access: Access,
+        access: Scope,
         credentials: Option<&Credentials>,
     ) -> Result<String> {
         let fields = parse_challenge(challenge);
         let realm = fields.get("realm").context("the registry's auth challenge names no realm")?;
         let actions = match access {
-            Access::Pull => "pull",
-            Access::Push => "pull,push",
-            Access::Delete => "pull,push,delete",
+            Scope::Pull => "pull",
+            Scope::Push => "pull,push",
+            Scope::Delete => "pull,push,delete",
         };
         let mut request = agent.get(realm.as_str()).query("scope", format!("repository:{}:{actions}", repository.path));
         if let Some(service) = fields.get("service") {

@@ -15,7 +15,7 @@ use crate::plan::Level;
 
 /// One build step as BuildKit reported it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Step {
+pub struct StepReport {
     /// BuildKit's name for it, e.g. `[deps 3/6] COPY Cargo.toml Cargo.lock ./`.
     pub name: String,
     /// The stage it belongs to (the word after `[`).
@@ -178,7 +178,7 @@ impl ProgressRecord {
 
     /// The build steps of the Dockerfile (not `[internal]`, exporting or `FROM` resolution), in
     /// the order BuildKit first reported them.
-    pub fn steps(&self) -> Vec<Step> {
+    pub fn steps(&self) -> Vec<StepReport> {
         let mut vertices: Vec<&Vertex> = self.vertices.values().collect();
         vertices.sort_by_key(|vertex| vertex.order);
         vertices
@@ -188,7 +188,7 @@ impl ProgressRecord {
                 if instruction.starts_with("FROM ") {
                     return None;
                 }
-                Some(Step {
+                Some(StepReport {
                     name: vertex.name.clone(),
                     stage,
                     // A step whose output shows ran.
@@ -263,7 +263,7 @@ impl ProgressRecord {
 pub struct ClassicRecord {
     stage: Option<String>,
     stages_seen: usize,
-    steps: Vec<Step>,
+    steps: Vec<StepReport>,
 }
 
 impl ClassicRecord {
@@ -290,7 +290,7 @@ impl ClassicRecord {
             return;
         }
         if let Some(stage) = &self.stage {
-            self.steps.push(Step {
+            self.steps.push(StepReport {
                 name: format!("[{stage}] {instruction}"),
                 stage: stage.clone(),
                 cached: false,
@@ -301,7 +301,7 @@ impl ClassicRecord {
     }
 
     /// The steps seen, in order (not `FROM`, not global `ARG`s).
-    pub fn steps(&self) -> Vec<Step> {
+    pub fn steps(&self) -> Vec<StepReport> {
         self.steps.clone()
     }
 }
@@ -406,7 +406,7 @@ pub struct StageReport {
     /// What became of the stage.
     pub status: StageStatus,
     /// Each step as BuildKit reported it.
-    pub steps: Vec<Step>,
+    pub steps: Vec<StepReport>,
     /// Cache problems that did not stop the build, one line each.
     pub warnings: Vec<String>,
     /// Why the stage missed its cache, in one line (when it missed).
@@ -467,6 +467,27 @@ fn source_cell(stage: &StageReport, show: impl Fn(&str) -> String) -> String {
         (Some(source), _) => show(source),
         (None, 0) => "none".to_string(),
         (None, _) => "local build cache".to_string(),
+    }
+}
+
+impl StageReport {
+    /// The report of stage `name` with `status` and nothing else yet: no steps, no cache.
+    pub fn new(name: &str, status: StageStatus) -> StageReport {
+        StageReport {
+            name: name.to_string(),
+            cache_source: None,
+            cache_level: None,
+            cache_from: Vec::new(),
+            steps_cached: 0,
+            steps_total: 0,
+            seconds: 0.0,
+            pushed: Vec::new(),
+            status,
+            steps: Vec::new(),
+            warnings: Vec::new(),
+            miss_reason: None,
+            miss: None,
+        }
     }
 }
 

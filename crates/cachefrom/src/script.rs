@@ -331,7 +331,7 @@ mod properties {
                 Step::Write { write: CacheWrite::CopyTag { from, to }, .. } => {
                     ["cachefrom", "copy-tag", from].iter().map(|s| s.to_string()).chain(to.iter().cloned()).collect()
                 }
-                Step::Write { write: CacheWrite::PushImage { image }, .. } | Step::PushImage { image } => {
+                Step::Write { write: CacheWrite::PushCacheImage { image }, .. } | Step::PushImage { image } => {
                     vec!["docker".into(), "push".into(), image.clone()]
                 }
                 Step::Write { write, .. } => panic!("not a registry or inline write: {write:?}"),

@@ -36,7 +36,7 @@ pub fn perform(
             };
             copied.with_context(|| format!("copying the cache {from} to {} more tag(s)", to.len()))
         }
-        CacheWrite::PushImage { image } => {
+        CacheWrite::PushCacheImage { image } => {
             let args = vec!["push".to_string(), "--quiet".to_string(), image.clone()];
             docker.run_checked(&format!("pushing cache image {image}"), &args, timeout).map(|_| ())
         }

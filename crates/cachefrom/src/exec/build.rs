@@ -95,10 +95,7 @@ pub(crate) fn build_unit(
     }
     let progress = if plan.builder == Builder::Buildx { "rawjson" } else { "plain" };
     let args = plan.build_command(stage, &sources, progress);
-    let covered: Vec<&StagePlan> = match plan.execution {
-        Execution::OneBuild => plan.ancestors(stage).into_iter().chain(std::iter::once(stage)).collect(),
-        Execution::StageByStage => vec![stage],
-    };
+    let covered = plan.covered_by(stage);
     let title = match plan.execution {
         Execution::OneBuild if covered.len() > 1 => format!(
             "{} with {}",
@@ -191,19 +188,14 @@ pub(crate) fn build_unit(
             Execution::OneBuild => record.stage_seconds(&name).unwrap_or(0.0),
         };
         reports.push(StageReport {
-            name: covered_stage.name.clone(),
             cache_source: if steps_cached > 0 { own_source.as_ref().map(|s| s.location.to_string()) } else { None },
             cache_level: if steps_cached > 0 { own_source.as_ref().map(|s| s.level) } else { None },
             cache_from: sources.iter().map(|(_, source)| source.location.to_string()).collect(),
             steps_cached,
             steps_total: steps.len(),
             seconds: stage_seconds,
-            pushed: Vec::new(),
-            status,
             steps,
-            warnings: Vec::new(),
-            miss_reason: None,
-            miss: None,
+            ..StageReport::new(&covered_stage.name, status)
         });
     }
 

@@ -6,7 +6,7 @@ use super::resolve::{check_caches, walk_context, Resolution};
 use crate::backend::{Backend, CacheLocation};
 use crate::explain::{Miss, StageInputs};
 use crate::inputs::CacheRecord;
-use crate::plan::{Execution, Plan, StagePlan};
+use crate::plan::{Plan, StagePlan};
 use crate::registry::Existence;
 use crate::report::StageReport;
 use anyhow::Result;
@@ -92,12 +92,7 @@ pub(crate) fn write_stage_records(
     annotations: &mut BTreeMap<String, String>,
 ) {
     let Some(built) = plan.stage(stage) else { return };
-    let covered: BTreeSet<String> = match plan.execution {
-        Execution::OneBuild => {
-            plan.ancestors(built).into_iter().chain(std::iter::once(built)).map(|s| s.name.clone()).collect()
-        }
-        Execution::StageByStage => std::iter::once(built.name.clone()).collect(),
-    };
+    let covered: BTreeSet<String> = plan.covered_by(built).into_iter().map(|s| s.name.clone()).collect();
     let records: BTreeMap<String, StageInputs> = now
         .iter()
         .filter(|(name, _)| covered.contains(*name))

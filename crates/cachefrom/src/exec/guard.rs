@@ -156,27 +156,17 @@ impl<'a> PushGuard<'a> {
                 report.warnings.extend(outcome.warnings.into_iter().map(|w| format!("cache write failed: {w}")));
             }
         }
-        let stages: Vec<StageReport> = self
-            .plan
-            .stages
-            .iter()
-            .map(|stage| reports.remove(&stage.name).unwrap_or_else(|| not_built(&stage.name)))
-            .collect();
-        let all_built = stages.iter().all(|stage| stage.status == StageStatus::Built);
-        Ok(RunReport {
-            stages,
-            seconds: self.started.elapsed().as_secs_f64(),
-            backend: self.plan.backend.name().to_string(),
-            backend_fallback: None,
-            level: self.resolution.level,
-            check_seconds: self.resolution.seconds,
-            success: all_built && self.error.is_none(),
+        let outcome = RunOutcome {
+            reports,
+            started: self.started,
             error: self.error.clone(),
             warnings: self.resolution.warnings.clone(),
+            backend_fallback: None,
             unchanged: None,
-            cancelled: self.ctx.docker.cancel.requested().map(signal_name),
             engine: None,
-        })
+            require_all_built: true,
+        };
+        Ok(outcome.report(self.ctx, self.plan, self.resolution))
     }
 
     fn push_all(&self) -> Result<Vec<(String, PushOutcome)>> {
@@ -216,22 +206,44 @@ impl Drop for PushGuard<'_> {
     }
 }
 
-/// The report of a stage nothing built.
-pub(crate) fn not_built(name: &str) -> StageReport {
-    StageReport {
-        name: name.to_string(),
-        cache_source: None,
-        cache_level: None,
-        cache_from: Vec::new(),
-        steps_cached: 0,
-        steps_total: 0,
-        seconds: 0.0,
-        pushed: Vec::new(),
-        status: StageStatus::NotBuilt,
-        steps: Vec::new(),
-        warnings: Vec::new(),
-        miss_reason: None,
-        miss: None,
+/// The report of a run, in one place: every stage of the plan in plan order (`not built` where
+/// nothing built it), with the checks' level, time and warnings.
+pub(crate) struct RunOutcome {
+    pub(crate) reports: BTreeMap<String, StageReport>,
+    pub(crate) started: Instant,
+    pub(crate) error: Option<String>,
+    pub(crate) warnings: Vec<String>,
+    pub(crate) backend_fallback: Option<String>,
+    pub(crate) unchanged: Option<String>,
+    pub(crate) engine: Option<String>,
+    /// A run that did not build every stage failed (the guard's caller stopped early).
+    pub(crate) require_all_built: bool,
+}
+
+impl RunOutcome {
+    pub(crate) fn report(mut self, ctx: &Context, plan: &Plan, resolution: &Resolution) -> RunReport {
+        let stages: Vec<StageReport> = plan
+            .stages
+            .iter()
+            .map(|stage| {
+                self.reports.remove(&stage.name).unwrap_or_else(|| StageReport::new(&stage.name, StageStatus::NotBuilt))
+            })
+            .collect();
+        let all_built = stages.iter().all(|stage| matches!(stage.status, StageStatus::Built | StageStatus::Unchanged));
+        RunReport {
+            stages,
+            seconds: self.started.elapsed().as_secs_f64(),
+            backend: plan.backend.name().to_string(),
+            backend_fallback: self.backend_fallback,
+            level: resolution.level,
+            check_seconds: resolution.seconds,
+            success: (all_built || !self.require_all_built) && self.error.is_none(),
+            error: self.error,
+            warnings: self.warnings,
+            unchanged: self.unchanged,
+            cancelled: ctx.docker.cancel.requested().map(signal_name),
+            engine: self.engine,
+        }
     }
 }
 

@@ -7,7 +7,7 @@ use super::guard::perform_writes;
 use super::resolve::Resolution;
 use crate::backend::Backend;
 use crate::inputs::CacheRecord;
-use crate::plan::{CacheRef, CacheWrite, Execution, Plan, StagePlan};
+use crate::plan::{CacheRef, CacheWrite, Execution, Plan};
 use crate::registry::Existence;
 use crate::report::{StageReport, StageStatus};
 use crate::writes::{self};
@@ -119,7 +119,7 @@ pub(crate) fn reuse_unchanged(
     resolution: &Resolution,
     record: &CacheRecord,
 ) -> Result<Vec<StageReport>> {
-    let target = plan.stages.iter().find(|stage| stage.is_target).context("the plan has a target")?;
+    let target = plan.target_stage();
     let primary = plan.primary_write(target).context("the run writes a cache")?;
     if let (Some(image), true) = (&record.image, plan.push_tags) {
         let tags = plan.tags.iter().map(|tag| writes::tag_of(&plan.repository, tag)).collect::<Result<Vec<_>>>()?;
@@ -140,19 +140,13 @@ pub(crate) fn reuse_unchanged(
             let steps = record.steps.get(&stage.name).copied().unwrap_or(0);
             let source = resolution.stages.get(&stage.name).and_then(|choice| choice.chosen.clone());
             StageReport {
-                name: stage.name.clone(),
                 cache_source: source.as_ref().map(|s| s.location.to_string()),
                 cache_level: source.as_ref().map(|s| s.level),
                 cache_from: vec![primary.location.to_string()],
                 steps_cached: steps,
                 steps_total: steps,
-                seconds: 0.0,
-                pushed: Vec::new(),
-                status: StageStatus::Unchanged,
-                steps: Vec::new(),
                 warnings: written.warnings.clone(),
-                miss_reason: None,
-                miss: None,
+                ..StageReport::new(&stage.name, StageStatus::Unchanged)
             }
         })
         .collect();
@@ -206,10 +200,7 @@ pub(crate) fn complete_cache_of_all_hit_build(
     let sources = resolution.sources(plan, stage);
     let [(_, only)] = sources.as_slice() else { return None };
     let digest = resolution.digests.get(&only.location.to_string())?;
-    let covered: Vec<&StagePlan> = match plan.execution {
-        Execution::OneBuild => plan.ancestors(stage).into_iter().chain(std::iter::once(stage)).collect(),
-        Execution::StageByStage => vec![stage],
-    };
+    let covered = plan.covered_by(stage);
     let all_hit = covered
         .iter()
         .all(|covered| reports.get(&covered.name).is_some_and(|report| report.steps_cached == report.steps_total))

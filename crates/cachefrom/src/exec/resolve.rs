@@ -193,7 +193,7 @@ pub(crate) fn check_caches(ctx: &Context, plan: &Plan) -> Result<Resolution> {
         stages.get_mut(&stage).expect("every stage has a choice").checked.push((candidate, answer));
     }
     let covering = match plan.execution {
-        Execution::OneBuild => plan.stages.iter().find(|stage| stage.is_target).map(|stage| stage.name.as_str()),
+        Execution::OneBuild => Some(plan.target_stage().name.as_str()),
         Execution::StageByStage => None,
     };
     let level = choose_sources(&plan.chain, &mut stages, covering);
@@ -250,7 +250,7 @@ pub(crate) fn input_fingerprint(
     if plan.execution != Execution::OneBuild || !matches!(plan.backend, Backend::Registry { .. }) || !all_known {
         return None;
     }
-    let target = plan.stages.iter().find(|stage| stage.is_target)?;
+    let target = plan.target_stage();
     plan.primary_write(target)?;
     let image_digests: Vec<(String, String)> = digests.clone().into_iter().collect();
     let inputs = crate::inputs::Inputs {
@@ -292,7 +292,7 @@ pub(crate) fn image_digests(ctx: &Context, plan: &Plan) -> (BTreeMap<String, Str
 
 /// The record on the target's cache at the tag this run exports to, when that cache exists.
 pub(crate) fn read_record(ctx: &Context, plan: &Plan, stages: &BTreeMap<String, Choice>) -> Option<CacheRecord> {
-    let target = plan.stages.iter().find(|stage| stage.is_target)?;
+    let target = plan.target_stage();
     let primary = plan.primary_write(target)?;
     let found = stages
         .get(&target.name)?

@@ -4,7 +4,7 @@
 use super::build::{build_unit, credit_writes};
 use super::context::Context;
 use super::evidence::{explain_stages, gather_evidence, joined, record_of, write_stage_records, MissEvidence};
-use super::guard::{not_built, perform_writes, recover};
+use super::guard::{perform_writes, recover, RunOutcome};
 use super::repair::{
     complete_cache_of_all_hit_build, is_disk_full, is_image_store_race, missing_content, restore_cache,
     reuse_unchanged, stale_stage_writes, unchanged_record, without_broken, EXPORT_RETRIES,
@@ -207,7 +207,7 @@ pub(crate) fn execute_checked(
     if let Some(record) = unchanged_record(plan, &resolution) {
         match reuse_unchanged(ctx, plan, &resolution, record) {
             Ok(reports) => {
-                unchanged = plan.stages.iter().find(|s| s.is_target).and_then(|target| plan.primary_write(target));
+                unchanged = plan.primary_write(plan.target_stage());
                 stage_reports = reports.into_iter().map(|report| (report.name.clone(), report)).collect();
             }
             Err(error) => ctx.warn(&format!("reusing the unchanged build failed, building: {error:#}")),
@@ -367,22 +367,16 @@ pub(crate) fn execute_checked(
             report.warnings.push(format!("cache write failed: {warning}"));
         }
     }
-    let stage_reports: Vec<StageReport> = plan
-        .stages
-        .iter()
-        .map(|stage| stage_reports.remove(&stage.name).unwrap_or_else(|| not_built(&stage.name)))
-        .collect();
     // Why each stage that missed did.
     joined(ctx, &mut gathering, &mut evidence);
-    let mut stage_reports = stage_reports;
     let missed: BTreeSet<String> = stage_reports
-        .iter()
+        .values()
         .filter(|report| report.steps_total > 0 && report.steps_cached < report.steps_total)
         .map(|report| report.name.clone())
         .collect();
     let empty = MissEvidence { now: BTreeMap::new(), records: BTreeMap::new() };
     for (stage, miss) in explain_stages(plan, &resolution, evidence.as_ref().unwrap_or(&empty), &missed) {
-        if let Some(report) = stage_reports.iter_mut().find(|report| report.name == stage) {
+        if let Some(report) = stage_reports.get_mut(&stage) {
             report.miss_reason = Some(crate::secrets::scrub(&miss.line).into_owned());
             report.miss = Some(miss);
         }
@@ -414,25 +408,22 @@ pub(crate) fn execute_checked(
     if message.is_some() && build_error.is_none() {
         run_warnings.push("the build succeeded but writing its cache failed".to_string());
     }
-    let report = RunReport {
-        engine,
-        cancelled,
-        stages: stage_reports,
-        seconds: started.elapsed().as_secs_f64(),
-        backend: plan.backend.name().to_string(),
-        backend_fallback,
-        level: resolution.level,
-        check_seconds: resolution.seconds,
-        success: message.is_none(),
+    let report = RunOutcome {
+        reports: stage_reports,
+        started,
         error: message.clone(),
         warnings: run_warnings,
+        backend_fallback,
         unchanged: unchanged.map(|primary| {
             format!(
                 "the inputs are those recorded on {}: nothing to build, its cache and image reused",
                 primary.location
             )
         }),
-    };
+        engine,
+        require_all_built: false,
+    }
+    .report(ctx, plan, &resolution);
     remove_scratch(plan);
     publish_report(ctx, &report, report_file)?;
     match message {
