@@ -177,7 +177,10 @@ impl Stack {
             let venv = self.path("s3");
             if !venv.join("bin/moto_server").is_file() {
                 let started = Instant::now();
-                cmd!(sh, "timeout 120 python3 -m venv {venv}").quiet().run().context("making a Python venv for moto")?;
+                cmd!(sh, "timeout 120 python3 -m venv {venv}")
+                    .quiet()
+                    .run()
+                    .context("making a Python venv for moto")?;
                 let pip = venv.join("bin/pip");
                 cmd!(sh, "timeout 600 {pip} install --quiet --disable-pip-version-check {MOTO}")
                     .quiet()
@@ -429,10 +432,7 @@ impl Stack {
         }
         let s3_url = format!("http://{S3_ADDRESS}");
         if s3_answers(&s3_url) {
-            println!(
-                "s3        {s3_url}: answers{}",
-                pid("s3").map(|p| format!(" (pid {p})")).unwrap_or_default()
-            );
+            println!("s3        {s3_url}: answers{}", pid("s3").map(|p| format!(" (pid {p})")).unwrap_or_default());
             println!("s3 backend: s3,bucket={S3_BUCKET},region=us-east-1,endpoint_url={s3_url},use_path_style=true");
             for (name, value) in S3_TEST_CREDENTIALS {
                 println!("export {name}={value}");

@@ -25,6 +25,10 @@ pub struct Engine {
     /// The daemon's root directory (`docker info`'s DockerRootDir): which engine this is.
     #[serde(default)]
     pub root_dir: String,
+    /// The builder's name and endpoint (`docker buildx inspect`'s Name and Endpoint): for any
+    /// driver but `docker`, the daemon that builds (a remote `buildkitd`, a container).
+    #[serde(default)]
+    pub builder: Option<(String, String)>,
 }
 
 /// The oldest BuildKit whose `gha` cache speaks GitHub's current cache service (v2); the one
@@ -88,13 +92,25 @@ impl Engine {
             server_version: server_version.to_string(),
             buildkit_version,
             containerd_store: driver_status.contains("io.containerd.snapshotter"),
+            builder: field("Name:").zip(field("Endpoint:")),
             driver,
             root_dir: root_dir.to_string(),
         })
     }
 
-    /// One line naming the engine: `dockerd 26.1.5 (root /var/lib/docker, docker driver, BuildKit v0.13.2)`.
+    /// One line naming the engine that builds: `dockerd 26.1.5 (root /var/lib/docker, docker
+    /// driver, BuildKit v0.13.2)`, or for another driver the daemon it reaches: `BuildKit v0.26.3
+    /// at unix:///run/buildkit.sock (remote driver, builder ci), client dockerd 26.1.5`.
     pub fn describe(&self) -> String {
+        if let (Some(driver), Some((name, endpoint))) = (&self.driver, &self.builder) {
+            if driver != "docker" {
+                return format!(
+                    "BuildKit {} at {endpoint} ({driver} driver, builder {name}), client dockerd {}",
+                    self.buildkit_version.as_deref().unwrap_or("unknown"),
+                    self.server_version
+                );
+            }
+        }
         format!(
             "dockerd {} (root {}, {} driver, BuildKit {})",
             self.server_version,
@@ -176,7 +192,19 @@ mod tests {
             containerd_store,
             driver: Some(driver.into()),
             root_dir: "/var/lib/docker".into(),
+            builder: Some(("ci".into(), "unix:///run/buildkit/buildkitd.sock".into())),
         }
+    }
+
+    #[test]
+    fn the_engine_named_is_the_one_that_builds() {
+        let local = engine(true, true, "docker");
+        assert_eq!(local.describe(), "dockerd 26.1.5 (root /var/lib/docker, docker driver, BuildKit v0.12.5)");
+        let remote = engine(true, false, "remote");
+        assert_eq!(
+            remote.describe(),
+            "BuildKit v0.12.5 at unix:///run/buildkit/buildkitd.sock (remote driver, builder ci), client dockerd 26.1.5"
+        );
     }
 
     #[test]
@@ -198,7 +226,7 @@ mod tests {
         assert!(newer.check_backend(&gha, BackendFallback::Refuse).is_ok(), "an unknown version is not refused");
         assert_eq!(
             newer.describe(),
-            "dockerd 26.1.5 (root /var/lib/docker, docker-container driver, BuildKit v0.0.0+unknown)"
+            "BuildKit v0.0.0+unknown at unix:///run/buildkit/buildkitd.sock (docker-container driver, builder ci), client dockerd 26.1.5"
         );
     }
 

@@ -137,6 +137,7 @@ pub(crate) fn fit_plan(
 ) -> Result<(Plan, Option<String>)> {
     let (backend, fallback_reason) = engine.check_backend(&options.plan.backend, options.fallback)?;
     let builder = engine.builder();
+    let keeps_no_image = engine.driver.as_deref().is_some_and(|driver| driver != "docker");
     // The Dockerfile was read for this machine's platform; a remote engine may have another.
     let build_platform = match (&options.plan.build_platform, &engine.platform) {
         (None, Some(engine_platform)) => crate::dockerfile::Platform::parse(engine_platform)
@@ -146,13 +147,19 @@ pub(crate) fn fit_plan(
         _ => None,
     };
     match planned {
-        Some(plan) if plan.backend == backend && plan.builder == builder && build_platform.is_none() => {
+        Some(plan)
+            if plan.backend == backend
+                && plan.builder == builder
+                && plan.builder_keeps_no_image == keeps_no_image
+                && build_platform.is_none() =>
+        {
             Ok((plan, fallback_reason))
         }
         _ => {
             let mut plan_options = options.plan.clone();
             plan_options.backend = backend;
             plan_options.builder = builder;
+            plan_options.builder_keeps_no_image = keeps_no_image;
             if build_platform.is_some() {
                 plan_options.build_platform = build_platform;
             }

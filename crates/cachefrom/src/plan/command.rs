@@ -69,7 +69,12 @@ impl Plan {
         // the target: measured here, a cold build of the target with `cacheonly` exported a cache
         // in which the next run missed a step whose inputs had all hit.
         let user_output = self.user_output();
-        if self.builder == Builder::Buildx && self.backend.needs_cache_export() && !user_output && !stage.is_target {
+        let no_image_anyway = self.builder_keeps_no_image && stage.image_tags.is_empty();
+        if self.builder == Builder::Buildx
+            && !user_output
+            && !self.pushes_in_build(stage)
+            && ((self.backend.needs_cache_export() && !stage.is_target) || no_image_anyway)
+        {
             args.extend(["--output".into(), "type=cacheonly".into()]);
         }
         if self.pushes_in_build(stage) {

@@ -69,6 +69,9 @@ pub struct Plan {
     pub backend: Backend,
     /// The docker front end.
     pub builder: Builder,
+    /// See [`PlanOptions::builder_keeps_no_image`].
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub builder_keeps_no_image: bool,
     /// Whether caches are written.
     pub access: Access,
     /// What a cache failure does.
@@ -264,6 +267,7 @@ impl Plan {
             repository: options.repository.clone(),
             backend: options.backend.clone(),
             builder: options.builder,
+            builder_keeps_no_image: options.builder_keeps_no_image,
             access: options.access,
             cache_errors: options.cache_errors,
             git: options.git.clone(),

@@ -33,6 +33,10 @@ pub struct PlanOptions {
     pub access: Access,
     /// The docker front end.
     pub builder: Builder,
+    /// True when the builder keeps no image unless told where to put one (every buildx driver
+    /// but `docker`: `remote`, `docker-container`): a target with no tag is then built with
+    /// `--output type=cacheonly`, which is what it gets anyway, said outright.
+    pub builder_keeps_no_image: bool,
     /// What a cache failure does.
     pub cache_errors: CacheErrors,
     /// Tags for the final image (`--tag`), pushed after a successful build when `push_tags` is set.
@@ -72,6 +76,7 @@ impl PlanOptions {
             chain: Level::DEFAULT_CHAIN.to_vec(),
             access: Access::ReadWrite,
             builder: Builder::Buildx,
+            builder_keeps_no_image: false,
             cache_errors: CacheErrors::Warn,
             tags: Vec::new(),
             push_tags: false,
