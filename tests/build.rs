@@ -1,4 +1,5 @@
-//! Sets `cfg(stack_up)` when the end-to-end tests can run: in CI always (a missing stack there
+//! Sets `cfg(buildkitd_given)` when `CACHEFROM_TEST_BUILDKITD` names a `buildkitd`, and
+//! `cfg(stack_up)` when the end-to-end tests can run: in CI always (a missing stack there
 //! is a failure, never a skip), elsewhere when the local stack is up. A test that needs the stack
 //! is `#[cfg_attr(not(stack_up), ignore = …)]`: without it, the test harness reports it as
 //! ignored, never as passed.
@@ -7,6 +8,12 @@ use std::path::PathBuf;
 
 fn main() {
     println!("cargo::rustc-check-cfg=cfg(stack_up)");
+    println!("cargo::rustc-check-cfg=cfg(buildkitd_given)");
+    // The tests against a real buildkitd run when CACHEFROM_TEST_BUILDKITD names its binary.
+    println!("cargo::rerun-if-env-changed=CACHEFROM_TEST_BUILDKITD");
+    if std::env::var_os("CACHEFROM_TEST_BUILDKITD").is_some_and(|path| !path.is_empty()) {
+        println!("cargo::rustc-cfg=buildkitd_given");
+    }
     println!("cargo::rerun-if-env-changed=CI");
     println!("cargo::rerun-if-env-changed=CACHEFROM_STACK_DIR");
     let dir = std::env::var_os("CACHEFROM_STACK_DIR")

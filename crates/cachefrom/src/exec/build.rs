@@ -47,6 +47,9 @@ pub struct BuildOutcome {
     /// True when BuildKit reported that exporting the cache failed: the writes that copy the
     /// export must not run (they would copy an older cache).
     pub export_failed: bool,
+    /// True when trying the export again could help: not for a cause that stays (an s3 bucket
+    /// that does not exist, refused credentials).
+    pub export_retryable: bool,
 }
 
 impl BuildOutcome {
@@ -227,6 +230,7 @@ pub(crate) fn build_unit(
             finished,
             error: Some(anyhow::Error::new(StageFailed { report, message })),
             export_failed: false,
+            export_retryable: false,
         });
     }
 
@@ -244,7 +248,9 @@ pub(crate) fn build_unit(
         .map(|line| line.trim().to_string())
         .collect();
     let own = reports.iter_mut().find(|report| report.name == stage.name).expect("the stage is covered");
-    for problem in import_errors.iter().chain(export_errors.iter()).chain(text_errors.iter()) {
+    let problems: Vec<String> =
+        import_errors.iter().chain(export_errors.iter()).chain(text_errors.iter()).cloned().collect();
+    for problem in one_line_per_cause(&plan.backend, problems) {
         own.warnings.push(format!("stage {}: {problem}", stage.name));
     }
     if plan.cache_errors == CacheErrors::Fail && !export_errors.is_empty() {
@@ -255,6 +261,10 @@ pub(crate) fn build_unit(
         );
     }
     let export_failed = !export_errors.is_empty() || !text_errors.is_empty();
+    let export_retryable = !export_errors
+        .iter()
+        .chain(&text_errors)
+        .any(|problem| S3_CAUSES.iter().any(|(marker, _)| problem.contains(marker)));
     // What BuildKit itself wrote: the registry export, or every name for s3 and gha.
     if !export_failed {
         let exported: Vec<String> = match &plan.backend {
@@ -265,7 +275,7 @@ pub(crate) fn build_unit(
         };
         credit_writes(plan, &mut reports, &exported);
     }
-    Ok(BuildOutcome { reports, finished, error: None, export_failed })
+    Ok(BuildOutcome { reports, finished, error: None, export_failed, export_retryable })
 }
 
 /// Hard-links the blobs of the local caches a build reads into the directory it exports to. A
@@ -331,4 +341,76 @@ pub fn build_stage(ctx: &Context, plan: &Plan, stage: &StagePlan, resolution: &R
         .into_iter()
         .find(|report| report.name == stage.name)
         .with_context(|| format!("the build of {} reported nothing for it", stage.name))
+}
+
+/// Causes of an s3 cache failure that every import and export of the run share, and the one
+/// line that says each: what is wrong and what to do.
+const S3_CAUSES: [(&str, &str); 6] = [
+    ("NoSuchBucket", "the s3 bucket {bucket} does not exist at {endpoint}: create it, or fix bucket= in --backend"),
+    ("InvalidAccessKeyId", "the s3 server refused the access key (InvalidAccessKeyId): check AWS_ACCESS_KEY_ID"),
+    (
+        "SignatureDoesNotMatch",
+        "the s3 server refused the secret key (SignatureDoesNotMatch): check AWS_SECRET_ACCESS_KEY",
+    ),
+    (
+        "AccessDenied",
+        "the s3 server denied access to bucket {bucket} (AccessDenied): check the credentials' permissions",
+    ),
+    ("failed to refresh cached credentials", "no s3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"),
+    ("no EC2 IMDS role found", "no s3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"),
+];
+
+/// `problems` (BuildKit's cache errors of one build) with every s3 error of one cause said once,
+/// in one line that names the cause and what to do (a missing bucket fails every import and
+/// the export alike); the other problems as they are.
+pub(crate) fn one_line_per_cause(backend: &Backend, problems: Vec<String>) -> Vec<String> {
+    let Backend::S3 { options, .. } = backend else { return problems };
+    let bucket = options.get("bucket").map(String::as_str).unwrap_or("?");
+    let endpoint = options.get("endpoint_url").map(String::as_str).unwrap_or("the default endpoint");
+    let mut lines: Vec<String> = Vec::new();
+    for problem in problems {
+        match S3_CAUSES.iter().find(|(marker, _)| problem.contains(marker)) {
+            Some((_, line)) => {
+                let line = format!(
+                    "{}; built without the cache",
+                    line.replace("{bucket}", bucket).replace("{endpoint}", endpoint)
+                );
+                if !lines.contains(&line) {
+                    lines.push(line);
+                }
+            }
+            None => lines.push(problem),
+        }
+    }
+    lines
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_bucket_is_one_line_whatever_the_number_of_imports() {
+        let backend =
+            Backend::parse("s3,bucket=nope,region=us-east-1,endpoint_url=http://127.0.0.1:5003", None).unwrap();
+        let missing = "importing cache manifest from s3:123: operation error S3: GetObject, https response error StatusCode: 404, api error NoSuchBucket: The specified bucket does not exist";
+        let problems = vec![
+            missing.to_string(),
+            missing.replace("123", "456"),
+            "exporting cache to Amazon S3: error writing layer blob: api error NoSuchBucket".to_string(),
+            "something else".to_string(),
+        ];
+        let lines = one_line_per_cause(&backend, problems);
+        assert_eq!(
+            lines,
+            [
+                "the s3 bucket nope does not exist at http://127.0.0.1:5003: create it, or fix bucket= in --backend; built without the cache",
+                "something else"
+            ]
+        );
+        let keys = vec!["api error InvalidAccessKeyId: The AWS Access Key Id you provided does not exist".to_string()];
+        assert!(one_line_per_cause(&backend, keys)[0].contains("check AWS_ACCESS_KEY_ID"));
+        let registry = Backend::parse("registry", None).unwrap();
+        assert_eq!(one_line_per_cause(&registry, vec![missing.to_string()]), [missing]);
+    }
 }

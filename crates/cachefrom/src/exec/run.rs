@@ -284,7 +284,11 @@ pub(crate) fn execute_checked(
                     outcome = build_unit(ctx, plan, stage, &resolution)?.after(outcome);
                 }
                 let mut attempt = 0;
-                while outcome.error.is_none() && outcome.export_failed && attempt < EXPORT_RETRIES {
+                while outcome.error.is_none()
+                    && outcome.export_failed
+                    && outcome.export_retryable
+                    && attempt < EXPORT_RETRIES
+                {
                     std::thread::sleep(std::time::Duration::from_millis(500 * 2u64.pow(attempt)));
                     attempt += 1;
                     ctx.say(&format!("cachefrom: exporting the cache of {stage} again (try {})", attempt + 1));
