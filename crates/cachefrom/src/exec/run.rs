@@ -386,7 +386,11 @@ pub(crate) fn execute_checked(
         .map(|report| report.name.clone())
         .collect();
     let empty = MissEvidence { now: BTreeMap::new(), records: BTreeMap::new() };
-    for (stage, miss) in explain_stages(plan, &resolution, evidence.as_ref().unwrap_or(&empty), &missed) {
+    for (stage, mut miss) in explain_stages(plan, &resolution, evidence.as_ref().unwrap_or(&empty), &missed) {
+        // Why the checks could not be made is the run's one warning; each stage points to it.
+        if miss.kind == crate::explain::MissKind::Unchecked {
+            miss.line = "could not check whether a cache exists (see the warning)".to_string();
+        }
         if let Some(report) = stage_reports.get_mut(&stage) {
             report.miss_reason = Some(crate::secrets::scrub(&miss.line).into_owned());
             report.miss = Some(miss);
