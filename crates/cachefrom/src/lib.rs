@@ -105,6 +105,7 @@ pub mod refs;
 pub mod registry;
 pub mod render;
 pub mod report;
+pub mod retry;
 mod script;
 pub mod secrets;
 pub mod settings;

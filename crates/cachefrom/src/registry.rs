@@ -45,21 +45,19 @@ const MAX_TAG_PAGES: usize = 100;
 const MAX_TAG_BYTES: u64 = 16 * 1024 * 1024;
 const MAX_TAG_LIST_TIME: Duration = Duration::from_secs(60);
 
-/// Further tries of a manifest write that failed (after 0.2 s, then 0.6 s).
-const WRITE_RETRIES: u32 = 2;
+/// Further tries of a manifest read or write that failed: after 0.2 s, then 0.6 s.
+const WRITE_BACKOFF: crate::retry::Backoff =
+    crate::retry::Backoff { retries: 2, first: Duration::from_millis(200), factor: 3 };
 
-/// `attempt()`, tried again after 0.2 s and 0.6 s while it fails with an error `worth_retrying`.
+/// `attempt()`, tried again while it fails with an error `worth_retrying` ([`WRITE_BACKOFF`]).
 fn retried<T>(worth_retrying: impl Fn(&anyhow::Error) -> bool, mut attempt: impl FnMut() -> Result<T>) -> Result<T> {
-    let mut tries = 0;
-    loop {
-        match attempt() {
-            Err(error) if tries < WRITE_RETRIES && worth_retrying(&error) => {
-                std::thread::sleep(Duration::from_millis(200 * 3u64.pow(tries)));
-                tries += 1;
-            }
-            result => return result,
-        }
-    }
+    let first = attempt();
+    crate::retry::while_worth(
+        first,
+        WRITE_BACKOFF,
+        |value| value.as_ref().is_err_and(&worth_retrying),
+        |_, _| attempt(),
+    )
 }
 
 /// Checks references against registries.
@@ -777,7 +775,7 @@ mod tests {
             (calls, result.is_ok())
         };
         assert_eq!(count(1, true), (2, true));
-        assert_eq!(count(9, true), (1 + super::WRITE_RETRIES, false));
+        assert_eq!(count(9, true), (1 + super::WRITE_BACKOFF.retries, false));
         assert_eq!(count(9, false), (1, false));
     }
 

@@ -92,8 +92,10 @@ pub(crate) fn is_image_store_race(error: &str) -> bool {
     error.contains("moby-dangling@") && error.contains("already exists")
 }
 
-/// Further tries of a cache export that failed while the build succeeded.
-pub(crate) const EXPORT_RETRIES: u32 = 2;
+/// Further tries of a cache export that failed while the build succeeded (or of a build that
+/// lost a race with an identical one): after 0.5 s, then 1 s.
+pub(crate) const EXPORT_BACKOFF: crate::retry::Backoff =
+    crate::retry::Backoff { retries: 2, first: std::time::Duration::from_millis(500), factor: 2 };
 
 /// The record on the cache this run exports to, when it says the run has nothing to build: the
 /// same inputs, and an output the record can stand for (the cache alone, or images pushed to the

@@ -1,13 +1,13 @@
 //! [`build_with_cache`]: probe the engine, plan, check the caches, walk the plan's steps, write
 //! the caches, publish the report.
 
-use super::build::{build_unit, credit_writes};
+use super::build::{build_unit, credit_writes, BuildOutcome};
 use super::context::Context;
 use super::evidence::{explain_stages, gather_evidence, joined, record_of, write_stage_records, MissEvidence};
 use super::guard::{perform_writes, recover, RunOutcome};
 use super::repair::{
     complete_cache_of_all_hit_build, is_disk_full, is_image_store_race, missing_content, restore_cache,
-    reuse_unchanged, stale_stage_writes, unchanged_record, without_broken, EXPORT_RETRIES,
+    reuse_unchanged, stale_stage_writes, unchanged_record, without_broken, EXPORT_BACKOFF,
 };
 use super::resolve::{check_caches, Resolution};
 use crate::ci::step_summary_path;
@@ -272,28 +272,26 @@ pub(crate) fn execute_checked(
                 // Two identical builds at once on one engine race on the image store
                 // (`image "moby-dangling@sha256:…": already exists`): the other one has finished
                 // by then, and the same build again is a cache hit.
-                let mut attempt = 0;
-                while attempt < EXPORT_RETRIES
-                    && outcome.error.as_ref().is_some_and(|error| is_image_store_race(&format!("{error:#}")))
-                {
-                    std::thread::sleep(std::time::Duration::from_millis(500 * 2u64.pow(attempt)));
-                    attempt += 1;
+                let lost_race = |value: &Result<BuildOutcome>| {
+                    value.as_ref().is_ok_and(|outcome| {
+                        outcome.error.as_ref().is_some_and(|error| is_image_store_race(&format!("{error:#}")))
+                    })
+                };
+                outcome = crate::retry::while_worth(Ok(outcome), EXPORT_BACKOFF, lost_race, |previous, _| {
                     ctx.say(&format!(
                         "cachefrom: building {stage} again: another build of the same image finished first"
                     ));
-                    outcome = build_unit(ctx, plan, stage, &resolution)?.after(outcome);
-                }
-                let mut attempt = 0;
-                while outcome.error.is_none()
-                    && outcome.export_failed
-                    && outcome.export_retryable
-                    && attempt < EXPORT_RETRIES
-                {
-                    std::thread::sleep(std::time::Duration::from_millis(500 * 2u64.pow(attempt)));
-                    attempt += 1;
-                    ctx.say(&format!("cachefrom: exporting the cache of {stage} again (try {})", attempt + 1));
-                    outcome = build_unit(ctx, plan, stage, &resolution)?.after(outcome);
-                }
+                    Ok(build_unit(ctx, plan, stage, &resolution)?.after(previous?))
+                })?;
+                let export_refused = |value: &Result<BuildOutcome>| {
+                    value.as_ref().is_ok_and(|outcome| {
+                        outcome.error.is_none() && outcome.export_failed && outcome.export_retryable
+                    })
+                };
+                outcome = crate::retry::while_worth(Ok(outcome), EXPORT_BACKOFF, export_refused, |previous, n| {
+                    ctx.say(&format!("cachefrom: exporting the cache of {stage} again (try {})", n + 1));
+                    Ok(build_unit(ctx, plan, stage, &resolution)?.after(previous?))
+                })?;
                 if outcome.export_failed {
                     not_exported.insert(stage.clone());
                 }
