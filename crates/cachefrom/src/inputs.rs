@@ -14,9 +14,6 @@ use std::path::Path;
 use anyhow::{bail, Context as _, Result};
 use sha2::{Digest, Sha256};
 
-/// Options after `--` that make a build's result depend on more than the inputs hashed here.
-const UNHASHED_OPTIONS: [&str; 5] = ["--no-cache", "--no-cache-filter", "--pull", "--build-context", "--check"];
-
 /// What the hash is computed from, besides the build context's files.
 pub struct Inputs<'a> {
     /// The Dockerfile.
@@ -27,6 +24,8 @@ pub struct Inputs<'a> {
     pub build_args: Vec<(&'a str, &'a str)>,
     /// The options passed to docker untouched.
     pub docker_args: &'a [String],
+    /// The option among them that makes the result depend on more than these inputs, if any.
+    pub unhashed: Option<&'a str>,
     /// Each image the Dockerfile reads with its manifest digest, sorted.
     pub image_digests: Vec<(String, String)>,
 }
@@ -34,11 +33,8 @@ pub struct Inputs<'a> {
 /// The hash of `inputs` (`sha256:` and 64 hex digits) over the build context as `walk` read it,
 /// or why there is none.
 pub fn fingerprint(inputs: &Inputs, walk: &ContextWalk) -> Result<String> {
-    for arg in inputs.docker_args {
-        let flag = arg.split('=').next().unwrap_or(arg);
-        if UNHASHED_OPTIONS.contains(&flag) {
-            bail!("`{flag}` makes the build depend on more than its inputs");
-        }
+    if let Some(flag) = inputs.unhashed {
+        bail!("`{flag}` makes the build depend on more than its inputs");
     }
     let mut hash = Sha256::new();
     let mut field = |name: &str, value: &[u8]| {
@@ -468,6 +464,7 @@ mod tests {
                 target: "0",
                 build_args: vec![("A", "1")],
                 docker_args: args,
+                unhashed: crate::plan::DockerArgs::read(args)?.unhashed.as_deref(),
                 image_digests: vec![("alpine".into(), "sha256:1".into())],
             },
             &walk,

@@ -219,7 +219,7 @@ impl Settings {
             for one in platform.split(',') {
                 crate::dockerfile::Platform::parse(one)?;
             }
-            if self.docker_args.iter().any(|arg| arg == "--platform" || arg.starts_with("--platform=")) {
+            if crate::plan::DockerArgs::read(&self.docker_args)?.platform.is_some() {
                 bail!("--platform is given twice, to cachefrom and after `--`; give it once");
             }
             options.platform = Some(platform.clone());

@@ -6,7 +6,6 @@ use crate::backend::{Backend, CacheLocation};
 use crate::docker::run_program;
 use crate::engine::{BackendFallback, Engine};
 use crate::inputs::{CacheRecord, ContextWalk};
-use crate::plan::builder_from_docker_args;
 use crate::plan::{Builder, CacheErrors, CacheRef, Execution, Level, Plan, StagePlan};
 use crate::registry::Existence;
 use crate::writes::empty_dir;
@@ -78,7 +77,7 @@ impl Resolution {
 /// where the backend needs them), at the same time as the caches: an engine that cannot is an
 /// error naming what to change. ([`build_with_cache`] can fall back to inline instead.)
 pub fn pull_cached(ctx: &Context, plan: &Plan) -> Result<Resolution> {
-    let builder_name = builder_from_docker_args(&plan.docker_args);
+    let builder_name = plan.docker.builder.clone();
     let (engine, resolution) = std::thread::scope(|scope| {
         let probe = scope.spawn(|| Engine::probe(&ctx.docker, builder_name.as_deref()));
         let resolution = check_caches(ctx, plan);
@@ -258,6 +257,7 @@ pub(crate) fn input_fingerprint(
         target: &plan.target,
         build_args: plan.build_args.iter().map(|(name, value)| (name.as_str(), value.as_str())).collect(),
         docker_args: &plan.docker_args,
+        unhashed: plan.docker.unhashed.as_deref(),
         image_digests,
     };
     crate::inputs::fingerprint(&inputs, walk).ok()

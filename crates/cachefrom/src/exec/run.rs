@@ -17,7 +17,7 @@ use crate::engine::{BackendFallback, Engine};
 use crate::error::BuildFailed;
 use crate::error::Error;
 use crate::output::Output;
-use crate::plan::builder_from_docker_args;
+use crate::plan::DockerArgs;
 use crate::plan::{CacheWrite, Plan, PlanOptions, Step};
 use crate::report::{RunReport, StageReport};
 use crate::writes::{self};
@@ -43,7 +43,8 @@ pub struct BuildOptions {
 impl BuildOptions {
     /// Build options with the defaults: refuse a backend the engine cannot serve, no report file.
     pub fn new(plan: PlanOptions) -> BuildOptions {
-        let builder_name = builder_from_docker_args(&plan.docker_args);
+        // A refused option is reported when the plan is made; here only the builder is read.
+        let builder_name = DockerArgs::read(&plan.docker_args).ok().and_then(|docker| docker.builder);
         BuildOptions { plan, fallback: BackendFallback::Refuse, builder_name, report_file: None }
     }
 }
@@ -92,16 +93,7 @@ pub(crate) fn on_builders_context(ctx: &Context, options: &BuildOptions) -> Resu
     moved_ctx.docker.env.retain(|(key, _)| key != "DOCKER_CONTEXT");
     moved_ctx.docker.env.push(("DOCKER_CONTEXT".to_string(), endpoint.clone()));
     let mut moved = options.clone();
-    let mut kept = Vec::new();
-    let mut args = options.plan.docker_args.iter();
-    while let Some(arg) = args.next() {
-        if arg == "--builder" {
-            args.next();
-        } else if !arg.starts_with("--builder=") {
-            kept.push(arg.clone());
-        }
-    }
-    moved.plan.docker_args = kept;
+    moved.plan.docker_args = DockerArgs::read(&options.plan.docker_args)?.without_builder();
     moved.builder_name = None;
     moved.plan.notes.push(format!(
         "builder {name} is the docker engine of context {endpoint}: the build runs there (DOCKER_CONTEXT={endpoint})"

@@ -31,7 +31,7 @@ impl Plan {
             args.extend(["--platform".into(), platform.clone()]);
         }
         if self.builder == Builder::Buildx {
-            if !self.docker_args.iter().any(|arg| arg.starts_with("--provenance")) {
+            if !self.docker.provenance {
                 args.push("--provenance=false".into());
             }
             if self.backend == Backend::Inline {
@@ -134,10 +134,7 @@ impl Plan {
 
     /// True when the options after `--` choose the build's output themselves.
     pub(crate) fn user_output(&self) -> bool {
-        self.docker_args.iter().any(|arg| {
-            let flag = arg.split('=').next().unwrap_or(arg);
-            matches!(flag, "-o" | "--output" | "--load" | "--iidfile" | "--metadata-file")
-        })
+        self.docker.output
     }
 
     /// True when the run leaves an image in the local engine (tags not pushed, or an output the

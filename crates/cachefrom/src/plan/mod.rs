@@ -96,6 +96,9 @@ pub struct Plan {
     /// Arguments passed to docker untouched (secret-looking values are hidden in JSON).
     #[serde(serialize_with = "serialize_docker_args")]
     pub docker_args: Vec<String>,
+    /// What cachefrom reads of `docker_args`, read once.
+    #[serde(skip)]
+    pub docker: DockerArgs,
     /// `--platform` given to cachefrom (passed to docker); `None` when not given, or given after `--`.
     pub platform: Option<String>,
     /// A scratch directory (tarball backend).
@@ -122,7 +125,7 @@ impl Plan {
 
     /// Computes the plan from a parsed Dockerfile.
     pub fn from_dockerfile(options: &PlanOptions, dockerfile_path: &Path, dockerfile: &Dockerfile) -> Result<Plan> {
-        check_docker_args(&options.docker_args)?;
+        let docker = DockerArgs::read(&options.docker_args)?;
         if options.builder == Builder::Classic && options.backend != Backend::Inline {
             bail!(
                 "the {} backend needs BuildKit (docker buildx); the classic builder can use only --backend inline",
@@ -165,7 +168,7 @@ impl Plan {
             }
         }
         let mut hidden_after_dashes: Vec<String> = Vec::new();
-        for (name, value) in docker_build_args(&options.docker_args) {
+        for (name, value) in docker.build_args.clone() {
             if secrets::is_secret(&name, &value) {
                 secrets::mask(&value);
                 hidden_after_dashes.push(secrets::name_part(&name));
@@ -279,6 +282,7 @@ impl Plan {
             push_tags: options.push_tags,
             build_args: options.build_args.clone(),
             docker_args: options.docker_args.clone(),
+            docker,
             platform: options.platform.clone(),
             work_dir: options.work_dir.clone(),
             notes,

@@ -92,9 +92,10 @@ impl PlanOptions {
     /// The platforms and build arguments the Dockerfile is read with, as BuildKit will see them.
     pub fn parse_options(&self) -> Result<crate::dockerfile::ParseOptions> {
         use crate::dockerfile::Platform;
-        let mut build_args = docker_build_args(&self.docker_args);
+        let docker = DockerArgs::read(&self.docker_args)?;
+        let mut build_args = docker.build_args;
         build_args.extend(self.build_args.clone());
-        let platform = self.platform.clone().or_else(|| docker_platform(&self.docker_args));
+        let platform = self.platform.clone().or(docker.platform);
         // Several platforms: the stages are read for the first (BuildKit builds each alike).
         let first = |list: &str| list.split(',').next().unwrap_or_default().trim().to_string();
         Ok(crate::dockerfile::ParseOptions {
@@ -104,20 +105,6 @@ impl PlanOptions {
             target: self.target.clone(),
         })
     }
-}
-
-/// The `--platform` value among docker's arguments.
-pub(crate) fn docker_platform(docker_args: &[String]) -> Option<String> {
-    let mut args = docker_args.iter();
-    let mut found = None;
-    while let Some(arg) = args.next() {
-        if arg == "--platform" {
-            found = args.next().cloned();
-        } else if let Some(value) = arg.strip_prefix("--platform=") {
-            found = Some(value.to_string());
-        }
-    }
-    found
 }
 
 /// Options cachefrom sets itself; passing them after `--` would conflict.
@@ -133,45 +120,151 @@ pub(crate) const OWN_DOCKER_OPTIONS: [(&str, &str); 9] = [
     ("--push", "--push (it pushes the --tag images)"),
 ];
 
-pub(crate) fn check_docker_args(docker_args: &[String]) -> Result<()> {
-    for arg in docker_args {
-        let flag = arg.split('=').next().unwrap_or(arg);
-        if let Some((_, instead)) = OWN_DOCKER_OPTIONS.iter().find(|(own, _)| *own == flag) {
-            bail!("`{flag}` after `--` conflicts with what cachefrom sets itself; use cachefrom's {instead} instead");
-        }
-    }
-    Ok(())
+/// Options of `docker buildx build` that take a value as the next word when written without `=`
+/// (the others are switches).
+const TAKES_VALUE: [&str; 23] = [
+    "--add-host",
+    "--allow",
+    "--annotation",
+    "--attest",
+    "--build-arg",
+    "--build-context",
+    "--builder",
+    "--cgroup-parent",
+    "--iidfile",
+    "--label",
+    "--metadata-file",
+    "--network",
+    "--no-cache-filter",
+    "-o",
+    "--output",
+    "--platform",
+    "--provenance",
+    "--sbom",
+    "--secret",
+    "--shm-size",
+    "--ssh",
+    "--ulimit",
+    "--call",
+];
+
+/// Options after `--` that make a build's result depend on more than the inputs cachefrom hashes.
+const UNHASHED_OPTIONS: [&str; 5] = ["--no-cache", "--no-cache-filter", "--pull", "--build-context", "--check"];
+
+/// The options given to docker untouched (after `--`), read once: what cachefrom needs of them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DockerArgs {
+    /// The words as given.
+    pub words: Vec<String>,
+    /// `--builder NAME`: the buildx builder.
+    pub builder: Option<String>,
+    /// `--platform LIST`.
+    pub platform: Option<String>,
+    /// `--build-arg NAME=VALUE` pairs (they change what `FROM` expands to).
+    pub build_args: BTreeMap<String, String>,
+    /// True when an option chooses the build's output (`-o`, `--output`, `--load`, `--iidfile`,
+    /// `--metadata-file`).
+    pub output: bool,
+    /// True when `--provenance` is given.
+    pub provenance: bool,
+    /// The first option that makes the result depend on more than the hashed inputs
+    /// (`--no-cache`, `--pull`, a named build context, …).
+    pub unhashed: Option<String>,
 }
 
-/// The `--build-arg K=V` pairs among docker's arguments (they change what `FROM` expands to).
-pub(crate) fn docker_build_args(docker_args: &[String]) -> BTreeMap<String, String> {
-    let mut build_args = BTreeMap::new();
-    let mut args = docker_args.iter();
-    while let Some(arg) = args.next() {
-        let value = if arg == "--build-arg" {
-            args.next().cloned()
-        } else {
-            arg.strip_prefix("--build-arg=").map(str::to_string)
-        };
-        if let Some(value) = value {
-            if let Some((name, value)) = value.split_once('=') {
-                build_args.insert(name.to_string(), value.to_string());
+impl DockerArgs {
+    /// Reads `words`; an option cachefrom sets itself (`--target`, `--cache-from`, `-t`, …) is
+    /// refused with what to use instead.
+    pub fn read(words: &[String]) -> Result<DockerArgs> {
+        let mut read = DockerArgs { words: words.to_vec(), ..DockerArgs::default() };
+        for (flag, value) in options_of(words) {
+            if let Some((_, instead)) = OWN_DOCKER_OPTIONS.iter().find(|(own, _)| *own == flag) {
+                bail!(
+                    "`{flag}` after `--` conflicts with what cachefrom sets itself; use cachefrom's {instead} instead"
+                );
+            }
+            match (flag, value) {
+                ("--builder", Some(name)) => read.builder = Some(name.to_string()),
+                ("--platform", Some(list)) => read.platform = Some(list.to_string()),
+                ("--build-arg", Some(pair)) => {
+                    if let Some((name, value)) = pair.split_once('=') {
+                        read.build_args.insert(name.to_string(), value.to_string());
+                    }
+                }
+                ("-o" | "--output" | "--load" | "--iidfile" | "--metadata-file", _) => read.output = true,
+                ("--provenance", _) => read.provenance = true,
+                _ => {}
+            }
+            if read.unhashed.is_none() && UNHASHED_OPTIONS.contains(&flag) {
+                read.unhashed = Some(flag.to_string());
             }
         }
+        Ok(read)
     }
-    build_args
+
+    /// The words without `--builder NAME` (the run moved to the builder's own context).
+    pub fn without_builder(&self) -> Vec<String> {
+        let mut kept = Vec::new();
+        let mut words = self.words.iter();
+        while let Some(word) = words.next() {
+            if word == "--builder" {
+                words.next();
+            } else if !word.starts_with("--builder=") {
+                kept.push(word.clone());
+            }
+        }
+        kept
+    }
 }
 
-/// The buildx builder named among docker's options (`--builder NAME`, `--builder=NAME`).
-pub(crate) fn builder_from_docker_args(args: &[String]) -> Option<String> {
-    let mut iter = args.iter();
-    while let Some(arg) = iter.next() {
-        if arg == "--builder" {
-            return iter.next().cloned();
+/// Each option among `words` with its value: `--flag=value`, `--flag value` for an option that
+/// takes one ([`TAKES_VALUE`]), `--switch` alone.
+fn options_of(words: &[String]) -> Vec<(&str, Option<&str>)> {
+    let mut options = Vec::new();
+    let mut iter = words.iter();
+    while let Some(word) = iter.next() {
+        if !word.starts_with('-') {
+            continue;
         }
-        if let Some(name) = arg.strip_prefix("--builder=") {
-            return Some(name.to_string());
+        match word.split_once('=') {
+            Some((flag, value)) if flag.starts_with('-') => options.push((flag, Some(value))),
+            _ if TAKES_VALUE.contains(&word.as_str()) => options.push((word.as_str(), iter.next().map(String::as_str))),
+            _ => options.push((word.as_str(), None)),
         }
     }
-    None
+    options
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn words(text: &str) -> Vec<String> {
+        text.split_whitespace().map(str::to_string).collect()
+    }
+
+    #[test]
+    fn docker_arguments_are_read_once_in_both_forms() {
+        let read = DockerArgs::read(&words(
+            "--network=host --builder ci --platform linux/arm64 --build-arg A=1 --build-arg=B=2 --load --provenance=true --pull",
+        ))
+        .unwrap();
+        assert_eq!(read.builder.as_deref(), Some("ci"));
+        assert_eq!(read.platform.as_deref(), Some("linux/arm64"));
+        assert_eq!(read.build_args, [("A".to_string(), "1".to_string()), ("B".to_string(), "2".to_string())].into());
+        assert!(read.output && read.provenance);
+        assert_eq!(read.unhashed.as_deref(), Some("--pull"));
+        assert_eq!(
+            read.without_builder(),
+            words(
+                "--network=host --platform linux/arm64 --build-arg A=1 --build-arg=B=2 --load --provenance=true --pull"
+            )
+        );
+        // A value that looks like an option is a value: `--label --no-cache` labels, it does not skip the cache.
+        let labelled = DockerArgs::read(&words("--label --no-cache")).unwrap();
+        assert_eq!(labelled.unhashed, None);
+        let error = DockerArgs::read(&words("--cache-to type=inline")).unwrap_err().to_string();
+        assert!(error.contains("use cachefrom's --backend"), "{error}");
+        assert!(DockerArgs::read(&words("-t x")).is_err());
+    }
 }

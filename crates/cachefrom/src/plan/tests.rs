@@ -314,11 +314,12 @@ fn from_with_an_arg_and_a_build_arg() {
     let plan = Plan::from_dockerfile(
         &options,
         Path::new("Dockerfile"),
-        &parse_dockerfile_text(RUST_SERVICE, &docker_build_args(&options.docker_args)).unwrap(),
+        &parse_dockerfile_text(RUST_SERVICE, &DockerArgs::read(&options.docker_args).unwrap().build_args).unwrap(),
     )
     .unwrap();
     assert_eq!(plan.stages.len(), 3);
-    let dockerfile = parse_dockerfile_text(RUST_SERVICE, &docker_build_args(&options.docker_args)).unwrap();
+    let dockerfile =
+        parse_dockerfile_text(RUST_SERVICE, &DockerArgs::read(&options.docker_args).unwrap().build_args).unwrap();
     assert_eq!(dockerfile.stages[0].base, "local/rust");
 }
 
