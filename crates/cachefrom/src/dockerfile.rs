@@ -26,6 +26,10 @@ pub struct Stage {
     pub depends_on: Vec<String>,
     /// Images outside the file that this stage reads from (`FROM`, `COPY --from`, `RUN --mount from=`).
     pub external_images: Vec<String>,
+    /// The instructions after `FROM`, each as written on its logical line ([`logical_text`]):
+    /// what the stage's record of its inputs compares.
+    #[serde(skip)]
+    pub instructions: Vec<String>,
 }
 
 impl Stage {
@@ -208,6 +212,81 @@ fn automatic_args(options: &ParseOptions, target: &str) -> BTreeMap<String, Stri
     args
 }
 
+/// Where `instruction`'s keyword starts in the text.
+fn keyword_start(instruction: &Instruction<'_>) -> usize {
+    let keyword = match instruction {
+        Instruction::Add(i) => &i.add,
+        Instruction::Arg(i) => &i.arg,
+        Instruction::Cmd(i) => &i.cmd,
+        Instruction::Copy(i) => &i.copy,
+        Instruction::Entrypoint(i) => &i.entrypoint,
+        Instruction::Env(i) => &i.env,
+        Instruction::Expose(i) => &i.expose,
+        Instruction::From(i) => &i.from,
+        Instruction::Healthcheck(i) => &i.healthcheck,
+        Instruction::Label(i) => &i.label,
+        Instruction::Maintainer(i) => &i.maintainer,
+        Instruction::Onbuild(i) => &i.onbuild,
+        Instruction::Run(i) => &i.run,
+        Instruction::Shell(i) => &i.shell,
+        Instruction::Stopsignal(i) => &i.stopsignal,
+        Instruction::User(i) => &i.user,
+        Instruction::Volume(i) => &i.volume,
+        Instruction::Workdir(i) => &i.workdir,
+        _ => return 0,
+    };
+    keyword.span.start
+}
+
+/// One instruction's text (from its keyword to the next instruction) on its logical line:
+/// continuation lines joined, comment and blank lines left out, white space collapsed; a
+/// heredoc's body kept below it as written.
+pub fn logical_text(text: &str, escape: char) -> String {
+    let mut lines = text.lines();
+    let mut logical = String::new();
+    for line in lines.by_ref() {
+        let trimmed = line.trim();
+        if trimmed.is_empty() || trimmed.starts_with('#') {
+            if logical.is_empty() {
+                continue;
+            }
+            continue;
+        }
+        if !logical.is_empty() {
+            logical.push(' ');
+        }
+        match trimmed.strip_suffix(escape) {
+            Some(continued) => logical.push_str(continued.trim_end()),
+            None => {
+                logical.push_str(trimmed);
+                break;
+            }
+        }
+    }
+    let mut collapsed = logical.split_whitespace().collect::<Vec<_>>().join(" ");
+    if let Some(terminator) = heredoc_terminator(&collapsed) {
+        for body in lines {
+            collapsed.push('\n');
+            collapsed.push_str(body);
+            if body.trim() == terminator {
+                break;
+            }
+        }
+    }
+    collapsed
+}
+
+fn heredoc_terminator(line: &str) -> Option<String> {
+    let start = line.find("<<")?;
+    let rest = line[start + 2..].trim_start_matches('-');
+    let word: String = rest
+        .trim_matches(|c| c == '"' || c == '\'')
+        .chars()
+        .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+        .collect();
+    (!word.is_empty()).then_some(word)
+}
+
 /// Parses Dockerfile text with `options`, following BuildKit's Dockerfile frontend: global `ARG`s
 /// and the automatic platform arguments expanded in `FROM` by its shell lexer; stage names
 /// checked by its rule; `COPY --from` by name or index to any stage (a later one too), never
@@ -282,6 +361,13 @@ pub fn parse_dockerfile_with(text: &str, options: &ParseOptions) -> Result<Docke
     }
     let mut earlier_by_name: BTreeMap<String, usize> = BTreeMap::new();
 
+    // Where each instruction starts: an instruction's text runs to the next one's start.
+    let mut starts: Vec<usize> = parsed.instructions.iter().map(keyword_start).collect();
+    starts.sort_unstable();
+    let text_of = |start: usize| {
+        let end = starts.iter().copied().find(|next| *next > start).unwrap_or(text.len());
+        logical_text(&text[start..end], escape)
+    };
     let mut stages: Vec<Stage> = Vec::new();
     let mut dependency_indexes: Vec<BTreeSet<usize>> = Vec::new();
     let mut onbuild_references: Vec<Vec<Reference>> = Vec::new();
@@ -325,6 +411,11 @@ pub fn parse_dockerfile_with(text: &str, options: &ParseOptions) -> Result<Docke
             base,
             depends_on: Vec::new(),
             external_images: external_images.into_iter().collect(),
+            instructions: parsed_stage
+                .instructions
+                .iter()
+                .map(|instruction| text_of(keyword_start(instruction)))
+                .collect(),
         });
         dependency_indexes.push(depends_on);
         onbuild_references.push(own_onbuild);

@@ -351,10 +351,9 @@ pub fn current_inputs(
         hash.update(plan.platform.clone().unwrap_or_default().as_bytes());
         format!("sha256:{:x}", hash.finalize())
     };
-    let stages_text = split_stages(&text);
     let mut inputs = BTreeMap::new();
     for stage in &parsed.stages {
-        let Some(instructions) = stages_text.get(stage.index) else { continue };
+        let instructions = &stage.instructions;
         let base = match parsed
             .stages
             .iter()
@@ -380,67 +379,6 @@ pub fn current_inputs(
         );
     }
     Ok(inputs)
-}
-
-/// Each stage's instructions after its `FROM`, as logical lines: continuation lines joined,
-/// comments and blank lines left out, white space collapsed; heredoc bodies kept with theirs.
-fn split_stages(text: &str) -> Vec<Vec<String>> {
-    let escape = text
-        .lines()
-        .take_while(|line| line.trim_start().starts_with('#'))
-        .find_map(|line| {
-            let directive = line.trim_start().trim_start_matches('#').trim();
-            let (key, value) = directive.split_once('=')?;
-            key.trim().eq_ignore_ascii_case("escape").then(|| value.trim().chars().next()).flatten()
-        })
-        .unwrap_or('\\');
-    let mut stages: Vec<Vec<String>> = Vec::new();
-    let mut lines = text.lines();
-    while let Some(line) = lines.next() {
-        let trimmed = line.trim();
-        if trimmed.is_empty() || trimmed.starts_with('#') {
-            continue;
-        }
-        let mut logical = trimmed.to_string();
-        while logical.ends_with(escape) {
-            logical.pop();
-            match lines.by_ref().map(str::trim).find(|next| !next.starts_with('#')) {
-                Some(next) => logical = format!("{} {next}", logical.trim_end()),
-                None => break,
-            }
-        }
-        if let Some(terminator) = heredoc_terminator(&logical) {
-            for body in lines.by_ref() {
-                logical.push('\n');
-                logical.push_str(body);
-                if body.trim() == terminator {
-                    break;
-                }
-            }
-        }
-        let collapsed = match logical.split_once('\n') {
-            Some((head, body)) => format!("{}\n{body}", head.split_whitespace().collect::<Vec<_>>().join(" ")),
-            None => logical.split_whitespace().collect::<Vec<_>>().join(" "),
-        };
-        let keyword = collapsed.split_whitespace().next().unwrap_or_default().to_ascii_uppercase();
-        if keyword == "FROM" {
-            stages.push(Vec::new());
-        } else if let Some(stage) = stages.last_mut() {
-            stage.push(collapsed);
-        }
-    }
-    stages
-}
-
-fn heredoc_terminator(line: &str) -> Option<String> {
-    let start = line.find("<<")?;
-    let rest = line[start + 2..].trim_start_matches('-');
-    let word: String = rest
-        .trim_matches(|c| c == '"' || c == '\'')
-        .chars()
-        .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
-        .collect();
-    (!word.is_empty()).then_some(word)
 }
 
 fn step_inputs(
@@ -607,8 +545,12 @@ mod tests {
     #[test]
     fn logical_lines_of_each_stage() {
         let text = "# escape=\\\nARG BASE\nFROM ${BASE} AS deps\n# a comment\nCOPY  deps.txt \\\n   /deps.txt\nRUN <<EOF\necho hi\nEOF\nFROM deps\nRUN   make\n";
+        let parsed =
+            crate::dockerfile::parse_dockerfile_text(text, &[("BASE".to_string(), "debian".to_string())].into())
+                .unwrap();
+        let instructions: Vec<Vec<String>> = parsed.stages.iter().map(|stage| stage.instructions.clone()).collect();
         assert_eq!(
-            split_stages(text),
+            instructions,
             [
                 vec!["COPY deps.txt /deps.txt".to_string(), "RUN <<EOF\necho hi\nEOF".to_string()],
                 vec!["RUN make".to_string()]
@@ -697,8 +639,9 @@ mod tests {
     proptest::proptest! {
         #[test]
         fn any_dockerfile_text_splits_into_instructions(text in proptest::prelude::any::<String>()) {
-            for stage in split_stages(&text) {
-                for instruction in stage {
+            let parsed = crate::dockerfile::parse_dockerfile_text(&format!("FROM scratch\n{text}"), &Default::default());
+            for stage in parsed.map(|parsed| parsed.stages).unwrap_or_default() {
+                for instruction in stage.instructions {
                     proptest::prop_assert!(!instruction.trim().is_empty());
                     proptest::prop_assert!(!instruction.split_whitespace().next().unwrap_or_default().eq_ignore_ascii_case("FROM"));
                 }
