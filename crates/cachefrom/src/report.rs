@@ -42,7 +42,7 @@ struct Vertex {
 
 /// Collects BuildKit's `rawjson` progress, line by line, and hands back what is not JSON.
 #[derive(Debug, Default)]
-pub struct ProgressRecord {
+pub struct ProgressLog {
     pending: String,
     depth: i64,
     in_string: bool,
@@ -82,7 +82,7 @@ pub enum ProgressEvent {
     Text(String),
 }
 
-impl ProgressRecord {
+impl ProgressLog {
     /// Feeds one line of docker's output; returns what happened, in order.
     pub fn feed_line(&mut self, line: &str) -> Vec<ProgressEvent> {
         if self.depth == 0 && !line.trim_start().starts_with('{') {
@@ -257,16 +257,16 @@ impl ProgressRecord {
     }
 }
 
-/// The classic builder's record (`DOCKER_BUILDKIT=0`): `Step 3/5 : RUN …` starts a step,
+/// The classic builder's log (`DOCKER_BUILDKIT=0`): `Step 3/5 : RUN …` starts a step,
 /// `---> Using cache` marks it cached, and each `FROM … [AS name]` starts a stage.
 #[derive(Debug, Default)]
-pub struct ClassicRecord {
+pub struct ClassicLog {
     stage: Option<String>,
     stages_seen: usize,
     steps: Vec<StepReport>,
 }
 
-impl ClassicRecord {
+impl ClassicLog {
     /// Feeds one line of `docker build` output.
     pub fn feed_line(&mut self, line: &str) {
         let trimmed = line.trim();
@@ -667,8 +667,8 @@ WARNING: a line docker printed that is not JSON
 }
 "#;
 
-    fn record() -> (ProgressRecord, Vec<ProgressEvent>) {
-        let mut record = ProgressRecord::default();
+    fn record() -> (ProgressLog, Vec<ProgressEvent>) {
+        let mut record = ProgressLog::default();
         let events = STREAM.lines().flat_map(|line| record.feed_line(line)).collect();
         (record, events)
     }
@@ -697,7 +697,7 @@ WARNING: a line docker printed that is not JSON
 {"vertexes":[{"digest":"sha256:a","name":"[deps 2/2] RUN make","started":"2026-11-22T22:37:23Z"}]}
 {"logs":[{"vertex":"sha256:a","stream":1,"data":"Y29tcGlsaW5nCg=="}]}
 {"vertexes":[{"digest":"sha256:a","name":"[deps 2/2] RUN make","started":"2026-11-22T22:37:23Z","completed":"2026-11-22T22:37:24Z"}]}"#;
-        let mut record = ProgressRecord::default();
+        let mut record = ProgressLog::default();
         stream.lines().for_each(|line| drop(record.feed_line(line)));
         let steps = record.steps();
         assert_eq!(steps.len(), 1);
@@ -729,7 +729,7 @@ Step 5/5 : RUN echo two > /two
  ---> Running in 65d4fc29aba6
  ---> 40394cef2f56
 ";
-        let mut record = ClassicRecord::default();
+        let mut record = ClassicLog::default();
         output.lines().for_each(|line| record.feed_line(line));
         let steps: Vec<(String, String, bool)> =
             record.steps().into_iter().map(|step| (step.stage, step.name, step.cached)).collect();

@@ -10,7 +10,7 @@ use crate::output::OutputStyle;
 use crate::plan::{Builder, CacheErrors, CacheRef, Execution, Plan, StagePlan};
 use crate::progress::Renderer;
 use crate::render::render_command;
-use crate::report::{ClassicRecord, ProgressEvent, ProgressRecord, StageReport, StageStatus};
+use crate::report::{ClassicLog, ProgressEvent, ProgressLog, StageReport, StageStatus};
 use crate::writes::{self, remove_dir};
 use anyhow::{bail, Context as _, Result};
 use std::collections::BTreeSet;
@@ -123,8 +123,8 @@ pub(crate) fn build_unit(
     let shown: Vec<String> =
         covered.iter().map(|covered| plan.progress_name(covered)).chain(folded.iter().cloned()).collect();
     let started = Instant::now();
-    let mut record = ProgressRecord::default();
-    let mut classic_record = ClassicRecord::default();
+    let mut record = ProgressLog::default(); // BuildKit's per-step record, as it streams
+    let mut classic_record = ClassicLog::default();
     let out = ctx.out();
     let mut renderer = Renderer::new(ctx.style, &out, &stage.name, shown);
     let mut text_lines: Vec<String> = Vec::new();
