@@ -79,6 +79,17 @@ pub fn need_stack(test: &str) {
     }
 }
 
+/// `deps` finishes in a second; `slow` runs for two minutes, saying when it has started (what
+/// a cancel interrupts).
+pub const SLOW_DOCKERFILE: &str = "\
+ARG BASE
+FROM ${BASE} AS deps
+COPY deps.txt /deps.txt
+RUN cat /deps.txt > /deps
+FROM deps AS slow
+RUN echo slow-step-started && sleep 120 && echo never
+";
+
 /// A throwaway registry on another loopback port, stopped (by its PID) when dropped.
 pub struct TempRegistry {
     /// `127.0.0.1:PORT`.

@@ -227,16 +227,6 @@ fn the_registry_backend_through_a_remote_buildkitd_recovers_after_a_failed_stage
     }
 }
 
-/// `deps` finishes at once; `slow` says when it starts, then runs for two minutes.
-const SLOW: &str = "\
-ARG BASE
-FROM ${BASE} AS deps
-COPY deps.txt /deps.txt
-RUN cat /deps.txt > /deps
-FROM deps AS slow
-RUN echo slow-step-started && sleep 120 && echo never
-";
-
 #[test]
 #[cfg_attr(not(buildkitd_given), ignore = "needs a buildkitd: set CACHEFROM_TEST_BUILDKITD (README: a real buildkitd)")]
 fn a_cancelled_build_on_a_remote_buildkitd_writes_what_it_finished() {
@@ -244,7 +234,7 @@ fn a_cancelled_build_on_a_remote_buildkitd_writes_what_it_finished() {
     let _serial = serial();
     need_stack("a_cancelled_build_on_a_remote_buildkitd_writes_what_it_finished");
     let daemon = Daemon::start("cancel");
-    let project = synthetic_project(SLOW).unwrap();
+    let project = synthetic_project(SLOW_DOCKERFILE).unwrap();
     let image = unique_repository("remote-cancel");
     let mut child = Command::new(cachefrom_binary())
         .args(["build", "--image", &image, "--branch", "main", "--default-branch", "main"])

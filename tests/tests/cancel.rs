@@ -10,16 +10,6 @@ use std::time::{Duration, Instant};
 
 use cachefrom_tests::*;
 
-/// `deps` finishes in a second; `slow` runs for two minutes, saying when it has started.
-const SLOW: &str = "\
-ARG BASE
-FROM ${BASE} AS deps
-COPY deps.txt /deps.txt
-RUN cat /deps.txt > /deps
-FROM deps AS slow
-RUN echo slow-step-started && sleep 120 && echo never
-";
-
 /// Processes whose command line mentions `marker`.
 fn processes_with(marker: &str) -> Vec<String> {
     let mut found = Vec::new();
@@ -35,7 +25,7 @@ fn processes_with(marker: &str) -> Vec<String> {
 }
 
 fn cancel_with(signal: i32, to_group: bool) {
-    let project = synthetic_project(SLOW).unwrap();
+    let project = synthetic_project(SLOW_DOCKERFILE).unwrap();
     let image = unique_repository("cancel");
     let report = project.path().join("report.json");
     let mut child = Command::new(cachefrom_binary())

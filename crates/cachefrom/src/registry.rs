@@ -254,11 +254,7 @@ impl RegistryClient {
     fn manifest_once(&self, session: &Session, repository: &Repository, reference: &str) -> Result<Manifest> {
         let url = manifest_url(repository, reference)?;
         let mut response = self.send(session, repository, Scope::Pull, |agent, authorization| {
-            let mut request = agent.get(&url).header("Accept", MANIFEST_TYPES);
-            if let Some(authorization) = authorization {
-                request = request.header("Authorization", authorization);
-            }
-            request.call()
+            authorized(agent.get(&url).header("Accept", MANIFEST_TYPES), authorization).call()
         })?;
         let status = response.status().as_u16();
         let shown = format!("{}/{}@{reference}", repository.registry, repository.path);
@@ -297,11 +293,7 @@ impl RegistryClient {
                         let write = || -> Result<()> {
                             let url = manifest_url(repository, tag)?;
                             let response = self.send(session, repository, Scope::Push, |agent, authorization| {
-                                let mut request = agent.put(&url).header("Content-Type", manifest.content_type.as_str());
-                                if let Some(authorization) = authorization {
-                                    request = request.header("Authorization", authorization);
-                                }
-                                request.send(&manifest.body[..])
+                                authorized(agent.put(&url).header("Content-Type", manifest.content_type.as_str()), authorization).send(&manifest.body[..])
                             })?;
                             match response.status().as_u16() {
                                 200..=299 => Ok(()),
@@ -353,11 +345,7 @@ impl RegistryClient {
                 );
             }
             let mut response = self.send(&session, repository, Scope::Pull, |agent, authorization| {
-                let mut request = agent.get(&url);
-                if let Some(authorization) = authorization {
-                    request = request.header("Authorization", authorization);
-                }
-                request.call()
+                authorized(agent.get(&url), authorization).call()
             })?;
             match response.status().as_u16() {
                 200 => {}
@@ -420,22 +408,14 @@ impl RegistryClient {
         let base = registry_base_url(repository);
         let blob_url = format!("{base}/v2/{}/blobs/{EMPTY_DIGEST}", repository.path);
         let head = self.send(session, repository, Scope::Delete, |agent, authorization| {
-            let mut request = agent.head(&blob_url);
-            if let Some(authorization) = authorization {
-                request = request.header("Authorization", authorization);
-            }
-            request.call()
+            authorized(agent.head(&blob_url), authorization).call()
         })?;
         if head.status().is_success() {
             return Ok(());
         }
         let start_url = format!("{base}/v2/{}/blobs/uploads/", repository.path);
         let started = self.send(session, repository, Scope::Delete, |agent, authorization| {
-            let mut request = agent.post(&start_url);
-            if let Some(authorization) = authorization {
-                request = request.header("Authorization", authorization);
-            }
-            request.send_empty()
+            authorized(agent.post(&start_url), authorization).send_empty()
         })?;
         let location = started
             .headers()
@@ -453,11 +433,8 @@ impl RegistryClient {
         let separator = if location.contains('?') { '&' } else { '?' };
         let put_url = format!("{location}{separator}digest={EMPTY_DIGEST}");
         let done = self.send(session, repository, Scope::Delete, |agent, authorization| {
-            let mut request = agent.put(&put_url).header("Content-Type", "application/octet-stream");
-            if let Some(authorization) = authorization {
-                request = request.header("Authorization", authorization);
-            }
-            request.send(&b"{}"[..])
+            authorized(agent.put(&put_url).header("Content-Type", "application/octet-stream"), authorization)
+                .send(&b"{}"[..])
         })?;
         if !done.status().is_success() {
             bail!("registry {} refused the empty blob (HTTP {})", repository.registry, done.status().as_u16());
@@ -487,11 +464,7 @@ impl RegistryClient {
     pub fn delete_manifest(&self, repository: &Repository, digest: &str) -> Result<()> {
         let url = manifest_url(repository, digest)?;
         let response = self.send(&self.session(), repository, Scope::Delete, |agent, authorization| {
-            let mut request = agent.delete(&url);
-            if let Some(authorization) = authorization {
-                request = request.header("Authorization", authorization);
-            }
-            request.call()
+            authorized(agent.delete(&url), authorization).call()
         })?;
         match response.status().as_u16() {
             200..=299 | 404 => Ok(()),
@@ -520,11 +493,7 @@ impl RegistryClient {
             Err(error) => return (Existence::Unknown(format!("{error:#}")), None),
         };
         let answer = self.send(session, repository, Scope::Pull, |agent, authorization| {
-            let mut request = agent.head(&url).header("Accept", MANIFEST_TYPES);
-            if let Some(authorization) = authorization {
-                request = request.header("Authorization", authorization);
-            }
-            request.call()
+            authorized(agent.head(&url).header("Accept", MANIFEST_TYPES), authorization).call()
         });
         let response = match answer {
             Ok(response) => response,
@@ -671,6 +640,14 @@ impl RegistryClient {
             }
         }
         Ok(None)
+    }
+}
+
+/// `request` with the `Authorization` header, when there is one.
+fn authorized<B>(request: ureq::RequestBuilder<B>, authorization: Option<&str>) -> ureq::RequestBuilder<B> {
+    match authorization {
+        Some(authorization) => request.header("Authorization", authorization),
+        None => request,
     }
 }
 
