@@ -188,6 +188,58 @@ fn the_s3_backend_is_written_and_read_through_a_remote_buildkitd() {
     assert_eq!(warnings.len(), 1, "{log}");
     assert!(warnings[0].contains("no-such-bucket does not exist") && warnings[0].contains("create it"), "{log}");
     assert!(!log.contains("exporting the cache of runtime again"), "a missing bucket is not tried again:\n{log}");
+
+    // A key the server refuses: a moto that authenticates every request after the one that
+    // makes its bucket. One clear line, no retry, the build goes on.
+    let refusing = RefusingS3::start();
+    let refused = backend.replace(S3_ENDPOINT, &refusing.url).replace(&format!("bucket={S3_BUCKET}"), "bucket=guarded");
+    let (output, log, _) = build(dir, &image, &refused, &daemon.builder, &[]);
+    assert!(output.status.success(), "{log}");
+    let warnings: Vec<&str> = log.lines().filter(|line| line.starts_with("cachefrom: warning:")).collect();
+    assert_eq!(warnings.len(), 1, "{log}");
+    assert!(warnings[0].contains("refused the credentials") && warnings[0].contains("AWS_SECRET_ACCESS_KEY"), "{log}");
+    assert!(!log.contains(SECRET_KEY), "the secret key shows in the output");
+}
+
+/// moto's S3 server from the stack's venv on 127.0.0.1:5004, authenticating every request after
+/// the first (which makes the bucket `guarded`): any key is refused. Stopped when dropped.
+struct RefusingS3 {
+    url: String,
+    child: Child,
+}
+
+impl RefusingS3 {
+    fn start() -> RefusingS3 {
+        let dir = std::env::var_os("CACHEFROM_STACK_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("/var/lib/cachefrom-stack"));
+        let moto = dir.join("s3/bin/moto_server");
+        assert!(moto.is_file(), "{} is missing: run `cargo xtask stack up --s3`", moto.display());
+        let child = Command::new(moto)
+            .args(["-H", "127.0.0.1", "-p", "5004"])
+            .env("INITIAL_NO_AUTH_ACTION_COUNT", "1")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let url = "http://127.0.0.1:5004".to_string();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect("127.0.0.1:5004").is_err() {
+            assert!(Instant::now() < deadline, "moto did not listen on 127.0.0.1:5004");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let made =
+            Command::new("curl").args(["-sf", "-X", "PUT", "--max-time", "5", &format!("{url}/guarded")]).status();
+        assert!(made.is_ok_and(|status| status.success()), "the bucket was not made");
+        RefusingS3 { url, child }
+    }
+}
+
+impl Drop for RefusingS3 {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 #[test]

@@ -345,20 +345,19 @@ pub fn build_stage(ctx: &Context, plan: &Plan, stage: &StagePlan, resolution: &R
 
 /// Causes of an s3 cache failure that every import and export of the run share, and the one
 /// line that says each: what is wrong and what to do.
-const S3_CAUSES: [(&str, &str); 6] = [
+const S3_CAUSES: [(&str, &str); 8] = [
     ("NoSuchBucket", "the s3 bucket {bucket} does not exist at {endpoint}: create it, or fix bucket= in --backend"),
-    ("InvalidAccessKeyId", "the s3 server refused the access key (InvalidAccessKeyId): check AWS_ACCESS_KEY_ID"),
-    (
-        "SignatureDoesNotMatch",
-        "the s3 server refused the secret key (SignatureDoesNotMatch): check AWS_SECRET_ACCESS_KEY",
-    ),
-    (
-        "AccessDenied",
-        "the s3 server denied access to bucket {bucket} (AccessDenied): check the credentials' permissions",
-    ),
-    ("failed to refresh cached credentials", "no s3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"),
-    ("no EC2 IMDS role found", "no s3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"),
+    ("InvalidAccessKeyId", S3_REFUSED),
+    ("SignatureDoesNotMatch", S3_REFUSED),
+    ("AccessDenied", S3_REFUSED),
+    // A HEAD answered 403 carries no error code.
+    ("StatusCode: 403", S3_REFUSED),
+    ("failed to refresh cached credentials", S3_NO_CREDENTIALS),
+    ("no EC2 IMDS role found", S3_NO_CREDENTIALS),
+    ("NoCredentialProviders", S3_NO_CREDENTIALS),
 ];
+const S3_REFUSED: &str = "the s3 server at {endpoint} refused the credentials for bucket {bucket} (HTTP 403): check AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and what they may do";
+const S3_NO_CREDENTIALS: &str = "no s3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY";
 
 /// `problems` (BuildKit's cache errors of one build) with every s3 error of one cause said once,
 /// in one line that names the cause and what to do (a missing bucket fails every import and
@@ -408,8 +407,17 @@ mod tests {
                 "something else"
             ]
         );
-        let keys = vec!["api error InvalidAccessKeyId: The AWS Access Key Id you provided does not exist".to_string()];
-        assert!(one_line_per_cause(&backend, keys)[0].contains("check AWS_ACCESS_KEY_ID"));
+        // Refused keys: every import's code and the export's bare 403, one line.
+        let keys = vec![
+            "api error InvalidAccessKeyId: The AWS Access Key Id you provided does not exist".to_string(),
+            "exporting cache to Amazon S3: failed to check file presence in cache: operation error S3: HeadObject, https response error StatusCode: 403, RequestID: , HostID: , api error Forbidden: Forbidden".to_string(),
+        ];
+        let lines = one_line_per_cause(&backend, keys);
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        assert!(
+            lines[0].contains("refused the credentials") && lines[0].contains("AWS_SECRET_ACCESS_KEY"),
+            "{lines:?}"
+        );
         let registry = Backend::parse("registry", None).unwrap();
         assert_eq!(one_line_per_cause(&registry, vec![missing.to_string()]), [missing]);
     }
