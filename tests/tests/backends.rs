@@ -59,7 +59,10 @@ fn scenario(backend_name: &str, backend: &str) {
     git(dir, &["commit", "-q", "-m", "c1"]).unwrap();
     let c1 = git(dir, &["rev-parse", "HEAD"]).unwrap();
 
-    // Seeding build on the default branch (local build cache may help; the point is the export).
+    // Seeding build on the default branch, on a fresh runner: a build cache that an earlier test
+    // filled from another cache can hold results BuildKit never loaded, and it leaves those out
+    // of the export (the next run then misses them); a CI runner starts empty.
+    fresh_runner().unwrap();
     let seed = build(dir, &image, backend, "main");
     assert!(seed.success);
     for stage in &seed.stages {
