@@ -370,6 +370,10 @@ mod tests {
         assert!(error("local").contains("--backend local,dir=DIR"));
         assert!(error("s3,bucket=b").contains("needs region"));
         assert!(error("inline,mode=max").contains("no options"));
+        // Not dropped without a word: the registry backend chooses its refs and mode itself.
+        assert!(error("registry,ref=127.0.0.1:5000/other:cache").contains("takes no ref="));
+        assert!(error("registry,mode=min").contains("always exports mode=max"));
+        assert!(Backend::parse("registry,mode=max,compression=zstd", None).is_ok());
         assert!(error("registry,junk").contains("not KEY=VALUE"));
     }
 

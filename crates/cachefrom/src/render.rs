@@ -114,3 +114,32 @@ pub fn render_command_multiline(args: &[String]) -> String {
     }
     lines.join(" \\\n  ")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_secret_after_the_double_dash_is_hidden_whatever_the_option() {
+        let words: Vec<String> = [
+            "--label",
+            "token=ghp_abcdefghijklmnopqrstuvwxyz0123456789",
+            "--label=CONFIG={\"password\":\"hunter2\"}",
+            "--label",
+            "app=web",
+        ]
+        .map(String::from)
+        .to_vec();
+        let shown = redact_docker_args(&words).join(" ");
+        assert!(!shown.contains("ghp_") && !shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("token=***") && shown.contains("app=web"), "{shown}");
+    }
+
+    #[test]
+    fn control_characters_never_leave_their_line() {
+        assert_eq!(shell_quote("a\nb"), "$'a\\nb'");
+        assert_eq!(shell_quote("it's\t"), "$'it\\'s\\t'");
+        assert_eq!(shell_quote("::x"), "'::x'");
+        assert_eq!(shell_quote("plain-word"), "plain-word");
+    }
+}

@@ -236,6 +236,24 @@ mod tests {
     use super::*;
 
     #[test]
+    fn paths_that_are_not_utf8_are_refused_with_one_line() {
+        use std::os::unix::ffi::OsStrExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let odd = dir.path().join(std::ffi::OsStr::from_bytes(b"cd\xff\n::add-mask::x"));
+        std::fs::create_dir_all(&odd).unwrap();
+        for settings in [
+            Settings::new("127.0.0.1:5000/app", &odd),
+            Settings { work_dir: Some(odd.clone()), ..Settings::new("127.0.0.1:5000/app", dir.path()) },
+            Settings { file: Some(odd.join("Dockerfile")), ..Settings::new("127.0.0.1:5000/app", dir.path()) },
+            Settings::new("127.0.0.1:5000/app", dir.path()).backend(Backend::Local { dir: odd.clone() }),
+        ] {
+            let error = settings.plan_options(&crate::ci::Environment::default()).unwrap_err().to_string();
+            assert!(error.contains("is not a UTF-8 path"), "{error}");
+            assert!(!error.contains('\n'), "{error}");
+        }
+    }
+
+    #[test]
     fn the_text_defaults_are_the_typed_ones() {
         assert_eq!(DEFAULT_BACKEND.parse::<Backend>().unwrap(), Backend::default());
         assert_eq!(Level::parse_chain(DEFAULT_CHAIN).unwrap(), Level::DEFAULT_CHAIN.to_vec());
