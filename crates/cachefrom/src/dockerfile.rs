@@ -246,10 +246,8 @@ pub fn logical_text(text: &str, escape: char) -> String {
     let mut logical = String::new();
     for line in lines.by_ref() {
         let trimmed = line.trim();
+        // Comment and blank lines are left out, inside a continuation too.
         if trimmed.is_empty() || trimmed.starts_with('#') {
-            if logical.is_empty() {
-                continue;
-            }
             continue;
         }
         if !logical.is_empty() {
