@@ -355,7 +355,7 @@ impl PatternSet {
 
     /// The last pattern that matches `path` or a directory above it: whether it is an exception.
     fn last_match(&self, path: &str) -> Option<bool> {
-        self.set.matches(path).iter().last().map(|index| self.exceptions[index])
+        self.set.matches(path).iter().next_back().map(|index| self.exceptions[index])
     }
 }
 
