@@ -175,6 +175,13 @@ fn explain_refuses_a_pattern_it_will_not_read_with_exit_2() {
         explain("127.0.0.1:9/app", project.path(), &["--backend", "local,dir=/nonexistent"]);
     assert_eq!(output.status.code(), Some(2), "{stdout}{stderr}");
     assert!(stderr.contains("more than 3 `**`"), "{stderr}");
+    // The same pattern in `.dockerignore`.
+    let project = synthetic_project("FROM scratch\nCOPY . /x\n").unwrap();
+    std::fs::write(project.path().join(".dockerignore"), "a/**/b/**/c/**/d/**\n").unwrap();
+    let (output, stdout, stderr, _) =
+        explain("127.0.0.1:9/app", project.path(), &["--backend", "local,dir=/nonexistent"]);
+    assert_eq!(output.status.code(), Some(2), "{stdout}{stderr}");
+    assert!(stderr.contains("more than 3 `**`"), "{stderr}");
 }
 
 #[test]

@@ -2,7 +2,7 @@
 //! cache it read, gathered while the build runs; and [`explain`], which answers without building.
 
 use super::context::Context;
-use super::resolve::{check_caches, walk_context, Resolution};
+use super::resolve::{check_caches, walk_context, Resolution, Unread};
 use crate::backend::{Backend, CacheLocation};
 use crate::explain::{Miss, StageInputs};
 use crate::inputs::CacheRecord;
@@ -29,13 +29,7 @@ pub(crate) fn gather_evidence(ctx: &Context, plan: &Plan, resolution: &Resolutio
             &walked
         }
     };
-    let walk = walk.as_ref().map_err(|why| {
-        // A refused `.dockerignore` pattern keeps its type (the CLI answers it with exit 2).
-        match crate::inputs::IgnoreRules::for_build(&plan.context, &plan.dockerfile) {
-            Err(error) => error,
-            Ok(_) => anyhow::anyhow!("the build context was not read: {why}"),
-        }
-    })?;
+    let walk = walk.as_ref().map_err(Unread::error)?;
     let now = crate::explain::current_inputs(plan, &resolution.image_digests, walk)?;
     let mut records = BTreeMap::new();
     for stage in &plan.stages {

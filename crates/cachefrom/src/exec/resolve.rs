@@ -44,7 +44,7 @@ pub struct Resolution {
     /// The digest of each image the Dockerfile reads, where the registry said.
     pub(crate) image_digests: BTreeMap<String, String>,
     /// The build context, read once for the inputs' hash and the stages' records (or why not).
-    pub(crate) context: Option<std::sync::Arc<std::result::Result<ContextWalk, String>>>,
+    pub(crate) context: Option<std::sync::Arc<std::result::Result<ContextWalk, Unread>>>,
 }
 
 impl Resolution {
@@ -141,13 +141,15 @@ pub(crate) fn check_caches(ctx: &Context, plan: &Plan) -> Result<Resolution> {
             });
             let walked = scope.spawn(|| plan.backend.keeps_records().then(|| std::sync::Arc::new(walk_context(plan))));
             let checked = ctx.registry.check_all_with_digests(&image_checks);
-            let context =
-                walked.join().unwrap_or_else(|_| Some(std::sync::Arc::new(Err("reading it panicked".to_string()))));
+            let context = walked.join().unwrap_or_else(|_| {
+                Some(std::sync::Arc::new(Err(Unread { why: "reading it panicked".to_string(), refused: false })))
+            });
             (checked, looked_up.join().unwrap_or_default(), context)
         });
-    if let Some(Err(why)) = context.as_deref() {
+    if let Some(Err(unread)) = context.as_deref() {
         warnings.push(format!(
-            "the build context is not hashed ({why}): the build runs as usual, without the check for an unchanged build or the record of why a stage missed"
+            "the build context is not hashed ({}): the build runs as usual, without the check for an unchanged build or the record of why a stage missed",
+            unread.why
         ));
     }
     let inputs = match context.as_deref() {
@@ -231,14 +233,36 @@ pub(crate) fn check_caches(ctx: &Context, plan: &Plan) -> Result<Resolution> {
     })
 }
 
+/// Why the build context was not read, kept with the run (it is read once): `refused` when a
+/// `.dockerignore` pattern was one cachefrom will not read (`explain` answers that with exit 2).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Unread {
+    pub(crate) why: String,
+    pub(crate) refused: bool,
+}
+
+impl Unread {
+    /// The error it stands for, a refused pattern keeping its type.
+    pub(crate) fn error(&self) -> anyhow::Error {
+        match self.refused {
+            true => anyhow::Error::new(crate::inputs::RefusedPattern(self.why.clone())),
+            false => anyhow::anyhow!("the build context was not read: {}", self.why),
+        }
+    }
+}
+
+/// The build context as the plan's `.dockerignore` lets it through, read once; or why not.
+pub(crate) fn walk_context(plan: &Plan) -> std::result::Result<ContextWalk, Unread> {
+    let unread = |error: anyhow::Error| Unread {
+        why: format!("{error:#}"),
+        refused: error.chain().any(|cause| cause.downcast_ref::<crate::inputs::RefusedPattern>().is_some()),
+    };
+    let ignore = crate::inputs::IgnoreRules::for_build(&plan.context, &plan.dockerfile).map_err(unread)?;
+    ContextWalk::read(&plan.context, &ignore).map_err(unread)
+}
+
 /// The hash of the run's inputs, for a one-build registry run that writes its cache: every
 /// image the Dockerfile reads must answer with a digest, else there is none.
-/// The build context as the plan's `.dockerignore` lets it through, read once; or why not.
-pub(crate) fn walk_context(plan: &Plan) -> std::result::Result<ContextWalk, String> {
-    let ignore =
-        crate::inputs::IgnoreRules::for_build(&plan.context, &plan.dockerfile).map_err(|e| format!("{e:#}"))?;
-    ContextWalk::read(&plan.context, &ignore).map_err(|error| format!("{error:#}"))
-}
 
 pub(crate) fn input_fingerprint(
     plan: &Plan,
