@@ -387,6 +387,27 @@ pub(crate) fn one_line_per_cause(backend: &Backend, problems: Vec<String>) -> Ve
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn an_s3_warning_from_any_bucket_and_endpoint_starts_no_workflow_command(
+            bucket in "[^,=]{1,40}",
+            endpoint in "[^,=]{1,40}",
+            problem in any::<String>(),
+        ) {
+            let text = format!("s3,bucket={bucket},region=r,endpoint_url={endpoint}");
+            let Ok(backend) = Backend::parse(&text, None) else { return Ok(()) };
+            let problems = vec![format!("{problem} api error NoSuchBucket"), problem.clone(), "StatusCode: 403".to_string()];
+            for line in one_line_per_cause(&backend, problems) {
+                // What the run shows: every line through the output's guard.
+                let shown = crate::output::safe_line(&format!("cachefrom: warning: stage s: {line}"));
+                for part in shown.split(['\n', '\r']) {
+                    prop_assert!(!part.trim_start().starts_with("::"), "{:?}", part);
+                }
+            }
+        }
+    }
 
     #[test]
     fn a_missing_bucket_is_one_line_whatever_the_number_of_imports() {
