@@ -1,7 +1,10 @@
 //! The plan as the shell script a person would write for it: `Display` of [`Plan`].
 //!
 //! The script is rendered from the same data the executor walks ([`Plan::steps`] and
-//! [`Plan::recovery`]), so what it prints is what runs. Every value that comes from outside
+//! [`Plan::recovery`]), so what it prints is what runs: each build's argument vector as planned
+//! (the executor only leaves out the `--cache-from` of candidates that do not exist), each
+//! write, and, as comments, what cachefrom decides at run time (an unchanged build reused, a
+//! build's fallbacks, the write-back of an all-hit cache, stage tags refreshed). Every value that comes from outside
 //! (branch names, paths, stage names, build arguments) is quoted where it is a word and
 //! escaped where it is part of a comment, so the script runs nothing it was not meant to.
 
@@ -27,6 +30,13 @@ pub fn comment_text(text: &str) -> String {
         }
     }
     out
+}
+
+/// `argv` as the script runs it: BuildKit's progress as plain text (the executor reads rawjson).
+fn shown(argv: &[String]) -> Vec<String> {
+    argv.iter()
+        .map(|arg| if arg == "--progress=rawjson" { "--progress=plain".to_string() } else { arg.clone() })
+        .collect()
 }
 
 /// The awk program that answers "did the build finish every step of this stage?" from
@@ -101,6 +111,11 @@ impl Plan {
         writeln!(out, "# cache sources, most specific first: {}", chain.join(" > "))?;
         let writes: Vec<&str> = self.write_levels.iter().map(|level| level.name()).collect();
         writeln!(out, "# writes: {}", if writes.is_empty() { "nothing".to_string() } else { writes.join(", ") })?;
+        let queries = match self.builder {
+            Builder::Buildx => "docker info, docker buildx inspect",
+            Builder::Classic => "docker info",
+        };
+        writeln!(out, "# asks first, changing nothing: {queries} (what the engine can build)")?;
         for note in &self.notes {
             writeln!(out, "# note: {}", comment_text(note))?;
         }
@@ -119,11 +134,6 @@ impl Plan {
         if self.builder == Builder::Buildx && self.backend.can_check_existence() {
             writeln!(out, "# cachefrom checks which candidates exist (no layer download) and passes only those,")?;
             writeln!(out, "# from one level of the chain for every stage where it can, each cache once.")?;
-        }
-        if self.execution == Execution::OneBuild && matches!(self.backend, Backend::Registry { .. }) {
-            writeln!(out, "# When the hash of the inputs matches the record on the cache this run exports to, and no")?;
-            writeln!(out, "# local image is wanted, cachefrom builds nothing: it tags the recorded image and copies")?;
-            writeln!(out, "# the cache's tags. The copies below record this run's hash and image on the cache.")?;
         }
         let unpack_needed = matches!(self.backend, Backend::Tarball { .. });
         if self.builder == Builder::Classic || unpack_needed {
@@ -166,8 +176,7 @@ impl Plan {
                 let reads: String = stage.depends_on.iter().map(|name| format!("{}' '", shell_quote(name))).collect();
                 writeln!(out, "    finished+={reads}")?;
             }
-            let command = self.build_command(stage, &self.all_candidate_sources(stage), "plain");
-            writeln!(out, "    {}", render_command_multiline(&command).replace('\n', "\n    "))?;
+            writeln!(out, "    {}", render_command_multiline(&shown(&recovery.argv)).replace('\n', "\n    "))?;
             for write in &recovery.writes {
                 writeln!(out, "    {}", write.shell())?;
             }
@@ -193,7 +202,25 @@ impl fmt::Display for Plan {
         let mut built = 0;
         for step in &self.steps {
             match step {
-                Step::Build { stage } => {
+                Step::ReuseUnchanged { record_on, image_tags, writes } => {
+                    writeln!(
+                        out,
+                        "\n# When the hash of the inputs equals the record on {} (cachefrom",
+                        comment_text(record_on)
+                    )?;
+                    writeln!(
+                        out,
+                        "# compares them), nothing below runs; instead the recorded image and cache are reused:"
+                    )?;
+                    if !image_tags.is_empty() {
+                        let tags: Vec<String> = image_tags.iter().map(|tag| shell_quote(tag)).collect();
+                        writeln!(out, "#   cachefrom copy-tag \"$recorded_image\" {}", comment_text(&tags.join(" ")))?;
+                    }
+                    for write in writes {
+                        writeln!(out, "#   {}", comment_text(&write.shell()))?;
+                    }
+                }
+                Step::Build { stage, argv, fallbacks } => {
                     let Some(stage) = self.stage(stage) else { continue };
                     built += 1;
                     match self.execution {
@@ -209,23 +236,43 @@ impl fmt::Display for Plan {
                             self.stages.len()
                         )?,
                     }
-                    let command = self.build_command(stage, &self.all_candidate_sources(stage), "plain");
-                    let mut line = render_command_multiline(&command);
+                    for fallback in fallbacks {
+                        writeln!(out, "# {}", fallback.describe())?;
+                    }
+                    let mut line = render_command_multiline(&shown(argv));
                     if !self.recovery.is_empty() {
                         line.push_str(" 2>&1 | tee \"$log\"");
                     }
                     writeln!(out, "{line}")?;
                 }
+                Step::WriteBack { to, .. } => {
+                    writeln!(
+                        out,
+                        "# When every step hit the one cache it read, that cache (with this run's record) is"
+                    )?;
+                    writeln!(
+                        out,
+                        "# what {} gets: cachefrom copy-tag \"$cache_read\" {}",
+                        comment_text(to),
+                        comment_text(&shell_quote(to))
+                    )?;
+                }
                 Step::Write { write, .. } => writeln!(out, "{}", write.shell())?,
+                Step::RefreshStageTags { writes, .. } => {
+                    writeln!(
+                        out,
+                        "# The other stages read their layers from this cache. Their own tags, which only a failed"
+                    )?;
+                    writeln!(
+                        out,
+                        "# run writes, get this cache too where cachefrom found them (so they are not read as older):"
+                    )?;
+                    for write in writes {
+                        writeln!(out, "#   {}", comment_text(&write.shell()))?;
+                    }
+                }
                 Step::PushImage { image } => writeln!(out, "docker push {}", shell_quote(image))?,
             }
-        }
-        if !self.recovery.is_empty() {
-            writeln!(out, "# The other stages read their layers from this cache. Their own tags, which only a failed")?;
-            writeln!(
-                out,
-                "# run writes, get this cache too where cachefrom found them (so they are not read as older)."
-            )?;
         }
         f.write_str(&crate::secrets::scrub(&out))
     }
@@ -322,19 +369,18 @@ mod properties {
     fn planned(plan: &Plan) -> Vec<Vec<String>> {
         plan.steps
             .iter()
+            .filter(|step| {
+                !matches!(step, Step::ReuseUnchanged { .. } | Step::WriteBack { .. } | Step::RefreshStageTags { .. })
+            })
             .map(|step| match step {
-                Step::Build { stage } => {
-                    let stage = plan.stage(stage).unwrap();
-                    let args = plan.build_command(stage, &plan.all_candidate_sources(stage), "plain");
-                    std::iter::once("docker".to_string()).chain(args).collect()
-                }
+                Step::Build { argv, .. } => std::iter::once("docker".to_string()).chain(shown(argv)).collect(),
                 Step::Write { write: CacheWrite::CopyTag { from, to }, .. } => {
                     ["cachefrom", "copy-tag", from].iter().map(|s| s.to_string()).chain(to.iter().cloned()).collect()
                 }
                 Step::Write { write: CacheWrite::PushCacheImage { image }, .. } | Step::PushImage { image } => {
                     vec!["docker".into(), "push".into(), image.clone()]
                 }
-                Step::Write { write, .. } => panic!("not a registry or inline write: {write:?}"),
+                other => panic!("not a registry or inline write: {other:?}"),
             })
             .collect()
     }

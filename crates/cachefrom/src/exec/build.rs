@@ -96,8 +96,13 @@ pub(crate) fn build_unit(
             .with_context(|| format!("creating the work directory {}", plan.work_dir.display()))?;
         let _ = std::fs::remove_file(plan.metadata_file());
     }
-    let progress = if plan.builder == Builder::Buildx { "rawjson" } else { "plain" };
-    let args = plan.build_command(stage, &sources, progress);
+    // The planned command, with the `--cache-from` of the sources chosen and nothing else changed.
+    let planned = plan.build_argv(&stage.name).map(<[String]>::to_vec).unwrap_or_else(|| plan.planned_argv(stage));
+    let chosen: BTreeSet<String> = sources
+        .iter()
+        .map(|(source_stage, source)| plan.backend.cache_from_arg(&source.location, &plan.unpacked_dir(source_stage)))
+        .collect();
+    let args = crate::plan::narrowed(&planned, &|value| chosen.contains(value));
     let covered = plan.covered_by(stage);
     let title = match plan.execution {
         Execution::OneBuild if covered.len() > 1 => format!(

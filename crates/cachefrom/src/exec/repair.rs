@@ -1,15 +1,16 @@
 //! Each repair named on its own: a broken cache source dropped, a lost race built again, a full
 //! disk told once, an unchanged build reused, an all-hit cache written back, stale stage tags refreshed.
 
-use super::build::credit_writes;
+use super::build::{build_unit, credit_writes, BuildOutcome};
 use super::context::Context;
 use super::guard::perform_writes;
 use super::resolve::Resolution;
 use crate::backend::Backend;
 use crate::inputs::CacheRecord;
-use crate::plan::{CacheRef, CacheWrite, Execution, Plan};
+use crate::plan::{CacheWrite, Fallback, Plan};
 use crate::registry::Existence;
 use crate::report::{StageReport, StageStatus};
+use crate::retry::Backoff;
 use crate::writes::{self};
 use anyhow::{bail, Context as _, Result};
 use std::collections::{BTreeMap, BTreeSet};
@@ -94,8 +95,8 @@ pub(crate) fn is_image_store_race(error: &str) -> bool {
 
 /// Further tries of a cache export that failed while the build succeeded (or of a build that
 /// lost a race with an identical one): after 0.5 s, then 1 s.
-pub(crate) const EXPORT_BACKOFF: crate::retry::Backoff =
-    crate::retry::Backoff { retries: 2, first: std::time::Duration::from_millis(500), factor: 2 };
+pub(crate) const EXPORT_BACKOFF: Backoff =
+    Backoff { retries: 2, first: std::time::Duration::from_millis(500), factor: 2 };
 
 /// The record on the cache this run exports to, when it says the run has nothing to build: the
 /// same inputs, and an output the record can stand for (the cache alone, or images pushed to the
@@ -113,23 +114,25 @@ pub(crate) fn unchanged_record<'a>(plan: &Plan, resolution: &'a Resolution) -> O
     }
 }
 
-/// Nothing to build: tags the recorded image and writes the recorded cache's further tags, and
-/// reports each stage as the record has it.
+/// Nothing to build ([`crate::plan::Step::ReuseUnchanged`]): gives the recorded image
+/// `image_tags`, carries out `writes`, and reports each stage as the record has it.
 pub(crate) fn reuse_unchanged(
     ctx: &Context,
     plan: &Plan,
     resolution: &Resolution,
     record: &CacheRecord,
+    image_tags: &[String],
+    writes: &[CacheWrite],
 ) -> Result<Vec<StageReport>> {
     let target = plan.target_stage();
     let primary = plan.primary_write(target).context("the run writes a cache")?;
-    if let (Some(image), true) = (&record.image, plan.push_tags) {
-        let tags = plan.tags.iter().map(|tag| writes::tag_of(&plan.repository, tag)).collect::<Result<Vec<_>>>()?;
+    if let (Some(image), false) = (&record.image, image_tags.is_empty()) {
+        let tags = image_tags.iter().map(|tag| writes::tag_of(&plan.repository, tag)).collect::<Result<Vec<_>>>()?;
         ctx.registry
             .copy_tag(&plan.repository, image, &tags)
             .with_context(|| format!("tagging the image {image} built from the same inputs"))?;
     }
-    let written = perform_writes(ctx, plan, &plan.writes_after(target), &BTreeMap::new())?;
+    let written = perform_writes(ctx, plan, writes, &BTreeMap::new())?;
     // A copy the registry refuses (400: it no longer has a blob the cache names) means the cache
     // cannot be reused: build instead.
     if !written.warnings.is_empty() {
@@ -156,35 +159,62 @@ pub(crate) fn reuse_unchanged(
     Ok(reports)
 }
 
-/// After a successful one build of the target: the tags of other stages that a failed run wrote
-/// at the levels this run writes (the checks found them), overwritten with the new cache so that
-/// they are not read as older caches beside it.
-pub(crate) fn stale_stage_writes(plan: &Plan, stage: &str, resolution: &Resolution) -> Vec<CacheWrite> {
-    let Some(target) = plan.stage(stage).filter(|stage| stage.is_target && plan.execution == Execution::OneBuild)
-    else {
-        return Vec::new();
-    };
-    let stale: Vec<&CacheRef> = plan
-        .stages
-        .iter()
-        .filter(|other| !other.is_target)
-        .flat_map(|other| other.cache_to.iter())
-        .filter(|write| {
-            resolution
-                .stages
-                .values()
-                .flat_map(|choice| choice.checked.iter())
-                .any(|(candidate, answer)| candidate.location == write.location && *answer == Existence::Exists)
-        })
-        .collect();
-    if stale.is_empty() {
-        return Vec::new();
+/// One [`crate::plan::Step::Build`] of `stage`, with the step's declared fallbacks and nothing
+/// else: without a broken source, again after a lost image-store race, again when the registry
+/// refused the export for a moment. `resolution` loses the broken source for the rest of the run.
+pub(crate) fn build_with_fallbacks(
+    ctx: &Context,
+    plan: &Plan,
+    stage: &str,
+    fallbacks: &[Fallback],
+    resolution: &mut Resolution,
+) -> Result<BuildOutcome> {
+    let mut outcome = build_unit(ctx, plan, stage, resolution)?;
+    if fallbacks.contains(&Fallback::WithoutBrokenSource) {
+        // The build fails where the image needs the content; only the export fails, as a
+        // warning, where nothing but the cache needs it.
+        let failure_text = match (&outcome.error, outcome.export_failed) {
+            (Some(error), _) => format!("{error:#}"),
+            (None, true) => outcome.reports.iter().flat_map(|report| report.warnings.iter()).cloned().collect(),
+            (None, false) => String::new(),
+        };
+        if let Some(digest) = missing_content(&failure_text) {
+            if let Some((fixed, warning)) = without_broken(ctx, plan, resolution, &digest) {
+                ctx.warn(&warning);
+                *resolution = fixed;
+                resolution.warnings.push(warning);
+                outcome = build_unit(ctx, plan, stage, resolution)?.after(outcome);
+            }
+        }
     }
-    plan.writes_to(target, &stale)
+    for fallback in fallbacks {
+        let (tries, worth): (u32, &dyn Fn(&BuildOutcome) -> bool) = match fallback {
+            Fallback::WithoutBrokenSource => continue,
+            Fallback::AgainAfterImageStoreRace { tries } => (*tries, &|outcome: &BuildOutcome| {
+                outcome.error.as_ref().is_some_and(|error| is_image_store_race(&format!("{error:#}")))
+            }),
+            Fallback::ExportAgain { tries } => (*tries, &|outcome: &BuildOutcome| {
+                outcome.error.is_none() && outcome.export_failed && outcome.export_retryable
+            }),
+        };
+        let backoff = Backoff { retries: tries.saturating_sub(1), ..EXPORT_BACKOFF };
+        let worth_it = |value: &Result<BuildOutcome>| value.as_ref().is_ok_and(worth);
+        outcome = crate::retry::while_worth(Ok(outcome), backoff, worth_it, |previous, n| {
+            match fallback {
+                Fallback::ExportAgain { .. } => {
+                    ctx.say(&format!("cachefrom: exporting the cache of {stage} again (try {})", n + 1))
+                }
+                _ => ctx
+                    .say(&format!("cachefrom: building {stage} again: another build of the same image finished first")),
+            }
+            Ok(build_unit(ctx, plan, stage, resolution)?.after(previous?))
+        })?;
+    }
+    Ok(outcome)
 }
 
 /// After a registry build of `stage` whose every step was a hit from one cache: that cache's
-/// manifest digest and the tag the build exported to. BuildKit's export of such a build can lack
+/// manifest digest (what [`crate::plan::Step::WriteBack`] writes). BuildKit's export of such a build can lack
 /// results it never had to load (seen here: the layer of a `COPY` whose later steps hit too, so
 /// that the next run missed the whole stage); the cache it read holds every result of the same
 /// steps, so it is what the export's tag gets.
@@ -193,12 +223,11 @@ pub(crate) fn complete_cache_of_all_hit_build(
     stage: &str,
     resolution: &Resolution,
     reports: &BTreeMap<String, StageReport>,
-) -> Option<(String, String)> {
+) -> Option<String> {
     if !matches!(plan.backend, Backend::Registry { .. }) {
         return None;
     }
     let stage = plan.stage(stage)?;
-    let primary = plan.primary_write(stage)?;
     let sources = resolution.sources(plan, stage);
     let [(_, only)] = sources.as_slice() else { return None };
     let digest = resolution.digests.get(&only.location.to_string())?;
@@ -207,7 +236,7 @@ pub(crate) fn complete_cache_of_all_hit_build(
         .iter()
         .all(|covered| reports.get(&covered.name).is_some_and(|report| report.steps_cached == report.steps_total))
         && covered.iter().any(|covered| reports.get(&covered.name).is_some_and(|report| report.steps_total > 0));
-    all_hit.then(|| (digest.clone(), primary.location.to_string()))
+    all_hit.then(|| digest.clone())
 }
 
 /// Puts the cache manifest `digest` (in the plan's repository) at `to`, with `annotations`.

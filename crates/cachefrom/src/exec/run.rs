@@ -1,13 +1,13 @@
 //! [`build_with_cache`]: probe the engine, plan, check the caches, walk the plan's steps, write
 //! the caches, publish the report.
 
-use super::build::{build_unit, credit_writes, BuildOutcome};
+use super::build::credit_writes;
 use super::context::Context;
 use super::evidence::{explain_stages, gather_evidence, joined, record_of, write_stage_records, MissEvidence};
 use super::guard::{perform_writes, recover, RunOutcome};
 use super::repair::{
-    complete_cache_of_all_hit_build, is_disk_full, is_image_store_race, missing_content, restore_cache,
-    reuse_unchanged, stale_stage_writes, unchanged_record, without_broken, EXPORT_BACKOFF,
+    build_with_fallbacks, complete_cache_of_all_hit_build, is_disk_full, restore_cache, reuse_unchanged,
+    unchanged_record,
 };
 use super::resolve::{check_caches, Resolution};
 use crate::ci::step_summary_path;
@@ -203,87 +203,46 @@ pub(crate) fn execute_checked(
 
     let mut stage_reports: BTreeMap<String, StageReport> = BTreeMap::new();
     let mut unchanged = None;
-    if let Some(record) = unchanged_record(plan, &resolution) {
-        match reuse_unchanged(ctx, plan, &resolution, record) {
-            Ok(reports) => {
-                unchanged = plan.primary_write(plan.target_stage());
-                stage_reports = reports.into_iter().map(|report| (report.name.clone(), report)).collect();
-            }
-            Err(error) => ctx.warn(&format!("reusing the unchanged build failed, building: {error:#}")),
-        }
-    }
-    let steps: &[Step] = if unchanged.is_some() { &[] } else { &plan.steps };
     // The record written on the exported cache, once the target's build has succeeded.
     let mut annotations: BTreeMap<String, String> = BTreeMap::new();
     // Each stage's inputs and the records on the caches read, gathered while the build runs (the
     // build overwrites the caches it read): what a miss is explained with, and the records this
     // run writes.
-    let mut gathering = (plan.backend.keeps_records() && !steps.is_empty()).then(|| {
-        let (ctx, plan, resolution) = (ctx.clone(), plan.clone(), resolution.clone());
-        std::thread::spawn(move || gather_evidence(&ctx, &plan, &resolution))
-    });
+    let mut gathering: Option<std::thread::JoinHandle<Result<MissEvidence>>> = None;
     let mut evidence: Option<MissEvidence> = None;
 
-    // Walk the plan's steps; a failed build stops the walk after recovering what it finished.
+    // One interpreter of the plan's steps; a failed build stops the walk after recovering what it
+    // finished (the plan's recovery).
     let mut build_error: Option<anyhow::Error> = None;
-    let mut write_warnings: Vec<(String, String)> = Vec::new();
     let mut write_error: Option<String> = None;
+    let mut written = WriteLog::default();
+    // Stages whose build failed to export.
     let mut not_exported: BTreeSet<String> = BTreeSet::new();
-    let mut refresh: Vec<CacheWrite> = Vec::new();
-    // The first write that found the disk full, and how many writes were skipped after it.
-    let mut disk_full: Option<String> = None;
-    let mut skipped_full = 0;
-    for step in steps {
+    for step in &plan.steps {
+        if build_error.is_some() || write_error.is_some() {
+            break;
+        }
         match step {
+            Step::ReuseUnchanged { record_on, image_tags, writes } => {
+                let Some(record) = unchanged_record(plan, &resolution) else { continue };
+                match reuse_unchanged(ctx, plan, &resolution, record, image_tags, writes) {
+                    Ok(reports) => {
+                        unchanged = Some(record_on.clone());
+                        stage_reports = reports.into_iter().map(|report| (report.name.clone(), report)).collect();
+                        break;
+                    }
+                    Err(error) => ctx.warn(&format!("reusing the unchanged build failed, building: {error:#}")),
+                }
+            }
             Step::Build { .. } if ctx.docker.cancel.requested().is_some() => {
                 build_error = Some(anyhow::anyhow!("cancelled before the next build started"));
-                break;
             }
-            Step::Build { stage } => {
-                let mut outcome = build_unit(ctx, plan, stage, &resolution)?;
-                // A cache whose manifest is there but whose content is not (a registry's garbage
-                // collection, a half-finished push) must not fail every run: build again
-                // without it; this run's export replaces it.
-                // (The build fails where the image needs the content; only the export fails,
-                // as a warning, where nothing but the cache needs it.)
-                let failure_text = match (&outcome.error, outcome.export_failed) {
-                    (Some(error), _) => format!("{error:#}"),
-                    (None, true) => outcome.reports.iter().flat_map(|report| report.warnings.iter()).cloned().collect(),
-                    (None, false) => String::new(),
-                };
-                if let Some(digest) = missing_content(&failure_text) {
-                    if let Some((fixed, warning)) = without_broken(ctx, plan, &resolution, &digest) {
-                        ctx.warn(&warning);
-                        resolution = fixed;
-                        resolution.warnings.push(warning);
-                        outcome = build_unit(ctx, plan, stage, &resolution)?.after(outcome);
-                    }
+            Step::Build { stage, fallbacks, .. } => {
+                if gathering.is_none() && evidence.is_none() && plan.backend.keeps_records() {
+                    let (ctx, plan, resolution) = (ctx.clone(), plan.clone(), resolution.clone());
+                    gathering = Some(std::thread::spawn(move || gather_evidence(&ctx, &plan, &resolution)));
                 }
-                // An export the registry refused for a moment (writers racing on one tag answer
-                // 5xx) is tried again: the build is in BuildKit's cache, so only the export runs.
-                // Two identical builds at once on one engine race on the image store
-                // (`image "moby-dangling@sha256:…": already exists`): the other one has finished
-                // by then, and the same build again is a cache hit.
-                let lost_race = |value: &Result<BuildOutcome>| {
-                    value.as_ref().is_ok_and(|outcome| {
-                        outcome.error.as_ref().is_some_and(|error| is_image_store_race(&format!("{error:#}")))
-                    })
-                };
-                outcome = crate::retry::while_worth(Ok(outcome), EXPORT_BACKOFF, lost_race, |previous, _| {
-                    ctx.say(&format!(
-                        "cachefrom: building {stage} again: another build of the same image finished first"
-                    ));
-                    Ok(build_unit(ctx, plan, stage, &resolution)?.after(previous?))
-                })?;
-                let export_refused = |value: &Result<BuildOutcome>| {
-                    value.as_ref().is_ok_and(|outcome| {
-                        outcome.error.is_none() && outcome.export_failed && outcome.export_retryable
-                    })
-                };
-                outcome = crate::retry::while_worth(Ok(outcome), EXPORT_BACKOFF, export_refused, |previous, n| {
-                    ctx.say(&format!("cachefrom: exporting the cache of {stage} again (try {})", n + 1));
-                    Ok(build_unit(ctx, plan, stage, &resolution)?.after(previous?))
-                })?;
+                let outcome = build_with_fallbacks(ctx, plan, stage, fallbacks, &mut resolution)?;
                 if outcome.export_failed {
                     not_exported.insert(stage.clone());
                 }
@@ -299,7 +258,7 @@ pub(crate) fn execute_checked(
                     {
                         write_error = Some(format!("{error:#}"));
                     }
-                    break;
+                    continue;
                 }
                 annotations = record_of(plan, stage, &resolution, &stage_reports)
                     .map(|record| record.to_annotations())
@@ -308,40 +267,31 @@ pub(crate) fn execute_checked(
                 if let Some(gathered) = evidence.as_ref().filter(|_| !outcome.export_failed) {
                     write_stage_records(plan, stage, &gathered.now, &mut annotations);
                 }
-                if !outcome.export_failed {
-                    refresh = stale_stage_writes(plan, stage, &resolution);
-                    if let Some((digest, primary)) =
-                        complete_cache_of_all_hit_build(plan, stage, &resolution, &stage_reports)
-                    {
-                        if let Err(error) = restore_cache(ctx, plan, &digest, &primary, &annotations) {
-                            resolution.warnings.push(format!("{error:#}"));
-                        }
-                    }
-                }
             }
             // The export failed (its warning is in the report): copying it would copy an older cache.
-            Step::Write { stage, .. } if not_exported.contains(stage) => {}
-            // The cache directory is full: the other file writes would fail the same way.
-            Step::Write { write: CacheWrite::CopyDir { .. } | CacheWrite::Pack { .. }, .. } if disk_full.is_some() => {
-                skipped_full += 1;
-            }
-            Step::Write { stage, write } => {
-                match perform_writes(ctx, plan, std::slice::from_ref(write), &annotations) {
-                    Ok(outcome) => {
-                        credit_writes(plan, stage_reports.values_mut(), &outcome.pushed);
-                        for warning in outcome.warnings {
-                            if is_disk_full(&warning) {
-                                disk_full.get_or_insert(warning);
-                            } else {
-                                write_warnings.push((stage.clone(), warning));
-                            }
-                        }
-                    }
-                    Err(error) => {
-                        write_error = Some(format!("{error:#}"));
-                        break;
+            Step::Write { stage, .. } | Step::WriteBack { stage, .. } | Step::RefreshStageTags { stage, .. }
+                if not_exported.contains(stage) => {}
+            Step::WriteBack { stage, to } => {
+                if let Some(digest) = complete_cache_of_all_hit_build(plan, stage, &resolution, &stage_reports) {
+                    if let Err(error) = restore_cache(ctx, plan, &digest, to, &annotations) {
+                        resolution.warnings.push(format!("{error:#}"));
                     }
                 }
+            }
+            // The cache directory is full: the other file writes would fail the same way.
+            Step::Write { write: CacheWrite::CopyDir { .. } | CacheWrite::Pack { .. }, .. }
+            | Step::RefreshStageTags { .. }
+                if written.disk_full.is_some() =>
+            {
+                written.skipped_full += 1;
+            }
+            Step::Write { stage, write } => {
+                let writes = std::slice::from_ref(write);
+                write_error = written.perform(ctx, plan, stage, writes, &annotations, &mut stage_reports);
+            }
+            Step::RefreshStageTags { stage, writes } => {
+                let writes = existing_destinations(writes, &resolution);
+                write_error = written.perform(ctx, plan, stage, &writes, &annotations, &mut stage_reports);
             }
             Step::PushImage { image } => {
                 let args = vec!["push".to_string(), "--quiet".to_string(), image.clone()];
@@ -349,21 +299,11 @@ pub(crate) fn execute_checked(
                     ctx.docker.run_checked(&format!("pushing the image {image}"), &args, ctx.docker.timeouts.transfer)
                 {
                     build_error = Some(error);
-                    break;
                 }
             }
         }
     }
-    if build_error.is_none() && write_error.is_none() && disk_full.is_none() && !refresh.is_empty() {
-        match perform_writes(ctx, plan, &refresh, &annotations) {
-            Ok(outcome) => {
-                credit_writes(plan, stage_reports.values_mut(), &outcome.pushed);
-                write_warnings.extend(outcome.warnings.into_iter().map(|w| (plan.target.clone(), w)));
-            }
-            Err(error) => write_error = Some(format!("{error:#}")),
-        }
-    }
-    for (stage, warning) in write_warnings {
+    for (stage, warning) in written.warnings {
         if let Some(report) = stage_reports.get_mut(&stage) {
             report.warnings.push(format!("cache write failed: {warning}"));
         }
@@ -387,11 +327,11 @@ pub(crate) fn execute_checked(
         }
     }
     let mut run_warnings = resolution.warnings.clone();
-    if let Some(first) = disk_full {
+    if let Some(first) = written.disk_full {
         // One warning for the cause, not one per tag; nothing partial was left (see `writes`).
         run_warnings.push(format!(
             "the cache directory is full: {first}; {} more cache writes skipped, nothing partial left behind; the build itself went on (free space, or point the backend's dir= elsewhere)",
-            skipped_full
+            written.skipped_full
         ));
     }
     let push_error = write_error;
@@ -419,11 +359,8 @@ pub(crate) fn execute_checked(
         error: message.clone(),
         warnings: run_warnings,
         backend_fallback,
-        unchanged: unchanged.map(|primary| {
-            format!(
-                "the inputs are those recorded on {}: nothing to build, its cache and image reused",
-                primary.location
-            )
+        unchanged: unchanged.map(|record_on| {
+            format!("the inputs are those recorded on {record_on}: nothing to build, its cache and image reused")
         }),
         engine,
         require_all_built: false,
@@ -437,6 +374,67 @@ pub(crate) fn execute_checked(
             Err(anyhow::Error::new(BuildFailed { report, message, cache_write_only: build_error.is_none() }))
         }
     }
+}
+
+/// The cache writes of a run so far: their warnings by stage, and the first write that found the
+/// disk full (the file writes after it are skipped and counted).
+#[derive(Default)]
+struct WriteLog {
+    warnings: Vec<(String, String)>,
+    disk_full: Option<String>,
+    skipped_full: usize,
+}
+
+impl WriteLog {
+    /// Carries out `writes` for `stage`, crediting the reports; the error that stops the run, if any.
+    fn perform(
+        &mut self,
+        ctx: &Context,
+        plan: &Plan,
+        stage: &str,
+        writes: &[CacheWrite],
+        annotations: &BTreeMap<String, String>,
+        reports: &mut BTreeMap<String, StageReport>,
+    ) -> Option<String> {
+        if writes.is_empty() {
+            return None;
+        }
+        match perform_writes(ctx, plan, writes, annotations) {
+            Ok(outcome) => {
+                credit_writes(plan, reports.values_mut(), &outcome.pushed);
+                for warning in outcome.warnings {
+                    if is_disk_full(&warning) {
+                        self.disk_full.get_or_insert(warning);
+                    } else {
+                        self.warnings.push((stage.to_string(), warning));
+                    }
+                }
+                None
+            }
+            Err(error) => Some(format!("{error:#}")),
+        }
+    }
+}
+
+/// `writes` kept to the destinations the checks found (see [`Step::RefreshStageTags`]).
+fn existing_destinations(writes: &[CacheWrite], resolution: &Resolution) -> Vec<CacheWrite> {
+    let found: BTreeSet<String> = resolution
+        .stages
+        .values()
+        .flat_map(|choice| choice.checked.iter())
+        .filter(|(_, answer)| *answer == crate::registry::Existence::Exists)
+        .map(|(candidate, _)| candidate.location.to_string())
+        .collect();
+    writes
+        .iter()
+        .filter_map(|write| match write {
+            CacheWrite::CopyTag { from, to } => {
+                let to: Vec<String> = to.iter().filter(|tag| found.contains(*tag)).cloned().collect();
+                (!to.is_empty()).then(|| CacheWrite::CopyTag { from: from.clone(), to })
+            }
+            other => other.destinations().iter().all(|to| found.contains(to)).then(|| other.clone()),
+        })
+        .collect()
 }
 
 /// Removes what the run put in its scratch directory (unpacked caches, exports, buildx's metadata

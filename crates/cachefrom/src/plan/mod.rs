@@ -21,6 +21,7 @@ mod steps;
 mod vocabulary;
 
 pub use options::*;
+pub use steps::BUILD_TRIES;
 pub use vocabulary::*;
 
 /// One `docker build --target` of the plan.

@@ -3,22 +3,103 @@
 
 use crate::backend::{Backend, CacheLocation};
 
-use super::vocabulary::{Builder, CacheRef, CacheWrite, Execution, Recovery, Step};
+use super::vocabulary::{Builder, CacheRef, CacheWrite, Execution, Fallback, Recovery, Step};
+
+/// At most this many builds of one step when a [`Fallback`] builds it again.
+pub const BUILD_TRIES: u32 = 3;
 use super::{Plan, StagePlan};
 
 impl Plan {
     pub(crate) fn compute_steps(&self) -> Vec<Step> {
         let mut steps = Vec::new();
+        if let Some(reuse) = self.reuse_unchanged_step() {
+            steps.push(reuse);
+        }
         for stage in self.builds() {
-            steps.push(Step::Build { stage: stage.name.clone() });
+            steps.push(Step::Build {
+                stage: stage.name.clone(),
+                argv: self.planned_argv(stage),
+                fallbacks: self.fallbacks(stage),
+            });
+            if let (Backend::Registry { .. }, Some(primary)) = (&self.backend, self.primary_write(stage)) {
+                steps.push(Step::WriteBack { stage: stage.name.clone(), to: primary.location.to_string() });
+            }
             for write in self.writes_after(stage) {
                 steps.push(Step::Write { stage: stage.name.clone(), write });
+            }
+        }
+        if self.execution == Execution::OneBuild {
+            let target = self.target_stage();
+            let others: Vec<&CacheRef> =
+                self.stages.iter().filter(|other| !other.is_target).flat_map(|other| other.cache_to.iter()).collect();
+            let writes = if others.is_empty() { Vec::new() } else { self.writes_to(target, &others) };
+            if !writes.is_empty() {
+                steps.push(Step::RefreshStageTags { stage: target.name.clone(), writes });
             }
         }
         if self.push_tags && self.builder == Builder::Classic {
             steps.extend(self.tags.iter().map(|tag| Step::PushImage { image: tag.clone() }));
         }
         steps
+    }
+
+    /// The argument vector of the build of `stage`, every candidate a `--cache-from`: what
+    /// [`Step::Build`] and [`Recovery`] hold.
+    pub(crate) fn planned_argv(&self, stage: &StagePlan) -> Vec<String> {
+        let progress = if self.builder == Builder::Buildx { "rawjson" } else { "plain" };
+        self.build_command(stage, &self.all_candidate_sources(stage), progress)
+    }
+
+    /// The planned argument vector of a build of `stage`: its build step's, else its recovery's.
+    pub fn build_argv(&self, stage: &str) -> Option<&[String]> {
+        self.steps
+            .iter()
+            .find_map(|step| match step {
+                Step::Build { stage: built, argv, .. } if built == stage => Some(argv.as_slice()),
+                _ => None,
+            })
+            .or_else(|| {
+                self.recovery.iter().find(|recovery| recovery.stage == stage).map(|recovery| recovery.argv.as_slice())
+            })
+    }
+
+    /// The fallbacks of a build step of `stage` (see [`Fallback`]).
+    pub fn fallbacks(&self, stage: &StagePlan) -> Vec<Fallback> {
+        let mut fallbacks = Vec::new();
+        if matches!(self.backend, Backend::Registry { .. } | Backend::Inline) && !stage.cache_from.is_empty() {
+            fallbacks.push(Fallback::WithoutBrokenSource);
+        }
+        if self.builder == Builder::Buildx {
+            fallbacks.push(Fallback::AgainAfterImageStoreRace { tries: BUILD_TRIES });
+            if self.primary_write(stage).is_some() {
+                fallbacks.push(Fallback::ExportAgain { tries: BUILD_TRIES });
+            }
+        }
+        fallbacks
+    }
+
+    /// The check for an unchanged build, where a record can stand for the run's output: one
+    /// registry build of the target, no local image wanted, image tags (if any) pushed to the
+    /// cache's repository.
+    fn reuse_unchanged_step(&self) -> Option<Step> {
+        if self.execution != Execution::OneBuild
+            || !matches!(self.backend, Backend::Registry { .. })
+            || self.wants_local_image()
+        {
+            return None;
+        }
+        let target = self.target_stage();
+        let primary = self.primary_write(target)?;
+        let tags_stand_for_record = self.tags.is_empty()
+            || (self.push_tags && self.tags.iter().all(|tag| crate::writes::tag_of(&self.repository, tag).is_ok()));
+        if !tags_stand_for_record {
+            return None;
+        }
+        Some(Step::ReuseUnchanged {
+            record_on: primary.location.to_string(),
+            image_tags: if self.push_tags { self.tags.clone() } else { Vec::new() },
+            writes: self.writes_after(target),
+        })
     }
 
     pub(crate) fn compute_recovery(&self) -> Vec<Recovery> {
@@ -32,6 +113,7 @@ impl Plan {
             .map(|stage| Recovery {
                 stage: stage.name.clone(),
                 covers: vec![stage.name.clone()],
+                argv: self.planned_argv(stage),
                 writes: self.writes_after(stage),
             })
             .collect()

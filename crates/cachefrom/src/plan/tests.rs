@@ -158,6 +158,7 @@ set -euo pipefail
 # commit {SHA_HEAD}; parent {SHA_PARENT}; merge-base none
 # cache sources, most specific first: branch > unprefixed
 # writes: branch, commit, unprefixed
+# asks first, changing nothing: docker info, docker buildx inspect (what the engine can build)
 
 # Stages, in build order: deps -> app
 # deps cache candidates:
@@ -168,9 +169,6 @@ set -euo pipefail
 #   unprefixed      127.0.0.1:5000/app:cache-app
 # cachefrom checks which candidates exist (no layer download) and passes only those,
 # from one level of the chain for every stage where it can, each cache once.
-# When the hash of the inputs matches the record on the cache this run exports to, and no
-# local image is wanted, cachefrom builds nothing: it tags the recorded image and copies
-# the cache's tags. The copies below record this run's hash and image on the cache.
 
 log="$(mktemp)"
 # stage_finished STAGE: the build's record shows every step of STAGE done or cached.
@@ -202,7 +200,14 @@ recover_caches() {{
 }}
 trap 'status=$?; if [ "$status" -ne 0 ]; then recover_caches || true; fi; rm -f "$log"' EXIT
 
+# When the hash of the inputs equals the record on 127.0.0.1:5000/app:cache-app.main (cachefrom
+# compares them), nothing below runs; instead the recorded image and cache are reused:
+#   cachefrom copy-tag 127.0.0.1:5000/app:cache-app.main 127.0.0.1:5000/app:cache-app.{SHA_HEAD} 127.0.0.1:5000/app:cache-app
+
 # One build of app and every stage it needs; BuildKit runs independent stages at once.
+# if a cache source's content is missing: the same build without that --cache-from, once
+# if another build of the same image won the image store: the same build again (3 builds at most)
+# if the registry refused the export for a moment: the same build again, only the export runs (3 builds at most)
 docker buildx build \
   --progress=plain \
   --target app \
@@ -215,9 +220,12 @@ docker buildx build \
   --cache-to type=registry,ref=127.0.0.1:5000/app:cache-app.main,mode=max,image-manifest=true,oci-mediatypes=true,ignore-error=true \
   --network=host \
   app 2>&1 | tee "$log"
+# When every step hit the one cache it read, that cache (with this run's record) is
+# what 127.0.0.1:5000/app:cache-app.main gets: cachefrom copy-tag "$cache_read" 127.0.0.1:5000/app:cache-app.main
 cachefrom copy-tag 127.0.0.1:5000/app:cache-app.main 127.0.0.1:5000/app:cache-app.{SHA_HEAD} 127.0.0.1:5000/app:cache-app
 # The other stages read their layers from this cache. Their own tags, which only a failed
-# run writes, get this cache too where cachefrom found them (so they are not read as older).
+# run writes, get this cache too where cachefrom found them (so they are not read as older):
+#   cachefrom copy-tag 127.0.0.1:5000/app:cache-app.main 127.0.0.1:5000/app:cache-deps.main 127.0.0.1:5000/app:cache-deps.{SHA_HEAD} 127.0.0.1:5000/app:cache-deps
 "#,
         awk = crate::script::STAGE_FINISHED_AWK_FOR_TESTS
     );

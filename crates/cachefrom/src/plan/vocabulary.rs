@@ -268,14 +268,33 @@ pub(crate) fn quote_path(path: &Path) -> String {
     shell_quote(&path.display().to_string())
 }
 
-/// One step of the plan, in the order the executor carries them out.
+/// One step of the plan, in the order the executor carries them out. The executor does nothing
+/// a step (or a step's declared [`Fallback`], or the plan's [`Recovery`]) does not name.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "step", rename_all = "kebab-case")]
 pub enum Step {
+    /// When the hash of this run's inputs equals the record on the cache at `record_on` (and the
+    /// record names an image where tags are pushed): nothing is built. The recorded image gets
+    /// `image_tags`, the cache is written by `writes`, and every later step is skipped.
+    ReuseUnchanged {
+        /// `REPOSITORY:TAG` of the cache whose record is compared (the target's first write).
+        record_on: String,
+        /// The image tags the recorded image gets (`REPOSITORY:TAG`), when tags are pushed.
+        image_tags: Vec<String>,
+        /// The cache's further tags, as a build's writes would put them.
+        writes: Vec<CacheWrite>,
+    },
     /// `docker build` of `stage` (with every stage it needs).
     Build {
         /// The stage built (`--target`).
         stage: String,
+        /// The whole `docker` argument vector (without `docker`), every cache candidate passed as
+        /// `--cache-from`. The executor leaves out the `--cache-from` of each candidate the checks
+        /// did not choose (a cache that does not exist, or a second name of one already passed),
+        /// and changes nothing else.
+        argv: Vec<String>,
+        /// What the executor may do when this build goes wrong in a known way.
+        fallbacks: Vec<Fallback>,
     },
     /// Writes the cache the build of `stage` exported.
     Write {
@@ -284,11 +303,86 @@ pub enum Step {
         /// The write.
         write: CacheWrite,
     },
+    /// After a registry build of `stage` whose every step hit the one cache it read: that cache's
+    /// manifest, with this run's record, written at `to` (BuildKit's export of such a build can
+    /// lack results it never loaded).
+    WriteBack {
+        /// The stage built.
+        stage: String,
+        /// `REPOSITORY:TAG` the build exported to.
+        to: String,
+    },
+    /// After the one build of the target: the tags of other stages at this run's levels that
+    /// exist (a failed run wrote them) get the target's cache, so that they are not read as older
+    /// caches beside it. Only the destinations the checks found are written.
+    RefreshStageTags {
+        /// The stage built.
+        stage: String,
+        /// Every such write; the executor keeps the destinations that exist.
+        writes: Vec<CacheWrite>,
+    },
     /// `docker push` of the final image (the classic builder; buildx pushes within the build).
     PushImage {
         /// `REPOSITORY:TAG`.
         image: String,
     },
+}
+
+/// What the executor does, and only then, when a build step goes wrong in a known way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "fallback", rename_all = "kebab-case")]
+pub enum Fallback {
+    /// A cache source whose manifest is there but whose content is not (a registry's garbage
+    /// collection, a half-finished push): the same build without that `--cache-from`, once.
+    WithoutBrokenSource,
+    /// Another build of the same image finished first and won the image store
+    /// (`image "moby-dangling@…": already exists`): the same build again (a cache hit).
+    AgainAfterImageStoreRace {
+        /// At most this many builds in all.
+        tries: u32,
+    },
+    /// The registry refused the cache export for a moment (writers racing on one tag answer
+    /// 5xx): the same build again; only the export runs.
+    ExportAgain {
+        /// At most this many builds in all.
+        tries: u32,
+    },
+}
+
+impl Fallback {
+    /// The comment the script carries for it.
+    pub fn describe(&self) -> String {
+        match self {
+            Fallback::WithoutBrokenSource => {
+                "if a cache source's content is missing: the same build without that --cache-from, once".to_string()
+            }
+            Fallback::AgainAfterImageStoreRace { tries } => format!(
+                "if another build of the same image won the image store: the same build again ({tries} builds at most)"
+            ),
+            Fallback::ExportAgain { tries } => format!(
+                "if the registry refused the export for a moment: the same build again, only the export runs ({tries} builds at most)"
+            ),
+        }
+    }
+}
+
+/// Leaves out of `argv` each `--cache-from VALUE` whose value `keep` does not hold; nothing else
+/// changes. What the executor does to a [`Step::Build`]'s argument vector.
+pub fn narrowed(argv: &[String], keep: &dyn Fn(&str) -> bool) -> Vec<String> {
+    let mut out = Vec::with_capacity(argv.len());
+    let mut args = argv.iter();
+    while let Some(arg) = args.next() {
+        if arg == "--cache-from" {
+            match args.next() {
+                Some(value) if keep(value) => out.extend([arg.clone(), value.clone()]),
+                Some(_) => {}
+                None => out.push(arg.clone()),
+            }
+        } else {
+            out.push(arg.clone());
+        }
+    }
+    out
 }
 
 /// What a failed one-build run does for `stage` when the build finished it: export its cache from
@@ -299,6 +393,8 @@ pub struct Recovery {
     pub stage: String,
     /// The stages whose caches this covers: the stage and those it reads from.
     pub covers: Vec<String>,
+    /// The build that exports the cache, as [`Step::Build::argv`] (narrowed the same way).
+    pub argv: Vec<String>,
     /// The writes after the export.
     pub writes: Vec<CacheWrite>,
 }
