@@ -135,6 +135,8 @@ struct Named {
     by_builds: BTreeSet<String>,
     by_cachefrom: BTreeSet<String>,
     pushes: BTreeSet<String>,
+    /// The plan saves cache mounts or mounts base layers: cachefrom writes blobs.
+    cachefrom_blobs: bool,
 }
 
 impl Named {
@@ -150,6 +152,7 @@ impl Named {
             by_builds: BTreeSet::new(),
             by_cachefrom: BTreeSet::new(),
             pushes: BTreeSet::new(),
+            cachefrom_blobs: false,
         };
         let mut writes: Vec<&serde_json::Value> = Vec::new();
         for step in plan["steps"].as_array().unwrap() {
@@ -166,6 +169,17 @@ impl Named {
                 }
                 "push-image" => {
                     named.pushes.insert(step["image"].as_str().unwrap().to_string());
+                }
+                "restore-mounts" => named.builds.push(strings(&step["argv"])),
+                "mount-base-layers" => named.cachefrom_blobs = true,
+                "save-mounts" => {
+                    named.builds.push(strings(&step["argv"]));
+                    named.cachefrom_blobs = true;
+                    for mount in plan["mounts"].as_array().unwrap() {
+                        for to in mount["cache_to"].as_array().unwrap() {
+                            named.by_cachefrom.insert(to["location"]["at"].as_str().unwrap_or_default().to_string());
+                        }
+                    }
                 }
                 other => panic!("a step this test does not know: {other}"),
             }
@@ -224,13 +238,14 @@ impl Named {
     /// A manifest written under a tag is a destination the plan names, for the writer that wrote
     /// it (cachefrom's own steps, or BuildKit's builds); under a digest, a part of a planned push
     /// (BuildKit writes an image's manifests by digest before its tag). Blobs go with the
-    /// manifest that names them, and only BuildKit uploads them. Nothing is deleted.
+    /// manifest that names them; cachefrom writes them only where a step says so (mounting base
+    /// layers, saving cache mounts). No manifest is deleted.
     fn registry_write(&self, image: &str, write: &Write, calls: &[Vec<String>]) -> Result<(), String> {
         let Write { method, what, reference, by_cachefrom } = write;
         let destinations = if *by_cachefrom { &self.by_cachefrom } else { &self.by_builds };
         match (method.as_str(), what.as_str()) {
+            (_, "blobs") if !by_cachefrom || self.cachefrom_blobs => Ok(()),
             ("DELETE", _) => Err("a run deleted something".to_string()),
-            (_, "blobs") if !by_cachefrom => Ok(()),
             ("PUT", "manifests") if reference.starts_with("sha256:") && !by_cachefrom => {
                 let pushed = calls.iter().any(|call| call.contains(&"--push".to_string()));
                 if pushed {

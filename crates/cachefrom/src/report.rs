@@ -26,6 +26,22 @@ pub struct StepReport {
     pub seconds: Option<f64>,
     /// BuildKit's error for it, if it failed.
     pub error: Option<String>,
+    /// Bytes BuildKit fetched for it (layers it downloaded: a hit's import).
+    #[serde(default)]
+    pub bytes: u64,
+    /// The platform it was built for, in a build for several platforms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub platform: Option<String>,
+}
+
+impl StepReport {
+    /// The instruction without BuildKit's `[stage i/N] ` prefix: what names the step across runs.
+    pub fn instruction(&self) -> &str {
+        match self.name.split_once("] ") {
+            Some((prefix, rest)) if prefix.starts_with('[') => rest,
+            _ => &self.name,
+        }
+    }
 }
 
 #[derive(Debug, Default, Clone)]
@@ -38,6 +54,8 @@ struct Vertex {
     completed: Option<String>,
     error: Option<String>,
     order: usize,
+    /// The largest total BuildKit reported for each layer it fetched (`sha256:…` statuses).
+    fetched: BTreeMap<String, u64>,
 }
 
 /// Collects BuildKit's `rawjson` progress, line by line, and hands back what is not JSON.
@@ -157,6 +175,18 @@ impl ProgressLog {
                 });
             }
         }
+        for status in value.get("statuses").and_then(|v| v.as_array()).into_iter().flatten() {
+            let (Some(digest), Some(id)) =
+                (status.get("vertex").and_then(|v| v.as_str()), status.get("id").and_then(|v| v.as_str()))
+            else {
+                continue;
+            };
+            let total = status.get("total").and_then(|t| t.as_u64()).unwrap_or(0);
+            if let (Some(vertex), true) = (self.vertices.get_mut(digest), id.starts_with("sha256:")) {
+                let entry = vertex.fetched.entry(id.to_string()).or_insert(0);
+                *entry = (*entry).max(total);
+            }
+        }
         for log in value.get("logs").and_then(|v| v.as_array()).into_iter().flatten() {
             let digest = log.get("vertex").and_then(|v| v.as_str()).unwrap_or_default();
             let name = match self.vertices.get_mut(digest) {
@@ -184,7 +214,7 @@ impl ProgressLog {
         vertices
             .into_iter()
             .filter_map(|vertex| {
-                let (stage, instruction) = parse_step_name(&vertex.name)?;
+                let (platform, stage, instruction) = parse_step(&vertex.name)?;
                 if instruction.starts_with("FROM ") {
                     return None;
                 }
@@ -195,9 +225,20 @@ impl ProgressLog {
                     cached: vertex.cached && !vertex.logged,
                     seconds: seconds_between(vertex.started.as_deref(), vertex.completed.as_deref()),
                     error: vertex.error.clone(),
+                    bytes: vertex.fetched.values().sum(),
+                    platform,
                 })
             })
             .collect()
+    }
+
+    /// Seconds BuildKit spent importing cache manifests (`importing cache manifest from …`).
+    pub fn manifest_import_seconds(&self) -> f64 {
+        self.vertices
+            .values()
+            .filter(|vertex| vertex.name.starts_with("importing cache manifest"))
+            .filter_map(|vertex| seconds_between(vertex.started.as_deref(), vertex.completed.as_deref()))
+            .sum()
     }
 
     /// Errors BuildKit reported on vertices that are not steps (e.g. a failed cache export).
@@ -213,19 +254,23 @@ impl ProgressLog {
     /// (`[name i/N]` for each i up to N) and none of its steps failed or was cancelled. A stage
     /// with no step of its own in the record does not count as finished.
     pub fn stage_finished(&self, name: &str) -> bool {
-        let mut total = None;
-        let mut done = std::collections::BTreeSet::new();
+        // Each platform's steps on their own (a build for several platforms runs each stage once a platform).
+        let mut per_platform: BTreeMap<Option<String>, (u32, std::collections::BTreeSet<u32>)> = BTreeMap::new();
         for vertex in self.vertices.values() {
-            let Some((position, of)) = step_position(&vertex.name, name) else { continue };
+            let Some((platform, position, of)) = step_place(&vertex.name, name) else { continue };
             if vertex.error.is_some() {
                 return false;
             }
-            total = Some(of);
+            let entry = per_platform.entry(platform).or_default();
+            entry.0 = of;
             if vertex.completed.is_some() {
-                done.insert(position);
+                entry.1.insert(position);
             }
         }
-        total.is_some_and(|total| (1..=total).all(|position| done.contains(&position)))
+        !per_platform.is_empty()
+            && per_platform
+                .values()
+                .all(|(total, done)| *total > 0 && (1..=*total).all(|position| done.contains(&position)))
     }
 
     /// True when a step of the stage BuildKit calls `name` failed (not merely cancelled).
@@ -296,6 +341,8 @@ impl ClassicLog {
                 cached: false,
                 seconds: None,
                 error: None,
+                bytes: 0,
+                platform: None,
             });
         }
     }
@@ -308,22 +355,58 @@ impl ClassicLog {
 
 /// `[deps 3/6] COPY a b` with `stage` `deps` → `(3, 6)`.
 fn step_position(vertex_name: &str, stage: &str) -> Option<(u32, u32)> {
-    let rest = vertex_name.strip_prefix('[')?.strip_prefix(stage)?.strip_prefix(' ')?;
-    let (position, _) = rest.split_once(']')?;
-    let (done, total) = position.split_once('/')?;
-    Some((done.parse().ok()?, total.parse().ok()?))
+    step_place(vertex_name, stage).map(|(_, done, total)| (done, total))
 }
 
-/// `[deps 3/6] COPY a b` → `("deps", "COPY a b")`.
+/// `[linux/arm64 deps 2/3] …` for `deps` → `(Some("linux/arm64"), 2, 3)`; the platform is there
+/// in a build for several platforms.
+fn step_place(vertex_name: &str, stage: &str) -> Option<(Option<String>, u32, u32)> {
+    let rest = vertex_name.strip_prefix('[')?;
+    let (platform, rest) = match rest.split_once(' ') {
+        Some((first, after)) if first.contains('/') && after.starts_with(stage) => (Some(first.to_string()), after),
+        _ => (None, rest),
+    };
+    let rest = rest.strip_prefix(stage)?.strip_prefix(' ')?;
+    let (position, _) = rest.split_once(']')?;
+    let (done, total) = position.split_once('/')?;
+    Some((platform, done.parse().ok()?, total.parse().ok()?))
+}
+
+/// `[deps 3/6] COPY a b` → `("deps", "COPY a b")`; `[linux/arm64 deps 3/6] …` too.
 fn parse_step_name(name: &str) -> Option<(String, String)> {
+    parse_step(name).map(|(_, stage, instruction)| (stage, instruction))
+}
+
+/// The platform a step is built for: BuildKit writes a step that runs on the build platform for
+/// another as `linux/amd64->arm64`.
+fn target_platform(platform: &str) -> String {
+    match platform.split_once("->") {
+        Some((build, target)) if !target.contains('/') => {
+            format!("{}/{target}", build.split('/').next().unwrap_or("linux"))
+        }
+        Some((_, target)) => target.to_string(),
+        None => platform.to_string(),
+    }
+}
+
+/// `[linux/arm64 deps 3/6] COPY a b` → `(Some("linux/arm64"), "deps", "COPY a b")`.
+fn parse_step(name: &str) -> Option<(Option<String>, String, String)> {
     let rest = name.strip_prefix('[')?;
     let (inside, instruction) = rest.split_once("] ")?;
-    let (stage, position) = inside.rsplit_once(' ')?;
+    // A Dockerfile of one stage: `[2/3] COPY …`, no stage named.
+    let (before, position) = inside.rsplit_once(' ').unwrap_or(("", inside));
+    let (platform, stage) = match before.rsplit_once(' ') {
+        Some((platform, stage)) if platform.contains('/') && !platform.contains(' ') => {
+            (Some(platform.to_string()), stage)
+        }
+        _ if before.contains('/') => (Some(before.to_string()), ""),
+        _ => (None, before),
+    };
     let (done, total) = position.split_once('/')?;
-    if stage == "internal" || done.parse::<u32>().is_err() || total.parse::<u32>().is_err() {
+    if stage == "internal" || stage.contains(' ') || done.parse::<u32>().is_err() || total.parse::<u32>().is_err() {
         return None;
     }
-    Some((stage.to_string(), instruction.to_string()))
+    Some((platform.map(|platform| target_platform(&platform)), stage.to_string(), instruction.to_string()))
 }
 
 fn seconds_between(started: Option<&str>, completed: Option<&str>) -> Option<f64> {
@@ -416,6 +499,20 @@ pub struct StageReport {
     /// no-cache, unknown) and the details.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub miss: Option<crate::explain::Miss>,
+    /// What the hits saved: the seconds their steps took when they last ran (the cache's record),
+    /// when the cache read has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub saved_seconds: Option<f64>,
+    /// What importing the hits cost: the seconds of the steps BuildKit took from the cache
+    /// (fetching their layers), and the bytes it fetched for them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub import_seconds: Option<f64>,
+    /// See `import_seconds`.
+    #[serde(default)]
+    pub import_bytes: u64,
+    /// In a build for several platforms: the steps of each platform.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub platforms: Vec<PlatformSteps>,
 }
 
 /// What happened in one run.
@@ -450,6 +547,167 @@ pub struct RunReport {
     /// The stages it finished had their caches written.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cancelled: Option<String>,
+    /// Each cache mount kept across runners: what restoring and saving it cost, what it saved.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mounts: Vec<MountReport>,
+    /// In all: what the hits saved (seconds their steps took when they ran), when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub saved_seconds: Option<f64>,
+    /// In all: what importing the hits cost, in seconds and bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub import_seconds: Option<f64>,
+    /// See `import_seconds`.
+    #[serde(default)]
+    pub import_bytes: u64,
+}
+
+/// A stage's steps for one platform, in a build for several.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PlatformSteps {
+    /// `os/arch[/variant]`.
+    pub platform: String,
+    /// Steps taken from the cache.
+    pub steps_cached: usize,
+    /// Steps in all.
+    pub steps_total: usize,
+}
+
+impl PlatformSteps {
+    /// The steps of `steps` for each platform they name, in platform order.
+    pub fn of(steps: &[StepReport]) -> Vec<PlatformSteps> {
+        let mut counts: BTreeMap<String, (usize, usize)> = BTreeMap::new();
+        for step in steps {
+            if let Some(platform) = &step.platform {
+                let entry = counts.entry(platform.clone()).or_default();
+                entry.0 += usize::from(step.cached);
+                entry.1 += 1;
+            }
+        }
+        counts
+            .into_iter()
+            .map(|(platform, (steps_cached, steps_total))| PlatformSteps { platform, steps_cached, steps_total })
+            .collect()
+    }
+}
+
+/// One cache mount of a run ([`crate::mounts`]).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct MountReport {
+    /// The id BuildKit keys it on.
+    pub id: String,
+    /// Where the `RUN` mounts it.
+    pub target: String,
+    /// Where its contents were restored from, if anywhere.
+    pub restored_from: Option<String>,
+    /// The level that was, if any.
+    pub restored_level: Option<Level>,
+    /// Bytes fetched to restore it (compressed), and the seconds fetching and unpacking took.
+    pub restore_bytes: u64,
+    /// See `restore_bytes`.
+    pub restore_seconds: f64,
+    /// Its size after the build, before compression, when it was packed.
+    pub size_bytes: Option<u64>,
+    /// Bytes uploaded to save it (0 when its contents were stored already), and the seconds
+    /// packing and writing took.
+    pub save_bytes: u64,
+    /// See `save_bytes`.
+    pub save_seconds: f64,
+    /// Where it was written.
+    pub saved_to: Vec<String>,
+    /// Seconds of the steps that use it, this run (steps that ran, not layer hits).
+    pub step_seconds: Option<f64>,
+    /// Seconds of those steps on the last run that started with this mount empty.
+    pub cold_step_seconds: Option<f64>,
+    /// What the restored contents saved: `cold_step_seconds - step_seconds`.
+    pub saved_seconds: Option<f64>,
+    /// Why it was not restored or saved, when it was not.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
+}
+
+impl MountReport {
+    /// One line for the table: `mount /root/.cache: restored from cachemount-….main (12.3 MB,
+    /// 1.2s), saved 0 B (stored already, 0.8s); step 3.1s, 40.2s empty: 37.1s saved`.
+    pub fn line(&self) -> String {
+        let restored = match &self.restored_from {
+            Some(from) => format!(
+                "restored from {} ({}, {:.1}s)",
+                short_location(from),
+                human_bytes(self.restore_bytes),
+                self.restore_seconds
+            ),
+            None => "not restored (empty)".to_string(),
+        };
+        let saved = match (self.saved_to.is_empty(), self.save_bytes) {
+            (true, _) => "not saved".to_string(),
+            (false, 0) => format!("saved, nothing uploaded (stored already, {:.1}s)", self.save_seconds),
+            (false, bytes) => format!("saved {} ({:.1}s)", human_bytes(bytes), self.save_seconds),
+        };
+        let timing = match (self.step_seconds, self.cold_step_seconds, self.saved_seconds) {
+            (Some(now), Some(cold), Some(saved)) => {
+                format!("; its steps {now:.1}s, {cold:.1}s from empty: {saved:.1}s saved")
+            }
+            (Some(now), _, _) => format!("; its steps {now:.1}s"),
+            _ => String::new(),
+        };
+        format!("mount {}: {restored}, {saved}{timing}", self.target)
+    }
+}
+
+/// `3/4`, or `3/4 (linux/amd64 2/2, linux/arm64 1/2)` in a build for several platforms.
+fn cached_cell(stage: &StageReport) -> String {
+    let all = format!("{}/{}", stage.steps_cached, stage.steps_total);
+    if stage.platforms.is_empty() {
+        return all;
+    }
+    let each: Vec<String> = stage
+        .platforms
+        .iter()
+        .map(|platform| format!("{} {}/{}", platform.platform, platform.steps_cached, platform.steps_total))
+        .collect();
+    format!("{all} ({})", each.join(", "))
+}
+
+/// `0.4s, 20.1 MB`: what importing hits cost; `-` when nothing was imported.
+fn import_cell(seconds: Option<f64>, bytes: u64) -> String {
+    match seconds {
+        Some(seconds) => format!("{seconds:.1}s, {}", human_bytes(bytes)),
+        None => "-".to_string(),
+    }
+}
+
+impl RunReport {
+    /// `the hits saved 41.0s of building; importing them cost 1.2s and 20.1 MB`, when known.
+    pub fn math_line(&self) -> Option<String> {
+        let import = self.import_seconds?;
+        Some(match self.saved_seconds {
+            Some(saved) => format!(
+                "the hits saved {saved:.1}s of building; importing them cost {import:.1}s and {}",
+                human_bytes(self.import_bytes)
+            ),
+            None => format!(
+                "importing the hits cost {import:.1}s and {} (what they saved is known once a cache carries the steps' times)",
+                human_bytes(self.import_bytes)
+            ),
+        })
+    }
+
+    /// Fills the run's totals of the hits' math from its stages.
+    pub fn total_math(&mut self) {
+        let sum = |values: Vec<f64>| (!values.is_empty()).then(|| values.iter().sum::<f64>());
+        self.saved_seconds = sum(self.stages.iter().filter_map(|stage| stage.saved_seconds).collect());
+        self.import_seconds = sum(self.stages.iter().filter_map(|stage| stage.import_seconds).collect());
+        self.import_bytes = self.stages.iter().map(|stage| stage.import_bytes).sum();
+    }
+}
+
+/// `12.3 MB`, `512 B`.
+pub fn human_bytes(bytes: u64) -> String {
+    match bytes {
+        0..=1023 => format!("{bytes} B"),
+        1024..=1_048_575 => format!("{:.1} KB", bytes as f64 / 1024.0),
+        _ => format!("{:.1} MB", bytes as f64 / 1_048_576.0),
+    }
 }
 
 /// The tag of an image reference, or the file name of a path: what tells locations apart in a table.
@@ -487,6 +745,10 @@ impl StageReport {
             warnings: Vec::new(),
             miss_reason: None,
             miss: None,
+            saved_seconds: None,
+            import_seconds: None,
+            import_bytes: 0,
+            platforms: Vec::new(),
         }
     }
 }
@@ -510,11 +772,19 @@ impl RunReport {
 
     /// The report as an aligned text table.
     pub fn table(&self) -> String {
-        let mut rows = vec![["stage".to_string(), "cached".into(), "seconds".into(), "source".into(), "pushed".into()]];
+        let mut rows = vec![[
+            "stage".to_string(),
+            "cached".into(),
+            "seconds".into(),
+            "source".into(),
+            "pushed".into(),
+            "hits saved".into(),
+            "import".into(),
+        ]];
         for stage in &self.stages {
             rows.push([
                 stage.name.clone(),
-                format!("{}/{}", stage.steps_cached, stage.steps_total),
+                cached_cell(stage),
                 format!("{:.1}", stage.seconds),
                 source_cell(stage, short_location),
                 if stage.pushed.is_empty() {
@@ -522,10 +792,12 @@ impl RunReport {
                 } else {
                     stage.pushed.iter().map(|p| short_location(p)).collect::<Vec<_>>().join(" ")
                 },
+                stage.saved_seconds.map_or("-".to_string(), |saved| format!("{saved:.1}s")),
+                import_cell(stage.import_seconds, stage.import_bytes),
             ]);
         }
         let widths: Vec<usize> =
-            (0..5).map(|i| rows.iter().map(|row| row[i].chars().count()).max().unwrap_or(0)).collect();
+            (0..7).map(|i| rows.iter().map(|row| row[i].chars().count()).max().unwrap_or(0)).collect();
         let mut out = String::new();
         for row in &rows {
             let line: Vec<String> = row.iter().zip(&widths).map(|(cell, width)| format!("{cell:<width$}")).collect();
@@ -545,6 +817,12 @@ impl RunReport {
         if let Some(unchanged) = &self.unchanged {
             let _ = writeln!(out, "cachefrom: {unchanged}");
         }
+        if let Some(line) = self.math_line() {
+            let _ = writeln!(out, "cachefrom: {line}");
+        }
+        for mount in &self.mounts {
+            let _ = writeln!(out, "cachefrom: {}", mount.line());
+        }
         for stage in &self.stages {
             if let Some(reason) = &stage.miss_reason {
                 let _ = writeln!(out, "cachefrom: {}: {reason}", stage.name);
@@ -559,22 +837,29 @@ impl RunReport {
     /// The report as a markdown table (for `$GITHUB_STEP_SUMMARY`).
     pub fn markdown(&self) -> String {
         let mut out = String::from(
-            "### cachefrom\n\n| stage | cached steps | seconds | cache source | pushed |\n|---|---|---|---|---|\n",
+            "### cachefrom\n\n| stage | cached steps | seconds | cache source | pushed | hits saved | import |\n|---|---|---|---|---|---|---|\n",
         );
         for stage in &self.stages {
             let _ = writeln!(
                 out,
-                "| {} | {}/{} | {:.1} | {} | {} |",
+                "| {} | {} | {:.1} | {} | {} | {} | {} |",
                 stage.name,
-                stage.steps_cached,
-                stage.steps_total,
+                cached_cell(stage),
                 stage.seconds,
                 source_cell(stage, |s| format!("`{s}`")),
-                stage.pushed.iter().map(|p| format!("`{p}`")).collect::<Vec<_>>().join("<br>")
+                stage.pushed.iter().map(|p| format!("`{p}`")).collect::<Vec<_>>().join("<br>"),
+                stage.saved_seconds.map_or("-".to_string(), |saved| format!("{saved:.1}s")),
+                import_cell(stage.import_seconds, stage.import_bytes)
             );
         }
         let (cached, total) = self.totals();
         let _ = writeln!(out, "\n{cached} of {total} steps cached, {:.1}s, {} backend.", self.seconds, self.backend);
+        if let Some(line) = self.math_line() {
+            let _ = writeln!(out, "\n{line}");
+        }
+        for mount in &self.mounts {
+            let _ = writeln!(out, "\n- {}", mount.line().replace('|', "\\|"));
+        }
         for stage in &self.stages {
             if let Some(reason) = &stage.miss_reason {
                 let _ = writeln!(out, "\n- **{}**: {}", stage.name, reason.replace('|', "\\|"));
@@ -752,7 +1037,7 @@ Step 5/5 : RUN echo two > /two
 
     #[test]
     fn the_report_renders_as_table_markdown_and_json() {
-        let report = RunReport {
+        let mut report = RunReport {
             cancelled: None,
             engine: None,
             stages: vec![StageReport {
@@ -769,6 +1054,10 @@ Step 5/5 : RUN echo two > /two
                 warnings: vec![],
                 miss_reason: None,
                 miss: None,
+                saved_seconds: Some(12.0),
+                import_seconds: Some(0.5),
+                import_bytes: 20_000_000,
+                platforms: vec![],
             }],
             seconds: 2.0,
             backend: "registry".into(),
@@ -779,19 +1068,85 @@ Step 5/5 : RUN echo two > /two
             error: None,
             warnings: vec!["registry slow".into()],
             unchanged: None,
+            mounts: Vec::new(),
+            saved_seconds: None,
+            import_seconds: None,
+            import_bytes: 0,
         };
+        report.total_math();
         let table = report.table();
         assert!(table.starts_with("stage  cached  seconds  source"), "{table}");
-        assert!(table.contains("deps   5/5     1.2      cache-deps-main  cache-deps-main"), "{table}");
         assert!(
-            table.contains("5 steps cached of 5, 2.0s in all (registry backend)\ncachefrom: warning: registry slow"),
+            table.contains("deps   5/5     1.2      cache-deps-main  cache-deps-main  12.0s       0.5s, 19.1 MB"),
             "{table}"
         );
+        assert!(
+            table.contains("5 steps cached of 5, 2.0s in all (registry backend)\ncachefrom: the hits saved 12.0s of building; importing them cost 0.5s and 19.1 MB\ncachefrom: warning: registry slow"),
+            "{table}"
+        );
+        let json: serde_json::Value = serde_json::from_str(&report.to_json()).unwrap();
+        assert_eq!((json["saved_seconds"].as_f64(), json["import_seconds"].as_f64()), (Some(12.0), Some(0.5)));
+        assert_eq!(json["stages"][0]["saved_seconds"].as_f64(), Some(12.0));
         assert!(report.markdown().contains("| deps | 5/5 | 1.2 | `127.0.0.1:5000/app:cache-deps-main` |"));
         let json: serde_json::Value = serde_json::from_str(&report.to_json()).unwrap();
         for field in ["name", "cache_source", "steps_cached", "steps_total", "seconds", "pushed"] {
             assert!(json["stages"][0].get(field).is_some(), "{field}");
         }
         assert_eq!(json["seconds"], 2.0);
+    }
+
+    #[test]
+    fn a_build_for_several_platforms_counts_each_platforms_steps() {
+        assert_eq!(
+            parse_step("[linux/arm64 deps 2/3] RUN make"),
+            Some((Some("linux/arm64".to_string()), "deps".to_string(), "RUN make".to_string()))
+        );
+        assert_eq!(parse_step("[deps 2/3] RUN make"), Some((None, "deps".to_string(), "RUN make".to_string())));
+        assert_eq!(parse_step("[internal] load .dockerignore"), None);
+        assert_eq!(parse_step("[linux/amd64->arm64 deps 3/3] RUN x").unwrap().0.as_deref(), Some("linux/arm64"));
+        assert_eq!(
+            parse_step("[2/3] COPY src /src"),
+            Some((None, String::new(), "COPY src /src".to_string())),
+            "one stage"
+        );
+        assert_eq!(
+            parse_step("[linux/arm64 2/3] COPY src /src"),
+            Some((Some("linux/arm64".to_string()), String::new(), "COPY src /src".to_string()))
+        );
+        let vertex = |digest: &str, name: &str, cached: bool, done: bool| {
+            format!(
+                r#"{{"vertexes":[{{"digest":"{digest}","name":"{name}","cached":{cached},"started":"2026-12-01T00:00:00Z"{}}}]}}"#,
+                if done { r#","completed":"2026-12-01T00:00:01Z""# } else { "" }
+            )
+        };
+        let mut log = ProgressLog::default();
+        for line in [
+            vertex("a", "[linux/amd64 deps 1/2] COPY x /x", true, true),
+            vertex("b", "[linux/amd64 deps 2/2] RUN make", true, true),
+            vertex("c", "[linux/arm64 deps 1/2] COPY x /x", false, true),
+            vertex("d", "[linux/arm64 deps 2/2] RUN make", false, false),
+        ] {
+            log.feed_line(&line);
+        }
+        let steps = log.steps();
+        assert_eq!(steps.len(), 4);
+        assert!(steps.iter().all(|step| step.stage == "deps"));
+        let counts = PlatformSteps::of(&steps);
+        assert_eq!(counts[0], PlatformSteps { platform: "linux/amd64".into(), steps_cached: 2, steps_total: 2 });
+        assert_eq!(counts[1], PlatformSteps { platform: "linux/arm64".into(), steps_cached: 0, steps_total: 2 });
+        assert!(!log.stage_finished("deps"), "arm64's last step has not finished");
+        log.feed_line(&vertex("d", "[linux/arm64 deps 2/2] RUN make", false, true));
+        assert!(log.stage_finished("deps"));
+    }
+
+    #[test]
+    fn bytes_fetched_for_a_hit_are_counted_once_a_layer() {
+        let mut log = ProgressLog::default();
+        log.feed_line(r#"{"vertexes":[{"digest":"a","name":"[deps 1/1] RUN make","cached":true,"started":"2026-12-01T00:00:00Z","completed":"2026-12-01T00:00:02Z"}]}"#);
+        for current in [10, 500, 1000] {
+            log.feed_line(&format!(r#"{{"statuses":[{{"id":"sha256:1","vertex":"a","total":1000,"current":{current}}},{{"id":"extracting sha256:1","vertex":"a","total":1000}}]}}"#));
+        }
+        log.feed_line(r#"{"statuses":[{"id":"sha256:2","vertex":"a","total":24}]}"#);
+        assert_eq!(log.steps()[0].bytes, 1024);
     }
 }

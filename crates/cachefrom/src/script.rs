@@ -149,6 +149,40 @@ impl Plan {
         Ok(())
     }
 
+    /// The `save_mounts` function the EXIT trap calls, when the plan saves cache mounts.
+    fn write_save_mounts(&self, out: &mut String) -> fmt::Result {
+        let Some(argv) = self.steps.iter().find_map(|step| match step {
+            Step::SaveMounts { argv } => Some(argv),
+            _ => None,
+        }) else {
+            return Ok(());
+        };
+        let dir = self.mounts_dir();
+        writeln!(
+            out,
+            "\n# save_mounts: packs each cache mount (owners, modes, times kept; the same contents, the same"
+        )?;
+        writeln!(out, "# bytes), then cachefrom uploads each archive not stored yet and writes it at:")?;
+        for mount in &self.mounts {
+            let places: Vec<String> = mount.cache_to.iter().map(|to| comment_text(&to.location.to_string())).collect();
+            writeln!(out, "#   {} ({}): {}", mount.name, comment_text(&mount.mount.target), places.join(", "))?;
+        }
+        writeln!(out, "save_mounts() {{")?;
+        writeln!(
+            out,
+            "  mkdir -p {} && printf '%s' {} > {}",
+            shell_quote(&dir.join("empty").display().to_string()),
+            shell_quote(&self.save_dockerfile()),
+            shell_quote(&dir.join("save.Dockerfile").display().to_string())
+        )?;
+        writeln!(out, "  {}", render_command_multiline(argv).replace('\n', "\n  "))?;
+        writeln!(out, "}}")?;
+        if self.recovery.is_empty() {
+            writeln!(out, "trap 'save_mounts || true' EXIT")?;
+        }
+        Ok(())
+    }
+
     fn write_recovery(&self, out: &mut String) -> fmt::Result {
         if self.recovery.is_empty() {
             return Ok(());
@@ -185,9 +219,14 @@ impl Plan {
             writeln!(out, "  fi")?;
         }
         writeln!(out, "}}")?;
+        let save = if self.steps.iter().any(|step| matches!(step, Step::SaveMounts { .. })) {
+            " save_mounts || true;"
+        } else {
+            ""
+        };
         writeln!(
             out,
-            "trap 'status=$?; if [ \"$status\" -ne 0 ]; then recover_caches || true; fi; rm -f \"$log\"' EXIT"
+            "trap 'status=$?; if [ \"$status\" -ne 0 ]; then recover_caches || true; fi;{save} rm -f \"$log\"' EXIT"
         )?;
         Ok(())
     }
@@ -198,6 +237,7 @@ impl fmt::Display for Plan {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut out = String::new();
         self.write_header(&mut out)?;
+        self.write_save_mounts(&mut out)?;
         self.write_recovery(&mut out)?;
         let mut built = 0;
         for step in &self.steps {
@@ -272,6 +312,67 @@ impl fmt::Display for Plan {
                     }
                 }
                 Step::PushImage { image } => writeln!(out, "docker push {}", shell_quote(image))?,
+                Step::MountBaseLayers { images, platform } => {
+                    writeln!(
+                        out,
+                        "\n# The layers of the base images in this registry are mounted into {} first (no bytes",
+                        comment_text(&self.repository.to_string())
+                    )?;
+                    writeln!(
+                        out,
+                        "# move; the export then uploads none of them): for each blob of {} ({}),",
+                        comment_text(&images.join(", ")),
+                        comment_text(platform)
+                    )?;
+                    writeln!(
+                        out,
+                        "#   POST /v2/{}/blobs/uploads/?mount=DIGEST&from=BASE",
+                        comment_text(&self.repository.path)
+                    )?;
+                }
+                Step::RestoreMounts { argv } => {
+                    let dir = self.mounts_dir();
+                    writeln!(
+                        out,
+                        "\n# Cache mounts, kept across runners. cachefrom fetches each one's saved contents from the"
+                    )?;
+                    writeln!(
+                        out,
+                        "# first of its places that exists into {}/NAME.tar.gz (digest checked):",
+                        comment_text(&dir.join("in").display().to_string())
+                    )?;
+                    for mount in &self.mounts {
+                        let places: Vec<String> =
+                            mount.cache_from.iter().map(|from| comment_text(&from.location.to_string())).collect();
+                        writeln!(
+                            out,
+                            "#   {} ({}): {}",
+                            mount.name,
+                            comment_text(&mount.mount.target),
+                            places.join(", ")
+                        )?;
+                    }
+                    writeln!(
+                        out,
+                        "# then unpacks them into BuildKit's cache mounts (a new {} makes the RUN run):",
+                        crate::plan::RUN_ARG
+                    )?;
+                    writeln!(out, "export {}=\"$$-$RANDOM\"", crate::plan::RUN_ARG)?;
+                    writeln!(
+                        out,
+                        "mkdir -p {} && printf '%s' {} > {}",
+                        shell_quote(&dir.join("in").display().to_string()),
+                        shell_quote(&self.restore_dockerfile()),
+                        shell_quote(&dir.join("restore.Dockerfile").display().to_string())
+                    )?;
+                    writeln!(out, "{}", render_command_multiline(argv))?;
+                }
+                Step::SaveMounts { .. } => {
+                    writeln!(
+                        out,
+                        "# The cache mounts are saved by the EXIT trap (save_mounts), after a failed build too."
+                    )?;
+                }
             }
         }
         f.write_str(&crate::secrets::scrub(&out))

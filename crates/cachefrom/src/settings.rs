@@ -63,6 +63,49 @@ pub struct Settings {
     pub work_dir: Option<PathBuf>,
     /// The platform to build for (`--platform`); default: the engine's.
     pub platform: Option<String>,
+    /// Keep cache mounts across runners (`--cache-mounts on|off`).
+    pub cache_mounts: bool,
+    /// The most a cache mount may hold to be saved, in bytes.
+    pub cache_mount_max_size: u64,
+}
+
+/// Reads `--cache-mount-max-size`: a number of bytes with an optional unit, `512M`, `4G`, `100k`.
+pub fn parse_size(text: &str) -> Result<u64> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let shift = match unit.trim().to_ascii_lowercase().trim_end_matches("ib").trim_end_matches('b') {
+        "" => 0,
+        "k" => 10,
+        "m" => 20,
+        "g" => 30,
+        "t" => 40,
+        _ => anyhow::bail!(
+            "`{}` is not a size: write a number of bytes with K, M, G or T, e.g. 4G",
+            crate::git::escaped(text)
+        ),
+    };
+    let number: u64 = number.parse().map_err(|_| {
+        anyhow::anyhow!(
+            "`{}` is not a size: write a number of bytes with K, M, G or T, e.g. 4G",
+            crate::git::escaped(text)
+        )
+    })?;
+    number.checked_mul(1u64 << shift).filter(|size| *size > 0).ok_or_else(|| {
+        anyhow::anyhow!(
+            "`{}` is not a size cachefrom can use: give one above 0 and below 16 EiB",
+            crate::git::escaped(text)
+        )
+    })
+}
+
+/// Reads `--cache-mounts`: `on` or `off` (also `true`/`false`, `1`/`0`).
+pub fn parse_switch(text: &str, what: &str) -> Result<bool> {
+    match text.trim().to_ascii_lowercase().as_str() {
+        "on" | "true" | "1" | "yes" => Ok(true),
+        "off" | "false" | "0" | "no" => Ok(false),
+        _ => anyhow::bail!("{what} is `on` or `off`, not `{}`", crate::git::escaped(text)),
+    }
 }
 
 /// The default `--chain` as text ([`Level::DEFAULT_CHAIN`]; a test holds them equal).
@@ -103,6 +146,8 @@ impl Settings {
             docker_args: Vec::new(),
             work_dir: None,
             platform: None,
+            cache_mounts: true,
+            cache_mount_max_size: crate::mounts::DEFAULT_MAX_SIZE,
         }
     }
 
@@ -131,6 +176,10 @@ impl Settings {
         platform: impl Into<String> => Some(platform.into());
         /// Sets the scratch directory.
         work_dir: impl Into<PathBuf> => Some(work_dir.into());
+        /// Keeps cache mounts across runners, or not.
+        cache_mounts: bool => cache_mounts;
+        /// Sets the most a cache mount may hold to be saved.
+        cache_mount_max_size: u64 => cache_mount_max_size;
     }
 
     /// Adds a tag of the final image.
@@ -224,6 +273,8 @@ impl Settings {
             }
             options.platform = Some(platform.clone());
         }
+        options.cache_mounts = self.cache_mounts;
+        options.cache_mount_max_size = self.cache_mount_max_size;
         if let Some(work_dir) = &self.work_dir {
             options.work_dir = work_dir.clone();
         }

@@ -138,6 +138,19 @@ pub(crate) fn link_or_copy(from: &Path, dir: &Path, timeout: Duration) -> Result
 }
 
 /// Removes `dir` and what it holds, if it exists.
+/// Copies the file `from` to `to` through `TO.partial.PID`, so that `to` is whole or not there.
+pub(crate) fn copy_file_atomically(from: &Path, to: &Path) -> Result<()> {
+    if let Some(parent) = to.parent() {
+        std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    }
+    let partial = crate::plan::partial_path_of(to);
+    let copied = std::fs::copy(from, &partial).and_then(|_| std::fs::rename(&partial, to));
+    if copied.is_err() {
+        let _ = std::fs::remove_file(&partial);
+    }
+    copied.with_context(|| format!("writing {}", to.display()))
+}
+
 pub(crate) fn remove_dir(dir: &Path) -> Result<()> {
     if dir.exists() {
         std::fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()))?;

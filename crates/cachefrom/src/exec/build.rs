@@ -164,7 +164,13 @@ pub(crate) fn build_unit(
     let seconds = started.elapsed().as_secs_f64();
     let succeeded = matches!(exit, Ok(Some(0)));
 
-    let all_steps = if plan.builder == Builder::Classic { classic_record.steps() } else { record.steps() };
+    let mut all_steps = if plan.builder == Builder::Classic { classic_record.steps() } else { record.steps() };
+    // A Dockerfile of one stage: BuildKit names no stage in its steps.
+    if let [only] = covered.as_slice() {
+        for step in all_steps.iter_mut().filter(|step| step.stage.is_empty()) {
+            step.stage = plan.progress_name(only);
+        }
+    }
     let mut finished = BTreeSet::new();
     let mut reports = Vec::new();
     for covered_stage in &covered {
@@ -195,7 +201,26 @@ pub(crate) fn build_unit(
             Execution::StageByStage => seconds,
             Execution::OneBuild => record.stage_seconds(&name).unwrap_or(0.0),
         };
+        // The math of the hits: what their steps took when they ran, against what importing
+        // them cost (the manifests' import counts with the stage built).
+        let hits: Vec<&crate::report::StepReport> = steps.iter().filter(|step| step.cached).collect();
+        let manifests = if covered_stage.name == stage.name { record.manifest_import_seconds() } else { 0.0 };
+        let import_seconds = (!hits.is_empty() || manifests > 0.0)
+            .then(|| hits.iter().filter_map(|step| step.seconds).sum::<f64>() + manifests);
+        let import_bytes = hits.iter().map(|step| step.bytes).sum();
+        let saved_seconds =
+            resolution.source_record.as_ref().and_then(|source| source.step_seconds.get(&covered_stage.name)).and_then(
+                |recorded| {
+                    let found: Vec<f64> =
+                        hits.iter().filter_map(|step| recorded.get(step.instruction()).copied()).collect();
+                    (!found.is_empty()).then(|| found.iter().sum())
+                },
+            );
         reports.push(StageReport {
+            platforms: crate::report::PlatformSteps::of(&steps),
+            saved_seconds,
+            import_seconds,
+            import_bytes,
             cache_source: if steps_cached > 0 { own_source.as_ref().map(|s| s.location.to_string()) } else { None },
             cache_level: if steps_cached > 0 { own_source.as_ref().map(|s| s.level) } else { None },
             cache_from: sources.iter().map(|(_, source)| source.location.to_string()).collect(),

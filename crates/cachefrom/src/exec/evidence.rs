@@ -171,6 +171,9 @@ pub struct Explanation {
     pub would_hit: bool,
     /// Why it would miss.
     pub miss: Option<Miss>,
+    /// What would become of the cache mounts its steps use: restored from where, or why not.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mounts: Vec<String>,
 }
 
 /// Without building: for each stage of `plan`, the cache it would read and whether its inputs
@@ -185,6 +188,7 @@ pub fn explain(ctx: &Context, plan: &Plan) -> Result<Vec<Explanation>> {
             missed.insert(stage.name.clone(), miss);
         }
     }
+    let mounts = super::mounts::explain_mounts(ctx, plan);
     Ok(plan
         .stages
         .iter()
@@ -193,6 +197,7 @@ pub fn explain(ctx: &Context, plan: &Plan) -> Result<Vec<Explanation>> {
             reads: resolution.stages.get(&stage.name).and_then(|c| c.chosen.as_ref()).map(|c| c.location.to_string()),
             would_hit: !missed.contains_key(&stage.name),
             miss: missed.remove(&stage.name),
+            mounts: mounts.get(&stage.name).cloned().unwrap_or_default(),
         })
         .collect())
 }
@@ -208,7 +213,30 @@ pub(crate) fn record_of(
     let inputs = resolution.inputs.clone()?;
     let image = if plan.pushes_in_build(target) { pushed_digest(&plan.metadata_file()) } else { None };
     let steps = reports.values().map(|report| (report.name.clone(), report.steps_total)).collect();
-    Some(CacheRecord { inputs, image, steps })
+    Some(CacheRecord { inputs, image, steps, step_seconds: step_seconds(resolution, reports) })
+}
+
+/// What each step took when it last ran: this run's seconds for the steps that ran, the record
+/// read for the hits (a hit's own seconds are its import).
+pub(crate) fn step_seconds(
+    resolution: &Resolution,
+    reports: &BTreeMap<String, StageReport>,
+) -> BTreeMap<String, BTreeMap<String, f64>> {
+    let recorded = resolution.source_record.as_ref().map(|record| &record.step_seconds);
+    let mut out: BTreeMap<String, BTreeMap<String, f64>> = BTreeMap::new();
+    for report in reports.values() {
+        for step in &report.steps {
+            let seconds = if step.cached {
+                recorded.and_then(|r| r.get(&report.name)).and_then(|steps| steps.get(step.instruction())).copied()
+            } else {
+                step.seconds
+            };
+            if let Some(seconds) = seconds {
+                out.entry(report.name.clone()).or_default().insert(step.instruction().to_string(), seconds);
+            }
+        }
+    }
+    out
 }
 
 /// `containerimage.digest` from buildx's `--metadata-file`.

@@ -165,6 +165,7 @@ impl<'a> PushGuard<'a> {
             unchanged: None,
             engine: None,
             require_all_built: true,
+            mounts: Vec::new(),
         };
         Ok(outcome.report(self.ctx, self.plan, self.resolution))
     }
@@ -218,6 +219,7 @@ pub(crate) struct RunOutcome {
     pub(crate) engine: Option<String>,
     /// A run that did not build every stage failed (the guard's caller stopped early).
     pub(crate) require_all_built: bool,
+    pub(crate) mounts: Vec<crate::report::MountReport>,
 }
 
 impl RunOutcome {
@@ -230,7 +232,7 @@ impl RunOutcome {
             })
             .collect();
         let all_built = stages.iter().all(|stage| matches!(stage.status, StageStatus::Built | StageStatus::Unchanged));
-        RunReport {
+        let mut report = RunReport {
             stages,
             seconds: self.started.elapsed().as_secs_f64(),
             backend: plan.backend.name().to_string(),
@@ -243,7 +245,13 @@ impl RunOutcome {
             unchanged: self.unchanged,
             cancelled: ctx.docker.cancel.requested().map(signal_name),
             engine: self.engine,
-        }
+            mounts: self.mounts,
+            saved_seconds: None,
+            import_seconds: None,
+            import_bytes: 0,
+        };
+        report.total_math();
+        report
     }
 }
 

@@ -4,12 +4,14 @@
 //! One room a job, each named after the part of the surface it serves: [`context`] (what every
 //! call needs), [`resolve`] ([`pull_cached`]), [`build`] ([`build_stage`]), [`guard`]
 //! ([`push_cached`], [`PushGuard`], recovery), [`run`] ([`build_with_cache`]), [`repair`] (each
-//! remedy on its own) and [`evidence`] (why a stage missed, and [`explain`]).
+//! remedy on its own), [`evidence`] (why a stage missed, and [`explain`]) and [`mounts`] (cache
+//! mounts restored before the build and saved after it).
 
 mod build;
 mod context;
 mod evidence;
 mod guard;
+mod mounts;
 mod repair;
 mod resolve;
 mod run;

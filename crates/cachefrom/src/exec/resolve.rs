@@ -41,6 +41,9 @@ pub struct Resolution {
     pub(crate) inputs: Option<String>,
     /// The record on the cache this run would export to, if it carries one.
     pub(crate) record: Option<CacheRecord>,
+    /// The record on the cache the target reads, if it carries one: what the steps it holds
+    /// took when they ran.
+    pub(crate) source_record: Option<CacheRecord>,
     /// The digest of each image the Dockerfile reads, where the registry said.
     pub(crate) image_digests: BTreeMap<String, String>,
     /// The build context, read once for the inputs' hash and the stages' records (or why not).
@@ -57,12 +60,24 @@ impl Resolution {
         let mut seen_digests = BTreeSet::new();
         std::iter::once(&stage.name)
             .chain(plan.source_stages(stage).into_iter().map(|source| &source.name))
-            .filter_map(|name| {
-                let chosen = self.stages.get(name)?.chosen.clone()?;
-                match self.digests.get(&chosen.location.to_string()) {
-                    Some(digest) if !seen_digests.insert(digest.clone()) => None,
-                    _ => Some((name.clone(), chosen)),
-                }
+            .flat_map(|name| {
+                let Some(choice) = self.stages.get(name) else { return Vec::new() };
+                let Some(chosen) = choice.chosen.clone() else { return Vec::new() };
+                // A build for several platforms reads each platform's cache at the level chosen.
+                let siblings = choice.checked.iter().filter(|(candidate, answer)| {
+                    *answer == Existence::Exists
+                        && candidate.level == chosen.level
+                        && candidate.platform.is_some()
+                        && candidate.platform != chosen.platform
+                });
+                std::iter::once(chosen.clone())
+                    .chain(siblings.map(|(candidate, _)| candidate.clone()))
+                    .map(|source| (name.clone(), source))
+                    .collect()
+            })
+            .filter(|(_, source)| match self.digests.get(&source.location.to_string()) {
+                Some(digest) => seen_digests.insert(digest.clone()),
+                None => true,
             })
             .collect()
     }
@@ -111,6 +126,7 @@ pub(crate) fn check_caches(ctx: &Context, plan: &Plan) -> Result<Resolution> {
             digests: BTreeMap::new(),
             inputs: None,
             record: None,
+            source_record: None,
             image_digests: BTreeMap::new(),
             context: None,
         });
@@ -199,6 +215,7 @@ pub(crate) fn check_caches(ctx: &Context, plan: &Plan) -> Result<Resolution> {
     };
     let level = choose_sources(&plan.chain, &mut stages, covering);
     let record = if inputs.is_some() { read_record(ctx, plan, &stages) } else { None };
+    let source_record = read_source_record(ctx, plan, &stages, record.as_ref());
 
     for stage in &plan.stages {
         let Some(chosen) = stages[&stage.name].chosen.clone() else { continue };
@@ -228,6 +245,7 @@ pub(crate) fn check_caches(ctx: &Context, plan: &Plan) -> Result<Resolution> {
         digests,
         inputs,
         record,
+        source_record,
         image_digests,
         context,
     })
@@ -330,6 +348,25 @@ pub(crate) fn read_record(ctx: &Context, plan: &Plan, stages: &BTreeMap<String, 
     CacheRecord::from_annotations(&manifest.annotations())
 }
 
+/// The record on the registry cache the target reads (`primary`'s record when it is that one).
+fn read_source_record(
+    ctx: &Context,
+    plan: &Plan,
+    stages: &BTreeMap<String, Choice>,
+    primary: Option<&CacheRecord>,
+) -> Option<CacheRecord> {
+    if !matches!(plan.backend, Backend::Registry { .. }) {
+        return None;
+    }
+    let target = plan.target_stage();
+    let chosen = stages.get(&target.name)?.chosen.as_ref()?;
+    if plan.primary_write(target).is_some_and(|write| write.location == chosen.location) && primary.is_some() {
+        return primary.cloned();
+    }
+    let manifest = ctx.registry.manifest(&plan.repository, &chosen.tag).ok()?;
+    CacheRecord::from_annotations(&manifest.annotations())
+}
+
 /// Sets each stage's `chosen` cache from what was found.
 ///
 /// With `covering` (the target of a one-build run, whose cache holds every stage's layers): the
@@ -404,7 +441,8 @@ mod tests {
             .iter()
             .map(|(level, exists)| {
                 let tag = format!("cache-x-{}", level.name());
-                let candidate = CacheRef { level: *level, tag: tag.clone(), location: CacheLocation::Image(tag) };
+                let candidate =
+                    CacheRef { level: *level, tag: tag.clone(), location: CacheLocation::Image(tag), platform: None };
                 (candidate, if *exists { Existence::Exists } else { Existence::Missing })
             })
             .collect();
@@ -476,6 +514,7 @@ mod tests {
             digests: BTreeMap::new(),
             inputs: None,
             record: None,
+            source_record: None,
             image_digests: BTreeMap::new(),
             context: None,
         };

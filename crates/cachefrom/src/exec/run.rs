@@ -5,6 +5,7 @@ use super::build::credit_writes;
 use super::context::Context;
 use super::evidence::{explain_stages, gather_evidence, joined, record_of, write_stage_records, MissEvidence};
 use super::guard::{perform_writes, recover, RunOutcome};
+use super::mounts::{restore_mounts, save_mounts, MountRun};
 use super::repair::{
     build_with_fallbacks, complete_cache_of_all_hit_build, is_disk_full, restore_cache, reuse_unchanged,
     unchanged_record,
@@ -218,11 +219,30 @@ pub(crate) fn execute_checked(
     let mut written = WriteLog::default();
     // Stages whose build failed to export.
     let mut not_exported: BTreeSet<String> = BTreeSet::new();
+    let mut mount_run = MountRun::default();
     for step in &plan.steps {
-        if build_error.is_some() || write_error.is_some() {
-            break;
+        // After a failure only the cache mounts are saved (what the steps that ran left in them).
+        if (build_error.is_some() || write_error.is_some()) && !matches!(step, Step::SaveMounts { .. }) {
+            continue;
         }
         match step {
+            Step::MountBaseLayers { images, platform } => {
+                if let Some(warning) = mount_base_layers(ctx, plan, images, platform) {
+                    resolution.warnings.push(warning);
+                }
+            }
+            Step::RestoreMounts { argv } => {
+                // Its warnings go into the report, printed once at the end.
+                let warnings = restore_mounts(ctx, plan, argv, &mut mount_run);
+                resolution.warnings.extend(warnings);
+            }
+            Step::SaveMounts { argv } => {
+                // Saving is not cancelled: it is what a cancel waits for, as the recovery.
+                let uncancelled =
+                    Context { docker: Docker { cancel: Default::default(), ..ctx.docker.clone() }, ..ctx.clone() };
+                let warnings = save_mounts(&uncancelled, plan, argv, &mut mount_run, &stage_reports);
+                resolution.warnings.extend(warnings);
+            }
             Step::ReuseUnchanged { record_on, image_tags, writes } => {
                 let Some(record) = unchanged_record(plan, &resolution) else { continue };
                 match reuse_unchanged(ctx, plan, &resolution, record, image_tags, writes) {
@@ -353,6 +373,7 @@ pub(crate) fn execute_checked(
     if message.is_some() && build_error.is_none() {
         run_warnings.push("the build succeeded but writing its cache failed".to_string());
     }
+    let mounts = mount_run.finish(plan, &stage_reports);
     let report = RunOutcome {
         reports: stage_reports,
         started,
@@ -364,6 +385,7 @@ pub(crate) fn execute_checked(
         }),
         engine,
         require_all_built: false,
+        mounts,
     }
     .report(ctx, plan, &resolution);
     remove_scratch(plan);
@@ -374,6 +396,35 @@ pub(crate) fn execute_checked(
             Err(anyhow::Error::new(BuildFailed { report, message, cache_write_only: build_error.is_none() }))
         }
     }
+}
+
+/// [`Step::MountBaseLayers`]: each base image's blobs mounted into the run's repository where
+/// it lacks them; a warning when that could not be done (the export then uploads them).
+fn mount_base_layers(ctx: &Context, plan: &Plan, images: &[String], platform: &str) -> Option<String> {
+    let mut mounted = 0;
+    let mut problems = Vec::new();
+    for image in images {
+        let Some((repository, reference)) = crate::inputs::image_reference(image) else { continue };
+        let result = ctx.registry.image_blobs(&repository, &reference, platform).and_then(|blobs| {
+            blobs.iter().try_fold(0, |count, blob| {
+                Ok(count + usize::from(ctx.registry.mount_blob(&plan.repository, blob, &repository)?))
+            })
+        });
+        match result {
+            Ok(count) => mounted += count,
+            Err(error) => problems.push(format!("{image}: {error:#}")),
+        }
+    }
+    if mounted > 0 {
+        ctx.say(&format!("cachefrom: mounted {mounted} base image blobs into {} (no bytes moved)", plan.repository));
+    }
+    (!problems.is_empty()).then(|| {
+        format!(
+            "the base images' layers were not mounted into {} (the export uploads them): {}",
+            plan.repository,
+            problems.join("; ")
+        )
+    })
 }
 
 /// The cache writes of a run so far: their warnings by stage, and the first write that found the

@@ -11,13 +11,15 @@ use serde::{Deserialize, Serialize, Serializer};
 use crate::backend::{Backend, CacheLocation};
 use crate::dockerfile::{read_dockerfile_with, Dockerfile};
 use crate::git::GitFacts;
-use crate::refs::{cache_tag, Repository};
+use crate::refs::{cache_tag_for, Repository};
 use crate::render::redact_docker_args;
 use crate::secrets::{self, HIDDEN};
 
 mod command;
+mod mounts;
 mod options;
 mod steps;
+pub use mounts::{MountPlan, RUN_ARG};
 mod vocabulary;
 
 pub use options::*;
@@ -114,6 +116,14 @@ pub struct Plan {
     pub steps: Vec<Step>,
     /// One-build runs: what a failed build does, stage by stage, in this order.
     pub recovery: Vec<Recovery>,
+    /// The cache mounts kept across runners.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mounts: Vec<MountPlan>,
+    /// The image the cache mounts' restore and save builds run in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mount_image: Option<String>,
+    /// The most a cache mount may hold to be saved (bytes, before compression).
+    pub cache_mount_max_size: u64,
 }
 
 impl Plan {
@@ -218,14 +228,26 @@ impl Plan {
         let by_key: BTreeMap<String, &crate::dockerfile::Stage> =
             dockerfile.stages.iter().map(|stage| (stage.key(), stage)).collect();
 
+        if let Some(list) = &options.platform {
+            notes.push(format!(
+                "caches are kept per platform ({list}): tags cache-<stage>--<os>-<arch>.<key>; caches written without a named platform are not read, as they may hold another platform's layers"
+            ));
+        }
+        // A cache per platform when the run names platforms: level by level, each platform's.
+        let platforms: Vec<Option<String>> = match &options.platform {
+            Some(list) => list.split(',').map(|platform| Some(platform.trim().to_string())).collect(),
+            None => vec![None],
+        };
         let refs = |stage_key: &str, levels: &[Level]| -> Vec<CacheRef> {
             levels
                 .iter()
-                .filter_map(|level| {
-                    let key = level.key(&options.git).ok()?;
-                    let tag = cache_tag(stage_key, key.as_ref());
-                    let location = options.backend.location(&options.repository, &tag);
-                    Some(CacheRef { level: *level, tag, location })
+                .filter_map(|level| Some((level, level.key(&options.git).ok()?)))
+                .flat_map(|(level, key)| {
+                    platforms.iter().map(move |platform| {
+                        let tag = cache_tag_for(stage_key, platform.as_deref(), key.as_ref());
+                        let location = options.backend.location(&options.repository, &tag);
+                        CacheRef { level: *level, tag, location, platform: platform.clone() }
+                    })
                 })
                 .collect()
         };
@@ -259,6 +281,8 @@ impl Plan {
             })
             .collect();
 
+        let planned_mounts = mounts::mounts_of(options, dockerfile, &order, &chain, &write_levels);
+        notes.extend(planned_mounts.notes);
         let execution = if options.builder == Builder::Buildx && options.backend != Backend::Inline {
             Execution::OneBuild
         } else {
@@ -296,6 +320,9 @@ impl Plan {
             execution,
             steps: Vec::new(),
             recovery: Vec::new(),
+            mounts: planned_mounts.mounts,
+            mount_image: planned_mounts.image,
+            cache_mount_max_size: options.cache_mount_max_size,
         };
         plan.steps = plan.compute_steps();
         plan.recovery = plan.compute_recovery();

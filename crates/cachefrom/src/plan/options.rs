@@ -55,6 +55,10 @@ pub struct PlanOptions {
     pub build_platform: Option<String>,
     /// Notes for the plan from whoever made the options (why a run is read-only, …).
     pub notes: Vec<String>,
+    /// Keep the contents of `RUN --mount=type=cache` across runners (registry, local, tarball).
+    pub cache_mounts: bool,
+    /// The most a cache mount may hold (bytes, before compression) to be saved.
+    pub cache_mount_max_size: u64,
 }
 
 impl PlanOptions {
@@ -82,6 +86,8 @@ impl PlanOptions {
             push_tags: false,
             build_args: BTreeMap::new(),
             docker_args: Vec::new(),
+            cache_mounts: true,
+            cache_mount_max_size: crate::mounts::DEFAULT_MAX_SIZE,
             work_dir,
             platform: None,
             build_platform: None,

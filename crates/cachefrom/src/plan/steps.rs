@@ -15,6 +15,12 @@ impl Plan {
         if let Some(reuse) = self.reuse_unchanged_step() {
             steps.push(reuse);
         }
+        if !self.mounts.is_empty() {
+            steps.push(Step::RestoreMounts { argv: self.restore_argv() });
+        }
+        if let Some(mount) = self.mount_base_layers_step() {
+            steps.push(mount);
+        }
         for stage in self.builds() {
             steps.push(Step::Build {
                 stage: stage.name.clone(),
@@ -27,6 +33,9 @@ impl Plan {
             for write in self.writes_after(stage) {
                 steps.push(Step::Write { stage: stage.name.clone(), write });
             }
+        }
+        if !self.mounts.is_empty() && !self.write_levels.is_empty() {
+            steps.push(Step::SaveMounts { argv: self.save_argv() });
         }
         if self.execution == Execution::OneBuild {
             let target = self.target_stage();
@@ -76,6 +85,33 @@ impl Plan {
             }
         }
         fallbacks
+    }
+
+    /// The base images in this run's registry, other than its repository, whose layers the
+    /// registry cache export would upload again: mounted first (registry backend, writes only).
+    fn mount_base_layers_step(&self) -> Option<Step> {
+        if !matches!(self.backend, Backend::Registry { .. }) || self.write_levels.is_empty() {
+            return None;
+        }
+        let images: Vec<String> = self
+            .external_images
+            .iter()
+            .filter(|image| {
+                crate::inputs::image_reference(image).is_some_and(|(repository, _)| {
+                    repository.registry == self.repository.registry && repository.path != self.repository.path
+                })
+            })
+            .cloned()
+            .collect();
+        if images.is_empty() {
+            return None;
+        }
+        let platform = self.platform.clone().unwrap_or_else(|| crate::dockerfile::Platform::host().to_string());
+        // One platform only: several are left to the export.
+        if platform.contains(',') {
+            return None;
+        }
+        Some(Step::MountBaseLayers { images, platform })
     }
 
     /// The check for an unchanged build, where a record can stand for the run's output: one

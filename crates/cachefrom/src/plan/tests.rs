@@ -495,3 +495,151 @@ fn a_plan_grows_linearly_with_the_stages() {
     assert!(json_2000 < 15 * json_200, "JSON: {json_200} bytes for 200 stages, {json_2000} for 2000");
     assert!(script_2000 < 8 * 1024 * 1024, "{script_2000}");
 }
+
+const CARGO_MOUNTS: &str = "\
+FROM debian:bookworm AS tools
+FROM rust:1.85 AS builder
+RUN --mount=type=cache,target=/usr/local/cargo/registry/ --mount=type=cache,id=target,target=/app/target,sharing=locked cargo build
+RUN --mount=type=cache,target=/usr/local/cargo/registry cargo test
+RUN --mount=type=cache,target=/x,from=tools true
+FROM debian:bookworm-slim AS runtime
+COPY --from=builder /app /app
+";
+
+#[test]
+fn every_cache_mount_of_the_stages_built_is_restored_before_the_build_and_saved_after_it() {
+    let plan = plan(CARGO_MOUNTS, &options(feature_branch()));
+    let ids: Vec<&str> = plan.mounts.iter().map(|mount| mount.mount.id.as_str()).collect();
+    assert_eq!(ids, ["/usr/local/cargo/registry", "target"], "one mount an identity");
+    assert_eq!(plan.mounts[0].steps.len(), 2, "two RUNs share the registry mount");
+    assert_eq!(plan.mount_image.as_deref(), Some("rust:1.85"));
+    assert!(
+        plan.notes
+            .iter()
+            .any(|note| note.contains("\"/x\" of stage builder is not kept: it starts from another stage")),
+        "{:?}",
+        plan.notes
+    );
+    let target = &plan.mounts[1];
+    assert_eq!(
+        tags(&target.cache_from).iter().map(|t| t.split_once('=').unwrap().0).collect::<Vec<_>>(),
+        ["branch", "merge-base", "default-branch", "parent", "unprefixed"]
+    );
+    assert!(target.cache_from[0].tag.starts_with("cachemount-target--"));
+    assert!(
+        target.cache_from[0].tag.ends_with(".feature-login--") || target.cache_from[0].tag.contains(".feature-login--")
+    );
+    let kinds: Vec<&str> = plan
+        .steps
+        .iter()
+        .map(|step| match step {
+            Step::RestoreMounts { .. } => "restore",
+            Step::Build { .. } => "build",
+            Step::SaveMounts { .. } => "save",
+            Step::WriteBack { .. } => "write-back",
+            Step::Write { .. } => "write",
+            _ => "other",
+        })
+        .collect();
+    assert_eq!(kinds[..3], ["other", "restore", "build"], "{kinds:?}");
+    assert!(kinds.contains(&"save"));
+    let restore = plan.restore_dockerfile();
+    assert!(restore.starts_with("FROM rust:1.85\n"), "{restore}");
+    assert!(restore.contains("--mount=type=cache,id=target,target=/cachefrom/m1,sharing=locked"), "{restore}");
+    let save = plan.save_dockerfile();
+    assert!(save.contains("gzip -1n > /cachefrom/out/m0.tar.gz"), "{save}");
+    assert!(save.contains(&format!("-gt {}", crate::mounts::DEFAULT_MAX_SIZE / 1024)), "{save}");
+
+    // The script saves them in its EXIT trap, and is valid bash.
+    let script = plan.to_string();
+    assert!(script.contains("save_mounts() {"), "{script}");
+    assert!(script.contains("save_mounts || true;"), "{script}");
+    let syntax = std::process::Command::new("bash").args(["-n", "-c", &script]).status().unwrap();
+    assert!(syntax.success(), "{script}");
+}
+
+#[test]
+fn cache_mounts_are_read_only_where_caches_are_and_can_be_turned_off() {
+    let mut read_only = options(feature_branch());
+    read_only.access = Access::ReadOnly;
+    let plan_ro = plan(CARGO_MOUNTS, &read_only);
+    assert!(plan_ro.steps.iter().any(|step| matches!(step, Step::RestoreMounts { .. })));
+    assert!(!plan_ro.steps.iter().any(|step| matches!(step, Step::SaveMounts { .. })), "a fork writes no mount");
+
+    let mut off = options(feature_branch());
+    off.cache_mounts = false;
+    let plan_off = plan(CARGO_MOUNTS, &off);
+    assert!(plan_off.mounts.is_empty());
+    assert!(plan_off.notes.iter().any(|note| note.contains("turned off (--cache-mounts off)")));
+
+    let mut inline = options(feature_branch());
+    inline.backend = Backend::Inline;
+    assert!(plan(CARGO_MOUNTS, &inline)
+        .notes
+        .iter()
+        .any(|note| note.contains("the inline backend does not keep them")));
+
+    let mut local = options(feature_branch());
+    local.backend = Backend::parse("local,dir=/cache", None).unwrap();
+    let plan_local = plan(CARGO_MOUNTS, &local);
+    let file = plan_local.mounts[0].cache_to[0].location.to_string();
+    assert!(file.starts_with("/cache/") && file.ends_with(".tar.gz"), "{file}");
+
+    // A platform is part of what names a mount's contents.
+    let mut arm = options(feature_branch());
+    arm.platform = Some("linux/arm64".into());
+    let plan_arm = plan(CARGO_MOUNTS, &arm);
+    let plan_amd = plan(CARGO_MOUNTS, &options(feature_branch()));
+    assert_ne!(plan_arm.mounts[0].cache_to[0].tag, plan_amd.mounts[0].cache_to[0].tag);
+}
+
+#[test]
+fn base_images_in_the_same_registry_have_their_layers_mounted_before_the_build() {
+    let text = "FROM 127.0.0.1:5000/base/runtime:bookworm AS deps\nFROM docker.io/library/alpine AS app\nCOPY --from=deps /x /x\n";
+    let planned = plan(text, &options(main_branch()));
+    let mounts: Vec<&Step> = planned.steps.iter().filter(|step| matches!(step, Step::MountBaseLayers { .. })).collect();
+    let [Step::MountBaseLayers { images, platform }] = mounts.as_slice() else { panic!("{:?}", planned.steps) };
+    assert_eq!(images, &["127.0.0.1:5000/base/runtime:bookworm".to_string()]);
+    assert_eq!(platform, &crate::dockerfile::Platform::host().to_string());
+    let first_build = planned.steps.iter().position(|step| matches!(step, Step::Build { .. })).unwrap();
+    let mount = planned.steps.iter().position(|step| matches!(step, Step::MountBaseLayers { .. })).unwrap();
+    assert!(mount < first_build);
+    assert!(planned.to_string().contains("?mount=DIGEST&from=BASE"));
+
+    let mut read_only = options(main_branch());
+    read_only.access = Access::ReadOnly;
+    assert!(!plan(text, &read_only).steps.iter().any(|step| matches!(step, Step::MountBaseLayers { .. })));
+}
+
+#[test]
+fn each_named_platform_has_caches_of_its_own() {
+    let mut arm = options(main_branch());
+    arm.platform = Some("linux/arm64".into());
+    let planned = plan(RUST_SERVICE, &arm);
+    let deps = planned.stage("deps").unwrap();
+    assert_eq!(deps.cache_to[0].tag, "cache-deps--linux-arm64.main");
+    assert_eq!(deps.cache_to[0].platform.as_deref(), Some("linux/arm64"));
+    assert!(planned.notes.iter().any(|note| note.contains("caches are kept per platform")));
+    let default = plan(RUST_SERVICE, &options(main_branch()));
+    assert_eq!(default.stage("deps").unwrap().cache_to[0].tag, "cache-deps.main", "no platform named: as before");
+
+    // One build for two platforms: each level has each platform's cache; the export goes to the
+    // first, and a copy to every other tag, the other platform's included.
+    let mut both = options(main_branch());
+    both.platform = Some("linux/amd64,linux/arm64".into());
+    let planned = plan(RUST_SERVICE, &both);
+    let runtime = planned.stage("runtime").unwrap();
+    let main_tags: Vec<&str> =
+        runtime.cache_from.iter().filter(|r| r.level == Level::Branch).map(|r| r.tag.as_str()).collect();
+    assert_eq!(main_tags, ["cache-runtime--linux-amd64.main", "cache-runtime--linux-arm64.main"]);
+    let copies: Vec<String> = planned
+        .steps
+        .iter()
+        .filter_map(|step| match step {
+            Step::Write { write: CacheWrite::CopyTag { to, .. }, .. } => Some(to.clone()),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    assert!(copies.iter().any(|tag| tag.ends_with(":cache-runtime--linux-arm64.main")), "{copies:?}");
+}

@@ -284,6 +284,22 @@ pub enum Step {
         /// The cache's further tags, as a build's writes would put them.
         writes: Vec<CacheWrite>,
     },
+    /// Restores the cache mounts ([`crate::plan::MountPlan`]): each one's contents fetched from
+    /// the most specific level that has them, then one build (`argv`) that unpacks them into
+    /// BuildKit's cache mounts. Nothing runs when no mount has saved contents.
+    RestoreMounts {
+        /// The restore build's `docker` arguments.
+        argv: Vec<String>,
+    },
+    /// Mounts the layers of the base images that live in the same registry into this run's
+    /// repository (`POST …/blobs/uploads/?mount=DIGEST&from=BASE`, no bytes move), so that the
+    /// cache export, which holds them, uploads none of them again.
+    MountBaseLayers {
+        /// The images (`REGISTRY/REPOSITORY:TAG` or `@DIGEST`) whose layers are mounted.
+        images: Vec<String>,
+        /// The platform whose image is meant where one names several (`os/arch[/variant]`).
+        platform: String,
+    },
     /// `docker build` of `stage` (with every stage it needs).
     Build {
         /// The stage built (`--target`).
@@ -320,6 +336,13 @@ pub enum Step {
         stage: String,
         /// Every such write; the executor keeps the destinations that exist.
         writes: Vec<CacheWrite>,
+    },
+    /// Saves the cache mounts, after the build whether it succeeded, failed or was cancelled:
+    /// one build (`argv`) packs each mount into a file; each file whose contents are not stored
+    /// yet is uploaded, and written at this run's levels.
+    SaveMounts {
+        /// The save build's `docker` arguments.
+        argv: Vec<String>,
     },
     /// `docker push` of the final image (the classic builder; buildx pushes within the build).
     PushImage {
@@ -408,4 +431,7 @@ pub struct CacheRef {
     pub tag: String,
     /// Where it lives for the chosen backend.
     pub location: CacheLocation,
+    /// The platform whose cache it is, when the run names platforms (`--platform`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub platform: Option<String>,
 }

@@ -1,0 +1,228 @@
+//! The cache mounts a plan keeps ([`crate::mounts`]): which, where each is read from and written
+//! to, and the two small builds that restore and save them.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::backend::{Backend, CacheLocation};
+use crate::dockerfile::{Dockerfile, Stage};
+use crate::mounts::{mount_tag, CacheMount};
+
+use super::vocabulary::{Builder, CacheRef, Level};
+use super::{Plan, PlanOptions};
+
+/// The build argument whose value, new each run, makes the restore and save builds' `RUN`s run.
+pub const RUN_ARG: &str = "CACHEFROM_RUN";
+
+/// One cache mount the plan keeps: where its contents are read from and written to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MountPlan {
+    /// Its short name in the run's files and builds: `m0`, `m1`, …
+    pub name: String,
+    /// The mount as the Dockerfile has it (the first `RUN` that uses it).
+    pub mount: CacheMount,
+    /// The `RUN` instructions that use it, `[stage] RUN …` as written.
+    pub steps: Vec<(String, String)>,
+    /// Where its contents may be read from, most specific first.
+    pub cache_from: Vec<CacheRef>,
+    /// Where they are written.
+    pub cache_to: Vec<CacheRef>,
+}
+
+/// What [`mounts_of`] finds: the mounts kept, the image their builds run in, and notes.
+pub(crate) struct PlannedMounts {
+    pub mounts: Vec<MountPlan>,
+    pub image: Option<String>,
+    pub notes: Vec<String>,
+}
+
+/// The cache mounts of the stages built (`order`), as the options keep them.
+pub(crate) fn mounts_of(
+    options: &PlanOptions,
+    dockerfile: &Dockerfile,
+    order: &[&Stage],
+    chain: &[Level],
+    write_levels: &[Level],
+) -> PlannedMounts {
+    let mut planned = PlannedMounts { mounts: Vec::new(), image: None, notes: Vec::new() };
+    let used: Vec<(&Stage, &CacheMount)> =
+        order.iter().flat_map(|stage| stage.cache_mounts.iter().map(move |mount| (*stage, mount))).collect();
+    if used.is_empty() {
+        return planned;
+    }
+    let why_not = if !options.cache_mounts {
+        Some("turned off (--cache-mounts off)".to_string())
+    } else if options.builder != Builder::Buildx {
+        Some("the classic builder has no cache mounts".to_string())
+    } else if !matches!(options.backend, Backend::Registry { .. } | Backend::Local { .. } | Backend::Tarball { .. }) {
+        Some(format!("the {} backend does not keep them (registry, local and tarball do)", options.backend.name()))
+    } else {
+        None
+    };
+    if let Some(why) = why_not {
+        planned.notes.push(format!("cache mounts are not kept across runners: {why}"));
+        return planned;
+    }
+    let by_key: BTreeMap<String, &Stage> = dockerfile.stages.iter().map(|stage| (stage.key(), stage)).collect();
+    let platform = options.platform.as_deref();
+    let mut by_identity: BTreeMap<String, usize> = BTreeMap::new();
+    for (stage, mount) in used {
+        let step = (stage.display_name(), mount.written.clone());
+        if let Some(why) = &mount.not_kept {
+            planned.notes.push(format!(
+                "the cache mount {} of stage {} is not kept: {why}",
+                crate::git::escaped(&mount.target),
+                stage.display_name()
+            ));
+            continue;
+        }
+        // The restore and save builds run in the image the first such stage starts from.
+        if planned.image.is_none() {
+            match root_image(stage, &by_key) {
+                Some(image) => planned.image = Some(image),
+                None => {
+                    planned.notes.push(format!(
+                        "the cache mount {} of stage {} is not kept: the stage starts from scratch (no tar to pack it with)",
+                        crate::git::escaped(&mount.target),
+                        stage.display_name()
+                    ));
+                    continue;
+                }
+            }
+        }
+        let identity = mount.identity(platform);
+        if let Some(index) = by_identity.get(&identity) {
+            planned.mounts[*index].steps.push(step);
+            continue;
+        }
+        let refs = |levels: &[Level]| -> Vec<CacheRef> {
+            levels
+                .iter()
+                .filter_map(|level| {
+                    let key = level.key(&options.git).ok()?;
+                    let tag = mount_tag(&identity, &mount.id, key.as_ref());
+                    let location = mount_location(&options.backend, options, &tag);
+                    Some(CacheRef { level: *level, tag, location, platform: None })
+                })
+                .collect()
+        };
+        by_identity.insert(identity.clone(), planned.mounts.len());
+        planned.mounts.push(MountPlan {
+            name: format!("m{}", planned.mounts.len()),
+            mount: mount.clone(),
+            steps: vec![step],
+            cache_from: refs(chain),
+            cache_to: refs(write_levels),
+        });
+    }
+    planned
+}
+
+/// The image a stage starts from, through the stages it is built `FROM`; `None` for `scratch`.
+fn root_image(stage: &Stage, by_key: &BTreeMap<String, &Stage>) -> Option<String> {
+    let mut current = stage;
+    for _ in 0..by_key.len() + 1 {
+        match by_key
+            .values()
+            .find(|other| other.name.as_deref() == Some(current.base.as_str()) && other.index < current.index)
+        {
+            Some(parent) => current = parent,
+            None if current.base == "scratch" => return None,
+            None => return Some(current.base.clone()),
+        }
+    }
+    None
+}
+
+/// Where a saved mount lives: an artifact in the registry, a file in the cache directory.
+fn mount_location(backend: &Backend, options: &PlanOptions, tag: &str) -> CacheLocation {
+    match backend {
+        Backend::Local { dir } | Backend::Tarball { dir } => CacheLocation::TarFile(
+            dir.join(crate::backend::repository_dir_name(&options.repository)).join(format!("{tag}.tar.gz")),
+        ),
+        _ => CacheLocation::Image(options.repository.with_tag(tag)),
+    }
+}
+
+impl Plan {
+    /// Where the run keeps its cache-mount files: `in/` (fetched archives, the restore build's
+    /// context), `out/` (what the save build outputs), `empty/` (the save build's context).
+    pub fn mounts_dir(&self) -> PathBuf {
+        self.work_dir.join("mounts")
+    }
+
+    /// The restore build's Dockerfile: a `RUN` a mount, each mounting the cache with its own
+    /// options and the fetched archives, unpacking its archive (when one was fetched) into the
+    /// mount when it is empty (a runner that kept its own is at least as fresh).
+    pub fn restore_dockerfile(&self) -> String {
+        let mut text = format!("FROM {}\nARG {RUN_ARG}\n", self.mount_image.as_deref().unwrap_or("scratch"));
+        for mount in &self.mounts {
+            let at = format!("/cachefrom/{}", mount.name);
+            text.push_str(&format!(
+                "RUN --mount={} --mount=type=bind,target=/cachefrom/in \\\n    if [ -f /cachefrom/in/{name}.tar.gz ] && [ -z \"$(ls -A {at})\" ]; then tar -xzpf /cachefrom/in/{name}.tar.gz --numeric-owner -C {at}; fi\n",
+                mount.mount.mount_at(&at),
+                name = mount.name
+            ));
+        }
+        text
+    }
+
+    /// The save build's Dockerfile: packs each mount into `<name>.tar.gz` (owners, modes and
+    /// times kept, sorted by name, no timestamp: the same contents give the same bytes) with its
+    /// size in `<name>.size`, or writes only `<name>.too-big` when it is over the cap; output as files.
+    pub fn save_dockerfile(&self) -> String {
+        let image = self.mount_image.as_deref().unwrap_or("scratch");
+        let mut text = format!("FROM {image} AS pack\nARG {RUN_ARG}\nRUN mkdir -p /cachefrom/out\n");
+        let max_kb = self.cache_mount_max_size / 1024;
+        for mount in &self.mounts {
+            let at = format!("/cachefrom/{}", mount.name);
+            let name = &mount.name;
+            text.push_str(&format!(
+                "RUN --mount={} \\\n    cd {at} && size=$(du -sk . | cut -f1) && if [ \"$size\" -gt {max_kb} ]; then echo \"$size\" > /cachefrom/out/{name}.too-big; elif [ -n \"$(ls -A .)\" ]; then {{ tar --sort=name --numeric-owner -cf - . 2>/dev/null || tar -cf - .; }} | gzip -1n > /cachefrom/out/{name}.tar.gz && echo \"$size\" > /cachefrom/out/{name}.size; fi\n",
+                mount.mount.mount_at(&at),
+            ));
+        }
+        text.push_str("FROM scratch\nCOPY --from=pack /cachefrom/out/ /\n");
+        text
+    }
+
+    /// The restore build: its `RUN` runs (see [`Plan::mount_build_start`]), nothing output.
+    pub(crate) fn restore_argv(&self) -> Vec<String> {
+        let dir = self.mounts_dir();
+        let mut argv = self.mount_build_start(&dir.join("restore.Dockerfile"));
+        argv.extend(["--output".into(), "type=cacheonly".into()]);
+        argv.push(dir.join("in").display().to_string());
+        argv
+    }
+
+    /// The save build: its `RUN` runs, its files output to `out/`.
+    pub(crate) fn save_argv(&self) -> Vec<String> {
+        let dir = self.mounts_dir();
+        let mut argv = self.mount_build_start(&dir.join("save.Dockerfile"));
+        argv.extend(["--output".into(), format!("type=local,dest={}", dir.join("out").display())]);
+        argv.push(dir.join("empty").display().to_string());
+        argv
+    }
+
+    /// `--no-cache` would not do: BuildKit then gives the `RUN` fresh cache mounts. A value of
+    /// [`RUN_ARG`] new each run (docker reads it from the environment) makes the `RUN` run; the
+    /// builds need no network.
+    fn mount_build_start(&self, dockerfile: &Path) -> Vec<String> {
+        let mut argv: Vec<String> =
+            ["buildx", "build", "--progress=plain", "--network=none", "-f"].iter().map(|s| s.to_string()).collect();
+        argv.push(dockerfile.display().to_string());
+        argv.extend(["--build-arg".into(), RUN_ARG.into()]);
+        // The namespace of cache ids, when the build sets one, applies to these builds too.
+        for (name, value) in self.build_args.iter().chain(self.docker.build_args.iter()) {
+            if name == "BUILDKIT_CACHE_MOUNT_NS" {
+                argv.extend(["--build-arg".into(), format!("{name}={value}")]);
+            }
+        }
+        if let Some(builder) = &self.docker.builder {
+            argv.extend(["--builder".into(), builder.clone()]);
+        }
+        argv
+    }
+}
