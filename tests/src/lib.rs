@@ -487,3 +487,54 @@ impl Drop for FakeRegistry {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 }
+
+/// A running build's standard error, line by line: what it printed until the slow step of
+/// [`SLOW_DOCKERFILE`] started, and the rest as it comes.
+pub struct StartedBuild {
+    /// The lines seen so far.
+    pub seen: Vec<String>,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl StartedBuild {
+    /// Reads `child`'s stderr (piped) until the slow step prints that it started (within 120 s).
+    pub fn wait_for_slow_step(child: &mut std::process::Child) -> StartedBuild {
+        use std::io::BufRead;
+        let stderr = child.stderr.take().expect("stderr is piped");
+        let (tx, lines) = std::sync::mpsc::channel::<String>();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let mut seen = Vec::new();
+        let started = std::time::Instant::now();
+        loop {
+            let line = lines.recv_timeout(Duration::from_secs(120)).expect("the slow step starts");
+            seen.push(line.clone());
+            if line.contains("slow-step-started") && !line.contains("RUN") {
+                break;
+            }
+            assert!(started.elapsed() < Duration::from_secs(120), "{}", seen.join("\n"));
+        }
+        StartedBuild { seen, lines }
+    }
+
+    /// Every line, once the build has exited.
+    pub fn all_lines(mut self) -> Vec<String> {
+        self.seen.extend(self.lines.try_iter());
+        self.seen
+    }
+}
+
+/// Runs `cachefrom ARGS` (with `CI=true`) whose `--report` is `report`: its output and the report
+/// (`null` when none was written).
+pub fn cachefrom_reporting(args: &[String], report: &Path) -> (std::process::Output, serde_json::Value) {
+    let _ = std::fs::remove_file(report);
+    let output = std::process::Command::new(cachefrom_binary()).args(args).env("CI", "true").output().unwrap();
+    let report = std::fs::read_to_string(report)
+        .ok()
+        .and_then(|text| serde_json::from_str(&text).ok())
+        .unwrap_or(serde_json::Value::Null);
+    (output, report)
+}

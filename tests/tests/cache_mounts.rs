@@ -28,21 +28,15 @@ impl Run {
 
 fn build(dir: &Path, image: &str, extra: &[&str]) -> Run {
     let report = dir.join("report.json");
-    let _ = std::fs::remove_file(&report);
-    let output = Command::new(cachefrom_binary())
-        .args(["build", "--image", image, "--branch", "main", "--default-branch", "main"])
-        .args(["--build-arg", &format!("BASE={RUNTIME_BASE_IMAGE}"), "--report"])
-        .arg(&report)
-        .args(extra)
-        .arg(dir)
-        .args(["--", "--network=none"])
-        .env("CI", "true")
-        .output()
-        .unwrap();
-    let report = std::fs::read_to_string(&report)
-        .ok()
-        .and_then(|text| serde_json::from_str(&text).ok())
-        .unwrap_or(serde_json::Value::Null);
+    let mut args: Vec<String> = ["build", "--image", image, "--branch", "main", "--default-branch", "main"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    args.extend(["--build-arg".into(), format!("BASE={RUNTIME_BASE_IMAGE}"), "--report".into()]);
+    args.push(report.display().to_string());
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args.extend([dir.display().to_string(), "--".into(), "--network=none".into()]);
+    let (output, report) = cachefrom_reporting(&args, &report);
     Run { output, report }
 }
 

@@ -3,7 +3,6 @@
 //! writes the caches of the stages that finished and a report marked cancelled, and exits
 //! 130/143 within 10 s, leaving no process behind.
 
-use std::io::{BufRead, BufReader};
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -41,23 +40,7 @@ fn cancel_with(signal: i32, to_group: bool) {
         .spawn()
         .unwrap();
     let pid = child.id() as i32;
-    let stderr = child.stderr.take().unwrap();
-    let (lines_tx, lines_rx) = std::sync::mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = lines_tx.send(line);
-        }
-    });
-    let mut seen = Vec::new();
-    let started = Instant::now();
-    loop {
-        let line = lines_rx.recv_timeout(Duration::from_secs(120)).expect("the slow step starts");
-        seen.push(line.clone());
-        if line.contains("slow-step-started") && !line.contains("RUN") {
-            break;
-        }
-        assert!(started.elapsed() < Duration::from_secs(120), "{}", seen.join("\n"));
-    }
+    let started = StartedBuild::wait_for_slow_step(&mut child);
     let signalled = Instant::now();
     // SAFETY: kill(2) on the process (group) this test started.
     unsafe {
@@ -65,8 +48,7 @@ fn cancel_with(signal: i32, to_group: bool) {
     }
     let status = child.wait().unwrap();
     let took = signalled.elapsed();
-    seen.extend(lines_rx.try_iter());
-    let log = seen.join("\n");
+    let log = started.all_lines().join("\n");
     assert_eq!(status.code(), Some(128 + signal), "{log}");
     assert!(took < Duration::from_secs(10), "took {took:?} after the signal:\n{log}");
 

@@ -5,13 +5,10 @@
 //! `target/`, their mtimes kept), the image's smoke test runs, and the report says what the mount
 //! saved.
 
-use std::process::Command;
-
 use cachefrom_tests::*;
 
 fn build(dir: &std::path::Path, image: &str) -> (std::process::Output, serde_json::Value) {
     let report = dir.join("report.json");
-    let _ = std::fs::remove_file(&report);
     let mut args: Vec<String> = ["build", "--image", image, "--branch", "main", "--default-branch", "main"]
         .iter()
         .map(|s| s.to_string())
@@ -24,12 +21,7 @@ fn build(dir: &std::path::Path, image: &str) -> (std::process::Output, serde_jso
     args.push(dir.display().to_string());
     args.push("--".into());
     args.extend(example_docker_args());
-    let output = Command::new(cachefrom_binary()).args(&args).env("CI", "true").output().unwrap();
-    let report = std::fs::read_to_string(&report)
-        .ok()
-        .and_then(|text| serde_json::from_str(&text).ok())
-        .unwrap_or(serde_json::Value::Null);
-    (output, report)
+    cachefrom_reporting(&args, &report)
 }
 
 fn mount<'a>(report: &'a serde_json::Value, target: &str) -> &'a serde_json::Value {

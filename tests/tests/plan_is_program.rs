@@ -6,11 +6,9 @@
 //! failed stage, cancelled.
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
 
 use cachefrom::plan::narrowed;
 use cachefrom_tests::*;
@@ -375,27 +373,12 @@ fn a_cancelled_run_writes_only_what_its_plan_names() {
     fresh_runner().unwrap();
     let (mut command, calls, log_lines) = scenario.command(&[]);
     let mut child = command.process_group(0).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (lines_tx, lines_rx) = std::sync::mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = lines_tx.send(line);
-        }
-    });
-    let mut seen = Vec::new();
-    let started = Instant::now();
-    loop {
-        let line = lines_rx.recv_timeout(Duration::from_secs(120)).expect("the slow step starts");
-        seen.push(line.clone());
-        if line.contains("slow-step-started") && !line.contains("RUN") {
-            break;
-        }
-        assert!(started.elapsed() < Duration::from_secs(120), "{}", seen.join("\n"));
-    }
+    let started = StartedBuild::wait_for_slow_step(&mut child);
     // SIGINT, as CI sends it first.
+    // SAFETY: kill(2) on the process this test started.
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     let status = child.wait().unwrap();
-    seen.extend(lines_rx.try_iter());
+    let seen = started.all_lines();
     assert_eq!(status.code(), Some(130), "{}", seen.join("\n"));
     let output = Output { status, stdout: Vec::new(), stderr: seen.join("\n").into_bytes() };
     scenario.check(&[], &calls, log_lines, &output);

@@ -4,7 +4,7 @@
 //! caches, counts each platform's steps, and writes a cache a single-platform job then reads.
 //! The Dockerfile cross-compiles (its work runs on `$BUILDPLATFORM`), so no emulation is needed.
 
-use std::process::{Command, Output};
+use std::process::Output;
 
 use cachefrom_tests::*;
 
@@ -24,21 +24,31 @@ COPY --from=build /app /app
 
 fn build(dir: &std::path::Path, image: &str, platform: &str, tag: &str) -> (Output, serde_json::Value) {
     let report = dir.join("report.json");
-    let _ = std::fs::remove_file(&report);
-    let output = Command::new(cachefrom_binary())
-        .args(["build", "--image", image, "--branch", "main", "--default-branch", "main", "--platform", platform])
-        .args(["--build-arg", &format!("BASE={RUNTIME_BASE_IMAGE}"), "--tag", tag, "--push", "--report"])
-        .arg(&report)
-        .arg(dir)
-        .args(["--", "--network=none"])
-        .env("CI", "true")
-        .output()
-        .unwrap();
-    let report = std::fs::read_to_string(&report)
-        .ok()
-        .and_then(|text| serde_json::from_str(&text).ok())
-        .unwrap_or(serde_json::Value::Null);
-    (output, report)
+    let args: Vec<String> = [
+        "build",
+        "--image",
+        image,
+        "--branch",
+        "main",
+        "--default-branch",
+        "main",
+        "--platform",
+        platform,
+        "--build-arg",
+        &format!("BASE={RUNTIME_BASE_IMAGE}"),
+        "--tag",
+        tag,
+        "--push",
+        "--report",
+        &report.display().to_string(),
+        &dir.display().to_string(),
+        "--",
+        "--network=none",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    cachefrom_reporting(&args, &report)
 }
 
 fn totals(report: &serde_json::Value) -> (u64, u64) {

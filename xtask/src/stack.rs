@@ -127,43 +127,7 @@ impl Stack {
         }
         if !engine_ok {
             eprintln!("stack: installing {} from Debian 13 (private apt configuration)", TRIXIE_PACKAGES.join(" "));
-            let apt_dir = self.path("apt");
-            for sub in ["lists/partial", "cache/archives/partial", "debs"] {
-                fs::create_dir_all(apt_dir.join(sub))?;
-            }
-            fs::write(
-                apt_dir.join("sources.list"),
-                format!("deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] {DEBIAN_MIRROR} trixie main\n"),
-            )?;
-            let d = apt_dir.display();
-            fs::write(
-                apt_dir.join("apt.conf"),
-                format!(
-                    "Dir::Etc::SourceList \"{d}/sources.list\";\nDir::Etc::SourceParts \"/nonexistent\";\nDir::State::Lists \"{d}/lists\";\nDir::Cache \"{d}/cache\";\nAPT::Sandbox::User \"root\";\n"
-                ),
-            )?;
-            let apt_config = apt_dir.join("apt.conf");
-            cmd!(sh, "timeout 300 apt-get update -q")
-                .env("APT_CONFIG", &apt_config)
-                .quiet()
-                .ignore_stdout()
-                .run()
-                .context("apt-get update for trixie failed")?;
-            let debs = apt_dir.join("debs");
-            sh.change_dir(&debs);
-            let packages = TRIXIE_PACKAGES;
-            let downloaded = cmd!(sh, "timeout 600 apt-get download -q {packages...}")
-                .env("APT_CONFIG", &apt_config)
-                .quiet()
-                .ignore_stdout()
-                .run();
-            sh.change_dir(cachefrom_stack::repository_root());
-            downloaded.context("downloading the trixie packages failed")?;
-            let files: Vec<PathBuf> = fs::read_dir(&debs)?
-                .flatten()
-                .map(|entry| entry.path())
-                .filter(|path| path.extension().is_some_and(|ext| ext == "deb"))
-                .collect();
+            let files = self.private_apt_download(sh, "apt", "trixie", None, &TRIXIE_PACKAGES)?;
             cmd!(sh, "timeout 300 dpkg -i {files...}")
                 .env("DEBIAN_FRONTEND", "noninteractive")
                 .quiet()
@@ -345,6 +309,57 @@ impl Stack {
         Ok(())
     }
 
+    /// Downloads `packages` of Debian `suite` (for `arch`, else this machine's) with an apt
+    /// configuration of its own in `name/` of the state directory (the system's is not touched);
+    /// the `.deb` files.
+    fn private_apt_download(
+        &self,
+        sh: &Shell,
+        name: &str,
+        suite: &str,
+        arch: Option<&str>,
+        packages: &[&str],
+    ) -> Result<Vec<PathBuf>> {
+        let apt_dir = self.path(name);
+        for sub in ["lists/partial", "cache/archives/partial", "debs"] {
+            fs::create_dir_all(apt_dir.join(sub))?;
+        }
+        fs::write(
+            apt_dir.join("sources.list"),
+            format!("deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] {DEBIAN_MIRROR} {suite} main\n"),
+        )?;
+        let d = apt_dir.display();
+        let arch = arch.map(|arch| format!("APT::Architecture \"{arch}\";\nAPT::Architectures {{ \"{arch}\"; }};\n"));
+        fs::write(
+            apt_dir.join("apt.conf"),
+            format!(
+                "Dir::Etc::SourceList \"{d}/sources.list\";\nDir::Etc::SourceParts \"/nonexistent\";\nDir::State::Lists \"{d}/lists\";\nDir::Cache \"{d}/cache\";\nAPT::Sandbox::User \"root\";\n{}",
+                arch.unwrap_or_default()
+            ),
+        )?;
+        let apt_config = apt_dir.join("apt.conf");
+        cmd!(sh, "timeout 300 apt-get update -q")
+            .env("APT_CONFIG", &apt_config)
+            .quiet()
+            .ignore_stdout()
+            .run()
+            .with_context(|| format!("apt-get update for {suite} failed"))?;
+        let debs = apt_dir.join("debs");
+        sh.change_dir(&debs);
+        let downloaded = cmd!(sh, "timeout 600 apt-get download -q {packages...}")
+            .env("APT_CONFIG", &apt_config)
+            .quiet()
+            .ignore_stdout()
+            .run();
+        sh.change_dir(cachefrom_stack::repository_root());
+        downloaded.with_context(|| format!("downloading {} from {suite} failed", packages.join(" ")))?;
+        Ok(fs::read_dir(&debs)?
+            .flatten()
+            .map(|entry| entry.path())
+            .filter(|path| path.extension().is_some_and(|ext| ext == "deb"))
+            .collect())
+    }
+
     /// arm64 `RUN` steps under QEMU user emulation: binfmt_misc mounted, Debian's
     /// qemu-aarch64-static registered with the fix-binary flag (so containers use it), and a
     /// small arm64 image (Debian's static busybox) in the registry.
@@ -368,41 +383,12 @@ impl Stack {
             return Ok(());
         }
         let apt_dir = self.path("apt-arm64");
-        for sub in ["lists/partial", "cache/archives/partial", "debs", "root/bin"] {
-            fs::create_dir_all(apt_dir.join(sub))?;
-        }
-        fs::write(
-            apt_dir.join("sources.list"),
-            format!("deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] {DEBIAN_MIRROR} bookworm main\n"),
-        )?;
-        let d = apt_dir.display();
-        fs::write(
-            apt_dir.join("apt.conf"),
-            format!(
-                "Dir::Etc::SourceList \"{d}/sources.list\";\nDir::Etc::SourceParts \"/nonexistent\";\nDir::State::Lists \"{d}/lists\";\nDir::Cache \"{d}/cache\";\nAPT::Sandbox::User \"root\";\nAPT::Architecture \"arm64\";\nAPT::Architectures {{ \"arm64\"; }};\n"
-            ),
-        )?;
-        let apt_config = apt_dir.join("apt.conf");
-        cmd!(sh, "timeout 300 apt-get update -q")
-            .env("APT_CONFIG", &apt_config)
-            .quiet()
-            .ignore_stdout()
-            .run()
-            .context("apt-get update for arm64 failed")?;
-        let debs = apt_dir.join("debs");
-        sh.change_dir(&debs);
-        let downloaded = cmd!(sh, "timeout 300 apt-get download -q busybox-static")
-            .env("APT_CONFIG", &apt_config)
-            .quiet()
-            .ignore_stdout()
-            .run();
-        sh.change_dir(cachefrom_stack::repository_root());
-        downloaded.context("downloading busybox-static for arm64 failed")?;
-        let deb = fs::read_dir(&debs)?
-            .flatten()
-            .map(|entry| entry.path())
-            .find(|path| path.extension().is_some_and(|ext| ext == "deb"))
+        let deb = self
+            .private_apt_download(sh, "apt-arm64", "bookworm", Some("arm64"), &["busybox-static"])?
+            .into_iter()
+            .next()
             .context("no busybox-static package was downloaded")?;
+        fs::create_dir_all(apt_dir.join("root/bin"))?;
         let unpacked = apt_dir.join("unpacked");
         cmd!(sh, "timeout 60 dpkg-deb -x {deb} {unpacked}").quiet().run().context("unpacking busybox-static")?;
         let root = apt_dir.join("root");

@@ -279,6 +279,15 @@ impl Repository {
         Ok(Repository { registry, path, written: text.to_string() })
     }
 
+    /// The tag of `image`, which must be `REPOSITORY:TAG` of this repository.
+    pub fn tag_of(&self, image: &str) -> Result<String> {
+        let prefix = format!("{}:", self.with_tag("").trim_end_matches(':'));
+        match image.strip_prefix(&prefix) {
+            Some(tag) if !tag.is_empty() => Ok(tag.to_string()),
+            _ => bail!("{image} is not a tag of {self}"),
+        }
+    }
+
     /// `REPOSITORY:TAG`, written as the user wrote the repository.
     pub fn with_tag(&self, tag: &str) -> String {
         format!("{}:{tag}", self.written)

@@ -23,8 +23,8 @@ pub fn perform(
 ) -> Result<()> {
     match write {
         CacheWrite::CopyTag { from, to } => {
-            let from_tag = tag_of(repository, from)?;
-            let mut to_tags = to.iter().map(|image| tag_of(repository, image)).collect::<Result<Vec<_>>>()?;
+            let from_tag = repository.tag_of(from)?;
+            let mut to_tags = to.iter().map(|image| repository.tag_of(image)).collect::<Result<Vec<_>>>()?;
             let copied = if annotations.is_empty() {
                 registry.copy_tag(repository, &from_tag, &to_tags)
             } else {
@@ -42,15 +42,6 @@ pub fn perform(
         }
         CacheWrite::CopyDir { from, to } => copy_dir(from, to, timeout),
         CacheWrite::Pack { from, to } => pack(from, to, timeout),
-    }
-}
-
-/// The tag of `image`, which must be `repository:TAG`.
-pub(crate) fn tag_of(repository: &Repository, image: &str) -> Result<String> {
-    let prefix = format!("{}:", repository.with_tag("").trim_end_matches(':'));
-    match image.strip_prefix(&prefix) {
-        Some(tag) if !tag.is_empty() => Ok(tag.to_string()),
-        _ => bail!("{image} is not a tag of {repository}"),
     }
 }
 
@@ -171,9 +162,9 @@ mod tests {
     #[test]
     fn tags_are_taken_only_from_the_repository() {
         let repository = Repository::parse("127.0.0.1:5000/team/app").unwrap();
-        assert_eq!(tag_of(&repository, "127.0.0.1:5000/team/app:cache-deps.main").unwrap(), "cache-deps.main");
-        assert!(tag_of(&repository, "127.0.0.1:5000/team/other:cache").is_err());
-        assert!(tag_of(&repository, "127.0.0.1:5000/team/app:").is_err());
+        assert_eq!(repository.tag_of("127.0.0.1:5000/team/app:cache-deps.main").unwrap(), "cache-deps.main");
+        assert!(repository.tag_of("127.0.0.1:5000/team/other:cache").is_err());
+        assert!(repository.tag_of("127.0.0.1:5000/team/app:").is_err());
     }
 
     #[test]

@@ -11,7 +11,6 @@ use crate::plan::{CacheWrite, Fallback, Plan};
 use crate::registry::Existence;
 use crate::report::{StageReport, StageStatus};
 use crate::retry::Backoff;
-use crate::writes::{self};
 use anyhow::{bail, Context as _, Result};
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -56,7 +55,7 @@ pub(crate) fn without_broken(
         return None;
     }
     let holds = |location: &str| -> bool {
-        let Ok(tag) = writes::tag_of(&plan.repository, location) else { return false };
+        let Ok(tag) = plan.repository.tag_of(location) else { return false };
         ctx.registry
             .manifest(&plan.repository, &tag)
             .is_ok_and(|manifest| String::from_utf8_lossy(&manifest.body).contains(digest))
@@ -106,7 +105,7 @@ pub(crate) fn unchanged_record<'a>(plan: &Plan, resolution: &'a Resolution) -> O
     if resolution.inputs.as_deref() != Some(record.inputs.as_str()) || plan.wants_local_image() {
         return None;
     }
-    let tags_in_repository = plan.tags.iter().all(|tag| writes::tag_of(&plan.repository, tag).is_ok());
+    let tags_in_repository = plan.tags.iter().all(|tag| plan.repository.tag_of(tag).is_ok());
     match (plan.tags.is_empty(), plan.push_tags) {
         (true, _) => Some(record),
         (false, true) if tags_in_repository && record.image.is_some() => Some(record),
@@ -127,7 +126,7 @@ pub(crate) fn reuse_unchanged(
     let target = plan.target_stage();
     let primary = plan.primary_write(target).context("the run writes a cache")?;
     if let (Some(image), false) = (&record.image, image_tags.is_empty()) {
-        let tags = image_tags.iter().map(|tag| writes::tag_of(&plan.repository, tag)).collect::<Result<Vec<_>>>()?;
+        let tags = image_tags.iter().map(|tag| plan.repository.tag_of(tag)).collect::<Result<Vec<_>>>()?;
         ctx.registry
             .copy_tag(&plan.repository, image, &tags)
             .with_context(|| format!("tagging the image {image} built from the same inputs"))?;
@@ -247,7 +246,7 @@ pub(crate) fn restore_cache(
     to: &str,
     annotations: &BTreeMap<String, String>,
 ) -> Result<()> {
-    let tag = writes::tag_of(&plan.repository, to)?;
+    let tag = plan.repository.tag_of(to)?;
     let manifest = ctx.registry.manifest(&plan.repository, digest)?;
     let manifest = if annotations.is_empty() { manifest } else { manifest.with_annotations(annotations)? };
     ctx.registry

@@ -126,8 +126,8 @@ impl Plan {
         }
         let target = self.target_stage();
         let primary = self.primary_write(target)?;
-        let tags_stand_for_record = self.tags.is_empty()
-            || (self.push_tags && self.tags.iter().all(|tag| crate::writes::tag_of(&self.repository, tag).is_ok()));
+        let tags_stand_for_record =
+            self.tags.is_empty() || (self.push_tags && self.tags.iter().all(|tag| self.repository.tag_of(tag).is_ok()));
         if !tags_stand_for_record {
             return None;
         }
