@@ -37,10 +37,31 @@ pub struct BenchArgs {
     /// Leave out the example-project rebuilds (minutes).
     #[arg(long)]
     skip_example: bool,
+    /// Run only the CI matrix of platforms, and put its section into BENCHMARKS.md in place of
+    /// the one there (or at its end).
+    #[arg(long)]
+    only_matrix: bool,
 }
 
 pub fn run(sh: &Shell, args: &BenchArgs) -> Result<()> {
     crate::stack::Stack::new().up(sh)?;
+    if args.only_matrix {
+        let section = crate::bench_synthetic::matrix(args.reps)?;
+        let path = cachefrom_stack::repository_root().join("BENCHMARKS.md");
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        let heading = "## A CI matrix of platforms";
+        let text = match text.find(heading) {
+            Some(start) => {
+                let end =
+                    text[start + heading.len()..].find("\n## ").map_or(text.len(), |at| start + heading.len() + at + 1);
+                format!("{}{section}{}", &text[..start], &text[end..])
+            }
+            None => format!("{text}{section}"),
+        };
+        std::fs::write(&path, &text).with_context(|| format!("writing {}", path.display()))?;
+        print!("{section}");
+        return Ok(());
+    }
     let mut out = String::from("# Benchmarks\n\n");
     let _ = writeln!(
         out,
@@ -52,12 +73,14 @@ pub fn run(sh: &Shell, args: &BenchArgs) -> Result<()> {
     out.push_str(&existence_checks(sh)?);
     if !args.quick {
         let (synthetic, bars) = crate::bench_synthetic::synthetic(args.reps)?;
+        let matrix = crate::bench_synthetic::matrix(args.reps)?;
         let chart = cachefrom_stack::repository_root().join("docs/benchmarks.png");
         crate::chart::draw(&chart, "cachefrom against the best hand-written build, fresh runner", &bars)?;
         out.push_str(
             "![Each synthetic scenario's ratio, cachefrom over the hand-written build](docs/benchmarks.png)\n\n",
         );
         out.push_str(&synthetic);
+        out.push_str(&matrix);
         if !args.skip_example {
             out.push_str(&rebuilds(sh)?);
             out.push_str(&docker_init()?);

@@ -302,3 +302,92 @@ uploaded = blob uploads completed, downloaded = bytes of every answer.\n\n"
     chart.extend(bars("cache mount", &mounted));
     Ok((out, chart))
 }
+
+/// A cross-compiling Dockerfile (its work runs on `$BUILDPLATFORM`): deps (~4 s) and a build
+/// (~2 s) for each target platform.
+const CROSS: &str = r#"ARG BASE
+FROM --platform=$BUILDPLATFORM ${BASE} AS deps
+ARG TARGETARCH
+COPY deps.txt /deps.txt
+RUN sleep 4 && echo "deps for $TARGETARCH" > /deps && cat /deps.txt >> /deps
+FROM --platform=$BUILDPLATFORM deps AS build
+ARG TARGETARCH
+COPY src /src
+RUN sleep 2 && echo "$TARGETARCH: $(cat /src/main.txt)" > /app
+FROM scratch AS final
+COPY --from=build /app /app
+"#;
+
+const PLATFORMS: [&str; 2] = ["linux/amd64", "linux/arm64"];
+
+/// One platform's job of a matrix, by each way of writing it.
+fn matrix_job(way: &str, dir: &Path, image: &str, platform: &str) -> Result<()> {
+    let arch = platform.rsplit('/').next().unwrap_or(platform);
+    if way == "cachefrom" {
+        let mut command = Command::new(cachefrom_stack::cachefrom_binary());
+        command.args(["build", "--quiet", "--image", image, "--branch", "main", "--default-branch", "main"]);
+        command.args(["--platform", platform, "--build-arg", &format!("BASE={RUNTIME_BASE_IMAGE}")]);
+        command.args(["--tag", &format!("{image}:{arch}"), "--push"]).arg(dir).args(["--", "--network=none"]);
+        return run_checked(&mut command, "cachefrom build");
+    }
+    let reference = if way == "one ref for all" { format!("{image}:cache") } else { format!("{image}:cache-{arch}") };
+    let mut command = Command::new("timeout");
+    command.args(["1800", "docker", "buildx", "build", "--progress=plain", "--provenance=false", "--network=none"]);
+    command.args(["--platform", platform, "--build-arg", &format!("BASE={RUNTIME_BASE_IMAGE}")]);
+    command.args(["--cache-from", &format!("type=registry,ref={reference}")]);
+    command.args([
+        "--cache-to",
+        &format!("type=registry,ref={reference},mode=max,image-manifest=true,oci-mediatypes=true,ignore-error=true"),
+    ]);
+    command.args(["-t", &format!("{image}:{arch}"), "--push"]).arg(dir);
+    run_checked(&mut command, "the one-liner")
+}
+
+/// The CI matrix section: each way's second round (a source change, both platforms, each job on
+/// a fresh runner), fastest of `reps`.
+pub fn matrix(reps: usize) -> Result<String> {
+    let ways = ["one ref for all", "a ref per platform", "cachefrom"];
+    let mut best: Vec<Option<Run>> = vec![None; ways.len()];
+    for (index, way) in ways.iter().enumerate() {
+        for rep in 0..reps {
+            let project = cachefrom_stack::synthetic_project(CROSS)?;
+            let dir = project.path();
+            let image = unique_repository("bench-matrix");
+            for platform in PLATFORMS {
+                eprintln!("bench: matrix {way} seed {platform} ({}/{reps})", rep + 1);
+                fresh_runner()?;
+                matrix_job(way, dir, &image, platform)?;
+            }
+            change(dir, "src/main.txt")?;
+            let mut round = Run { seconds: 0.0, up: 0, down: 0 };
+            for platform in PLATFORMS {
+                eprintln!("bench: matrix {way} second round {platform} ({}/{reps})", rep + 1);
+                let run = measure(|| matrix_job(way, dir, &image, platform))?;
+                round =
+                    Run { seconds: round.seconds + run.seconds, up: round.up + run.up, down: round.down + run.down };
+            }
+            if best[index].is_none_or(|kept| round.seconds < kept.seconds) {
+                best[index] = Some(round);
+            }
+        }
+    }
+    let mut out = String::from("## A CI matrix of platforms (synthetic, fresh runners)\n\n");
+    out.push_str("A cross-compiling Dockerfile (deps ~4 s, build ~2 s, run on the build platform), one job a platform (linux/amd64, then linux/arm64), each on a fresh runner, one image repository. After a seeding round, a source change; the table gives the second round (both jobs, summed), fastest of the runs. One ref for all: `--cache-from/--cache-to type=registry,ref=R:cache` in every job (what most workflows write; the last job's export replaces the other's). A ref per platform: `R:cache-amd64`, `R:cache-arm64` (the manual workaround). cachefrom: `cachefrom build --platform P` (its tags carry the platform).\n\n");
+    out.push_str(
+        "| way | second round | ratio (against one ref for all) | uploaded | downloaded |\n|---|---|---|---|---|\n",
+    );
+    let shared = best[0].map(|run| run.seconds).unwrap_or(f64::NAN);
+    for (way, run) in ways.iter().zip(&best) {
+        let run = run.expect("at least one rep");
+        let _ = writeln!(
+            out,
+            "| {way} | {:.2} s | **{:.2}** | {} | {} |",
+            run.seconds,
+            run.seconds / shared,
+            megabytes(run.up),
+            megabytes(run.down)
+        );
+    }
+    out.push('\n');
+    Ok(out)
+}

@@ -28,6 +28,8 @@ pub struct Inputs<'a> {
     pub unhashed: Option<&'a str>,
     /// Each image the Dockerfile reads with its manifest digest, sorted.
     pub image_digests: Vec<(String, String)>,
+    /// The platforms named for the build (`--platform`), if any.
+    pub platform: Option<&'a str>,
 }
 
 /// The hash of `inputs` (`sha256:` and 64 hex digits) over the build context as `walk` read it,
@@ -57,6 +59,10 @@ pub fn fingerprint(inputs: &Inputs, walk: &ContextWalk) -> Result<String> {
     for (image, digest) in &inputs.image_digests {
         field("image", image.as_bytes());
         field("digest", digest.as_bytes());
+    }
+    // Only when named: a build that names none hashes as it always has.
+    if let Some(platform) = inputs.platform {
+        field("platform", platform.as_bytes());
     }
     // Where the build runs: another engine or architecture builds other layers.
     for name in ["DOCKER_HOST", "DOCKER_CONTEXT", "BUILDX_BUILDER"] {
@@ -466,6 +472,7 @@ mod tests {
                 docker_args: args,
                 unhashed: crate::plan::DockerArgs::read(args)?.unhashed.as_deref(),
                 image_digests: vec![("alpine".into(), "sha256:1".into())],
+                platform: None,
             },
             &walk,
         )

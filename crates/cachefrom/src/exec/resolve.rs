@@ -301,6 +301,7 @@ pub(crate) fn input_fingerprint(
         docker_args: &plan.docker_args,
         unhashed: plan.docker.unhashed.as_deref(),
         image_digests,
+        platform: plan.platform.as_deref(),
     };
     crate::inputs::fingerprint(&inputs, walk).ok()
 }
