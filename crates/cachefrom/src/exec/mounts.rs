@@ -22,8 +22,6 @@ use crate::writes;
 /// What the restore step found for one mount.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Restored {
-    /// The saved contents' digest.
-    digest: Option<String>,
     /// The recorded seconds of the mount's steps from empty.
     cold_seconds: Option<f64>,
 }
@@ -108,13 +106,13 @@ pub(crate) fn restore_mounts(ctx: &Context, plan: &Plan, argv: &[String], run: &
             continue;
         };
         match fetch(ctx, plan, from, &inbox.join(format!("{}.tar.gz", mount.name))) {
-            Ok((digest, bytes, record)) => {
+            Ok((bytes, record)) => {
                 fetched_any = true;
                 report.restored_from = Some(from.location.to_string());
                 report.restored_level = Some(from.level);
                 report.restore_bytes = bytes;
                 let cold_seconds = record.get(ANNOTATION_COLD_SECONDS).and_then(|text| text.parse::<f64>().ok());
-                run.restored.insert(mount.name.clone(), Restored { digest: Some(digest), cold_seconds });
+                run.restored.insert(mount.name.clone(), Restored { cold_seconds });
                 started.insert(mount.name.clone(), begun);
             }
             Err(error) => {
@@ -243,8 +241,9 @@ fn existing_or_why(ctx: &Context, plan: &Plan) -> (BTreeMap<String, bool>, Vec<S
     (found, unknown)
 }
 
-/// Fetches the saved contents at `from` into `to`: their digest, the bytes moved and the record.
-fn fetch(ctx: &Context, plan: &Plan, from: &CacheRef, to: &Path) -> Result<(String, u64, BTreeMap<String, String>)> {
+/// Fetches the saved contents at `from` into `to` (the registry's digest checked): the bytes
+/// moved and the record.
+fn fetch(ctx: &Context, plan: &Plan, from: &CacheRef, to: &Path) -> Result<(u64, BTreeMap<String, String>)> {
     let timeout = ctx.docker.timeouts.transfer;
     match &from.location {
         CacheLocation::Image(_) => {
@@ -262,7 +261,7 @@ fn fetch(ctx: &Context, plan: &Plan, from: &CacheRef, to: &Path) -> Result<(Stri
                 bail!("it holds {size} bytes, over --cache-mount-max-size");
             }
             ctx.registry.fetch_blob_to_file(&plan.repository, digest, to, size, timeout)?;
-            Ok((digest.to_string(), size, manifest.annotations()))
+            Ok((size, manifest.annotations()))
         }
         CacheLocation::TarFile(file) => {
             let size = std::fs::metadata(file)?.len();
@@ -272,12 +271,11 @@ fn fetch(ctx: &Context, plan: &Plan, from: &CacheRef, to: &Path) -> Result<(Stri
             let partial = crate::plan::partial_path_of(to);
             std::fs::copy(file, &partial).with_context(|| format!("copying {}", file.display()))?;
             std::fs::rename(&partial, to)?;
-            let digest = file_digest(to)?;
             let record = crate::files::read_bytes(&record_path(file), 64 * 1024)
                 .ok()
                 .and_then(|bytes| serde_json::from_slice::<BTreeMap<String, String>>(&bytes).ok())
                 .unwrap_or_default();
-            Ok((digest, size, record))
+            Ok((size, record))
         }
         other => bail!("{other} is not a place a cache mount is kept"),
     }
@@ -352,7 +350,7 @@ pub(crate) fn save_mounts(
         report.step_seconds = now;
         let cold = if report.restored_from.is_some() { restored.cold_seconds } else { now };
         report.cold_step_seconds = cold;
-        match write_mount(ctx, plan, mount, &file, &restored, report, cold) {
+        match write_mount(ctx, plan, mount, &file, report, cold) {
             Ok(()) => {}
             Err(error) => {
                 let line = format!("the cache mount {} was not saved: {error:#}", mount.mount.target);
@@ -373,18 +371,13 @@ fn write_mount(
     plan: &Plan,
     mount: &MountPlan,
     file: &Path,
-    restored: &Restored,
     report: &mut MountReport,
     cold: Option<f64>,
 ) -> Result<()> {
+    // Contents stored already (the registry has the blob, the file has the digest) move no
+    // bytes; every level this run writes still gets its tag or file.
     let digest = file_digest(file)?;
     let size = std::fs::metadata(file)?.len();
-    let unchanged = restored.digest.as_deref() == Some(digest.as_str())
-        && mount.cache_to.first().map(|first| first.location.to_string()) == report.restored_from;
-    if unchanged {
-        report.saved_to = mount.cache_to.iter().map(|to| to.location.to_string()).collect();
-        return Ok(());
-    }
     let mut record = BTreeMap::new();
     record.insert(ANNOTATION_ID.to_string(), mount.mount.id.clone());
     if let Some(cold) = cold {

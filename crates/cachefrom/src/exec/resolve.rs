@@ -281,7 +281,6 @@ pub(crate) fn walk_context(plan: &Plan) -> std::result::Result<ContextWalk, Unre
 
 /// The hash of the run's inputs, for a one-build registry run that writes its cache: every
 /// image the Dockerfile reads must answer with a digest, else there is none.
-
 pub(crate) fn input_fingerprint(
     plan: &Plan,
     digests: &BTreeMap<String, String>,
