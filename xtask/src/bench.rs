@@ -37,23 +37,25 @@ pub struct BenchArgs {
     /// Leave out the example-project rebuilds (minutes).
     #[arg(long)]
     skip_example: bool,
-    /// Run only the CI matrix of platforms, and put its section into BENCHMARKS.md in place of
-    /// the one there (or at its end).
-    #[arg(long)]
-    only_matrix: bool,
+    /// Run one section only (`matrix`: the CI matrix of platforms; `docker-init`: example-project
+    /// in docker init's style) and put it into BENCHMARKS.md in place of the one there (or at its end).
+    #[arg(long, value_name = "SECTION", value_parser = ["matrix", "docker-init"])]
+    only: Option<String>,
 }
 
 pub fn run(sh: &Shell, args: &BenchArgs) -> Result<()> {
     crate::stack::Stack::new().up(sh)?;
-    if args.only_matrix {
-        let section = crate::bench_synthetic::matrix(args.reps)?;
+    if let Some(only) = &args.only {
+        let (heading, section) = match only.as_str() {
+            "matrix" => ("## A CI matrix of platforms", crate::bench_synthetic::matrix(args.reps)?),
+            _ => ("## example-project in docker init's style", docker_init()?),
+        };
         let path = cachefrom_stack::repository_root().join("BENCHMARKS.md");
         let text = std::fs::read_to_string(&path).unwrap_or_default();
-        let heading = "## A CI matrix of platforms";
         let text = match text.find(heading) {
             Some(start) => {
-                let end =
-                    text[start + heading.len()..].find("\n## ").map_or(text.len(), |at| start + heading.len() + at + 1);
+                let rest = &text[start + heading.len()..];
+                let end = rest.find("\n## ").map_or(text.len(), |at| start + heading.len() + at + 1);
                 format!("{}{section}{}", &text[..start], &text[end..])
             }
             None => format!("{text}{section}"),

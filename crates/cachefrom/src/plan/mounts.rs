@@ -13,6 +13,13 @@ use crate::mounts::{mount_tag, CacheMount};
 use super::vocabulary::{Builder, CacheRef, Level};
 use super::{Plan, PlanOptions};
 
+/// `jobs` as one shell line that runs them at once and fails when any fails.
+fn in_parallel(jobs: &[String]) -> String {
+    let started: Vec<String> = jobs.iter().enumerate().map(|(n, job)| format!("( {job} ) & p{n}=$!")).collect();
+    let waited: Vec<String> = (0..jobs.len()).map(|n| format!("wait $p{n}")).collect();
+    format!("{}; {}", started.join("; "), waited.join(" && "))
+}
+
 /// The build argument whose value, new each run, makes the restore and save builds' `RUN`s run.
 pub const RUN_ARG: &str = "CACHEFROM_RUN";
 
@@ -153,39 +160,60 @@ impl Plan {
         self.work_dir.join("mounts")
     }
 
-    /// The restore build's Dockerfile: a `RUN` a mount, each mounting the cache with its own
-    /// options and the fetched archives, unpacking its archive (when one was fetched) into the
-    /// mount when it is empty (a runner that kept its own is at least as fresh).
+    /// The restore build's Dockerfile: one `RUN` that mounts every kept cache with its own
+    /// options and the fetched archives, and unpacks each archive that was fetched into its mount
+    /// when the mount is empty (a runner that kept its own is at least as fresh), all at once.
     pub fn restore_dockerfile(&self) -> String {
-        let mut text = format!("FROM {}\nARG {RUN_ARG}\n", self.mount_image.as_deref().unwrap_or("scratch"));
-        for mount in &self.mounts {
-            let at = format!("/cachefrom/{}", mount.name);
-            text.push_str(&format!(
-                "RUN --mount={} --mount=type=bind,target=/cachefrom/in \\\n    if [ -f /cachefrom/in/{name}.tar.gz ] && [ -z \"$(ls -A {at})\" ]; then tar -xzpf /cachefrom/in/{name}.tar.gz --numeric-owner -C {at}; fi\n",
-                mount.mount.mount_at(&at),
-                name = mount.name
-            ));
-        }
-        text
+        let jobs: Vec<String> = self
+            .mounts
+            .iter()
+            .map(|mount| {
+                let (at, name) = (format!("/cachefrom/{}", mount.name), &mount.name);
+                format!(
+                    "if [ -f /cachefrom/in/{name}.tar.gz ] && [ -z \"$(ls -A {at})\" ]; then tar -xzpf /cachefrom/in/{name}.tar.gz --numeric-owner -C {at}; fi"
+                )
+            })
+            .collect();
+        format!(
+            "FROM {}\nARG {RUN_ARG}\nRUN {} --mount=type=bind,target=/cachefrom/in \\\n    {}\n",
+            self.mount_image.as_deref().unwrap_or("scratch"),
+            self.mount_flags(),
+            in_parallel(&jobs)
+        )
     }
 
-    /// The save build's Dockerfile: packs each mount into `<name>.tar.gz` (owners, modes and
-    /// times kept, sorted by name, no timestamp: the same contents give the same bytes) with its
-    /// size in `<name>.size`, or writes only `<name>.too-big` when it is over the cap; output as files.
+    /// The save build's Dockerfile: one `RUN` that packs every mount at once into
+    /// `<name>.tar.gz` (owners, modes and times kept, sorted by name, no timestamp: the same
+    /// contents give the same bytes) with its size in `<name>.size`, or writes only
+    /// `<name>.too-big` when it is over the cap; output as files.
     pub fn save_dockerfile(&self) -> String {
         let image = self.mount_image.as_deref().unwrap_or("scratch");
-        let mut text = format!("FROM {image} AS pack\nARG {RUN_ARG}\nRUN mkdir -p /cachefrom/out\n");
         let max_kb = self.cache_mount_max_size / 1024;
-        for mount in &self.mounts {
-            let at = format!("/cachefrom/{}", mount.name);
-            let name = &mount.name;
-            text.push_str(&format!(
-                "RUN --mount={} \\\n    cd {at} && size=$(du -sk . | cut -f1) && if [ \"$size\" -gt {max_kb} ]; then echo \"$size\" > /cachefrom/out/{name}.too-big; elif [ -n \"$(ls -A .)\" ]; then {{ tar --sort=name --numeric-owner -cf - . 2>/dev/null || tar -cf - .; }} | gzip -1n > /cachefrom/out/{name}.tar.gz && echo \"$size\" > /cachefrom/out/{name}.size; fi\n",
-                mount.mount.mount_at(&at),
-            ));
-        }
-        text.push_str("FROM scratch\nCOPY --from=pack /cachefrom/out/ /\n");
-        text
+        let jobs: Vec<String> = self
+            .mounts
+            .iter()
+            .map(|mount| {
+                let (at, name) = (format!("/cachefrom/{}", mount.name), &mount.name);
+                format!(
+                    "cd {at} && size=$(du -sk . | cut -f1) && if [ \"$size\" -gt {max_kb} ]; then echo \"$size\" > /cachefrom/out/{name}.too-big; elif [ -n \"$(ls -A .)\" ]; then {{ tar --sort=name --numeric-owner -cf - . 2>/dev/null || tar -cf - .; }} | gzip -1n > /cachefrom/out/{name}.tar.gz && echo \"$size\" > /cachefrom/out/{name}.size; fi"
+                )
+            })
+            .collect();
+        format!(
+            "FROM {image} AS pack\nARG {RUN_ARG}\nRUN {} \\\n    mkdir -p /cachefrom/out && {}\nFROM scratch\nCOPY --from=pack /cachefrom/out/ /\n",
+            self.mount_flags(),
+            in_parallel(&jobs)
+        )
+    }
+
+    /// `--mount=…` of every kept cache, at `/cachefrom/<name>`.
+    fn mount_flags(&self) -> String {
+        let flags: Vec<String> = self
+            .mounts
+            .iter()
+            .map(|mount| format!("--mount={}", mount.mount.mount_at(&format!("/cachefrom/{}", mount.name))))
+            .collect();
+        flags.join(" ")
     }
 
     /// The restore build: its `RUN` runs (see [`Plan::mount_build_start`]), nothing output.

@@ -643,3 +643,14 @@ fn each_named_platform_has_caches_of_its_own() {
         .collect();
     assert!(copies.iter().any(|tag| tag.ends_with(":cache-runtime--linux-arm64.main")), "{copies:?}");
 }
+
+#[test]
+fn the_mount_builds_run_one_shell_line_that_sh_reads() {
+    let planned = plan(CARGO_MOUNTS, &options(feature_branch()));
+    for dockerfile in [planned.restore_dockerfile(), planned.save_dockerfile()] {
+        let run = dockerfile.lines().skip_while(|line| !line.starts_with("RUN ")).nth(1).unwrap().trim().to_string();
+        assert!(run.contains("& p1=$!") && run.contains("wait $p0 && wait $p1"), "{dockerfile}");
+        let syntax = std::process::Command::new("sh").args(["-n", "-c", &run]).status().unwrap();
+        assert!(syntax.success(), "{run}");
+    }
+}
