@@ -468,6 +468,26 @@ mod tests {
     }
 
     #[test]
+    fn a_platforms_tags_go_as_a_stages_do_and_keep_their_commits_apart() {
+        use crate::refs::cache_tag_for;
+        let on = |platform: &str, key: TagKey| cache_tag_for("deps", Some(platform), Some(&key));
+        let branch = |name: &str| TagKey::Branch(name.to_string());
+        let commit = |c: char| TagKey::Commit(c.to_string().repeat(40));
+        let tags = vec![
+            on("linux/arm64", branch("main")),
+            on("linux/arm64", branch("feature/gone")),
+            on("linux/amd64", commit('1')),
+            on("linux/arm64", commit('2')),
+        ];
+        let mut options = options(&[]);
+        options.keep_commits = 1;
+        options.commit_times = [('1', 100), ('2', 200)].iter().map(|(c, t)| (c.to_string().repeat(40), *t)).collect();
+        let removed: Vec<String> = select(&tags, &options).into_iter().map(|removal| removal.tag).collect();
+        // Each platform keeps its newest commit: amd64's older one is not arm64's to push out.
+        assert_eq!(removed, [on("linux/arm64", branch("feature/gone"))]);
+    }
+
+    #[test]
     fn a_saved_cache_mounts_tags_go_as_a_stages_do() {
         let mount = |key: TagKey| crate::mounts::mount_tag("id=objs", "objs", Some(&key));
         let branch = |name: &str| TagKey::Branch(name.to_string());

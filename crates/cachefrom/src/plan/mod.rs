@@ -130,8 +130,34 @@ impl Plan {
     /// Reads the Dockerfile and computes the plan.
     pub fn new(options: &PlanOptions) -> Result<Plan> {
         let dockerfile_path = options.dockerfile.clone().unwrap_or_else(|| options.context.join("Dockerfile"));
-        let dockerfile = read_dockerfile_with(&dockerfile_path, &options.parse_options()?)?;
-        Plan::from_dockerfile(options, &dockerfile_path, &dockerfile)
+        let parse = options.parse_options()?;
+        let dockerfile = read_dockerfile_with(&dockerfile_path, &parse)?;
+        let mut plan = Plan::from_dockerfile(options, &dockerfile_path, &dockerfile)?;
+        // Several platforms: BuildKit reads the Dockerfile once a platform (`FROM base-$TARGETARCH`
+        // can name other stages); the plan is the first one's, and says where another differs.
+        let platforms: Vec<&str> =
+            options.platform.as_deref().map(|list| list.split(',').map(str::trim).collect()).unwrap_or_default();
+        if let [first, others @ ..] = platforms.as_slice() {
+            let order = |dockerfile: &Dockerfile| -> Result<Vec<String>> {
+                Ok(dockerfile.build_order(options.target.as_deref())?.iter().map(|stage| stage.key()).collect())
+            };
+            let planned = order(&dockerfile)?;
+            for other in others {
+                let parse = crate::dockerfile::ParseOptions {
+                    target_platform: Some(crate::dockerfile::Platform::parse(other)?),
+                    ..parse.clone()
+                };
+                let theirs = order(&read_dockerfile_with(&dockerfile_path, &parse)?)?;
+                if theirs != planned {
+                    plan.notes.push(format!(
+                        "{other} builds other stages than {first} ({} against {}): the plan is {first}'s; BuildKit builds {other}'s own, whose stages have no caches of their own here",
+                        theirs.join(" -> "),
+                        planned.join(" -> ")
+                    ));
+                }
+            }
+        }
+        Ok(plan)
     }
 
     /// Computes the plan from a parsed Dockerfile.

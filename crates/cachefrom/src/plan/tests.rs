@@ -654,3 +654,25 @@ fn the_mount_builds_run_one_shell_line_that_sh_reads() {
         assert!(syntax.success(), "{run}");
     }
 }
+
+#[test]
+fn a_platform_that_builds_other_stages_is_named_in_a_note() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("Dockerfile"),
+        "FROM alpine AS base-amd64\nFROM alpine AS base-arm64\nARG TARGETARCH\nFROM base-$TARGETARCH AS final\n",
+    )
+    .unwrap();
+    let mut both = PlanOptions::new(dir.path(), Repository::parse("127.0.0.1:5000/app").unwrap(), main_branch());
+    both.platform = Some("linux/amd64,linux/arm64".into());
+    let planned = Plan::new(&both).unwrap();
+    assert!(
+        planned.notes.iter().any(|note| note.starts_with(
+            "linux/arm64 builds other stages than linux/amd64 (base-arm64 -> final against base-amd64 -> final)"
+        )),
+        "{:?}",
+        planned.notes
+    );
+    both.platform = Some("linux/amd64".into());
+    assert!(!Plan::new(&both).unwrap().notes.iter().any(|note| note.contains("builds other stages")));
+}
