@@ -252,6 +252,11 @@ fn time_recipe(sh: &Shell, script: &str) -> Result<Duration> {
 fn time_cachefrom(dir: &Path, image: &str, branch: &str) -> Result<Duration> {
     let mut settings = cachefrom_stack::example_settings(image, dir);
     settings.branch = Some(branch.to_string());
+    time_settings(&settings)
+}
+
+/// The time of `build_with_cache` with `settings`, quietly.
+fn time_settings(settings: &Settings) -> Result<Duration> {
     let options: PlanOptions = settings.plan_options(&Environment::default())?;
     let mut ctx = Context::from_environment();
     ctx.style = OutputStyle::Quiet;
@@ -342,12 +347,7 @@ fn docker_init_cachefrom(dir: &Path, image: &str) -> Result<Duration> {
     settings.file = Some(dir.join("Dockerfile.docker-init"));
     settings.tags = vec![format!("{image}:main")];
     settings.push = true;
-    let options: PlanOptions = settings.plan_options(&Environment::default())?;
-    let mut ctx = Context::from_environment();
-    ctx.style = OutputStyle::Quiet;
-    let started = Instant::now();
-    build_with_cache(&ctx, &BuildOptions::new(options))?;
-    Ok(started.elapsed())
+    time_settings(&settings)
 }
 
 /// example-project's `Dockerfile.docker-init` on fresh runners: cold, then a source edit.
