@@ -68,7 +68,12 @@ pub struct ProgressLog {
     vertices: BTreeMap<String, Vertex>,
     /// Log lines of each vertex, as printed by the step (decoded).
     logs: Vec<(String, String)>,
+    /// The unfinished last line of each vertex's log.
+    partial: BTreeMap<String, String>,
 }
+
+/// The longest unfinished log line kept waiting for its end.
+const MAX_PARTIAL_LINE: usize = 64 * 1024;
 
 /// An event worth showing the user, decoded from the stream.
 #[derive(Debug, Clone, PartialEq)]
@@ -198,10 +203,38 @@ impl ProgressLog {
             };
             let data = log.get("data").and_then(|d| d.as_str()).unwrap_or_default();
             let bytes = base64_decode(data);
-            for line in String::from_utf8_lossy(&bytes).lines() {
-                self.logs.push((name.clone(), line.to_string()));
-                events.push(ProgressEvent::Log { vertex: name.clone(), line: line.to_string() });
+            // A chunk can end mid-line (a program writes a line in pieces): the rest waits for
+            // its end, or for the step's.
+            let pending = self.partial.entry(digest.to_string()).or_default();
+            pending.push_str(&String::from_utf8_lossy(&bytes));
+            let mut lines = Vec::new();
+            while let Some(at) = pending.find('\n') {
+                lines.push(pending[..at].trim_end_matches('\r').to_string());
+                pending.drain(..=at);
             }
+            if pending.len() > MAX_PARTIAL_LINE {
+                lines.push(std::mem::take(pending));
+            }
+            for line in lines {
+                self.logs.push((name.clone(), line.clone()));
+                events.push(ProgressEvent::Log { vertex: name.clone(), line });
+            }
+        }
+        // A finished step's unfinished line is a line.
+        let finished: Vec<String> = self
+            .partial
+            .iter()
+            .filter(|(digest, pending)| {
+                !pending.is_empty()
+                    && self.vertices.get(*digest).is_some_and(|v| v.completed.is_some() || v.error.is_some())
+            })
+            .map(|(digest, _)| digest.clone())
+            .collect();
+        for digest in finished {
+            let line = self.partial.remove(&digest).unwrap_or_default();
+            let name = self.vertices.get(&digest).map(|vertex| vertex.name.clone()).unwrap_or_default();
+            self.logs.push((name.clone(), line.clone()));
+            events.push(ProgressEvent::Log { vertex: name, line });
         }
         events
     }
@@ -1148,5 +1181,44 @@ Step 5/5 : RUN echo two > /two
         }
         log.feed_line(r#"{"statuses":[{"id":"sha256:2","vertex":"a","total":24}]}"#);
         assert_eq!(log.steps()[0].bytes, 1024);
+    }
+
+    #[test]
+    fn a_line_written_in_pieces_is_one_line() {
+        let chunk = |text: &str, done: bool| {
+            let data = base64_encode_for_tests(text.as_bytes());
+            format!(
+                r#"{{"vertexes":[{{"digest":"a","name":"[build 3/3] RUN cargo build","started":"2026-12-01T00:00:00Z"{}}}],"logs":[{{"vertex":"a","data":"{data}"}}]}}"#,
+                if done { r#","completed":"2026-12-01T00:00:01Z""# } else { "" }
+            )
+        };
+        let mut log = ProgressLog::default();
+        let mut lines = Vec::new();
+        for (text, done) in [("   Compiling", false), (" example-app v0.1.0\n    Finished", false), (" release", true)]
+        {
+            for event in log.feed_line(&chunk(text, done)) {
+                if let ProgressEvent::Log { line, .. } = event {
+                    lines.push(line);
+                }
+            }
+        }
+        assert_eq!(lines, ["   Compiling example-app v0.1.0", "    Finished release"]);
+    }
+
+    fn base64_encode_for_tests(bytes: &[u8]) -> String {
+        const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+        let mut out = String::new();
+        for chunk in bytes.chunks(3) {
+            let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+            let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+            for i in 0..4 {
+                if i <= chunk.len() {
+                    out.push(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize] as char);
+                } else {
+                    out.push('=');
+                }
+            }
+        }
+        out
     }
 }
