@@ -85,7 +85,7 @@ fn main() -> ExitCode {
 fn run_tests(sh: &Shell) -> anyhow::Result<()> {
     use anyhow::Context;
     stack::Stack::new().up(sh)?;
-    xshell::cmd!(sh, "cargo test --workspace").run().context("the workspace's tests failed")?;
+    xshell::cmd!(sh, "cargo test --workspace --no-fail-fast").run().context("the workspace's tests failed")?;
     let manifest = repository_root().join("example-project/Cargo.toml");
     xshell::cmd!(sh, "cargo test --manifest-path {manifest}").run().context("example-project's tests failed")?;
     Ok(())

@@ -285,6 +285,13 @@ impl fmt::Display for Plan {
                     }
                     writeln!(out, "{line}")?;
                 }
+                Step::WriteBack { .. } if !matches!(self.backend, Backend::Registry { .. }) => {
+                    writeln!(
+                        out,
+                        "# When every step hit the one cache it read, the writes below copy that cache, not the"
+                    )?;
+                    writeln!(out, "# export (none to where it was read: it holds every result already).")?;
+                }
                 Step::WriteBack { to, .. } => {
                     writeln!(
                         out,

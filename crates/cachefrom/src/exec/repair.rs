@@ -6,8 +6,9 @@ use super::context::Context;
 use super::guard::perform_writes;
 use super::resolve::Resolution;
 use crate::backend::Backend;
+use crate::backend::CacheLocation;
 use crate::inputs::CacheRecord;
-use crate::plan::{CacheWrite, Fallback, Plan};
+use crate::plan::{CacheRef, CacheWrite, Fallback, Plan};
 use crate::registry::Existence;
 use crate::report::{StageReport, StageStatus};
 use crate::retry::Backoff;
@@ -212,11 +213,33 @@ pub(crate) fn build_with_fallbacks(
     Ok(outcome)
 }
 
-/// After a registry build of `stage` whose every step was a hit from one cache: that cache's
-/// manifest digest (what [`crate::plan::Step::WriteBack`] writes). BuildKit's export of such a build can lack
-/// results it never had to load (seen here: the layer of a `COPY` whose later steps hit too, so
-/// that the next run missed the whole stage); the cache it read holds every result of the same
-/// steps, so it is what the export's tag gets.
+/// After a build of `stage` whose every step was a hit from one cache: that cache (and the stage
+/// it belongs to). BuildKit's export of such a build can lack results it never had to load (seen
+/// here: the layer of a `COPY` whose later steps hit too, so that the next run missed the whole
+/// stage); the cache it read holds every result of the same steps, so it is what the export's
+/// places get ([`crate::plan::Step::WriteBack`]).
+pub(crate) fn all_hit_source(
+    plan: &Plan,
+    stage: &str,
+    resolution: &Resolution,
+    reports: &BTreeMap<String, StageReport>,
+) -> Option<(String, CacheRef)> {
+    let stage = plan.stage(stage)?;
+    let sources = resolution.sources(plan, stage);
+    // One cache, though several stages may read it (local and tarball name it once a stage).
+    let (source_stage, only) = sources.first()?;
+    if sources.iter().any(|(_, other)| other.location != only.location) {
+        return None;
+    }
+    let covered = plan.covered_by(stage);
+    let all_hit = covered
+        .iter()
+        .all(|covered| reports.get(&covered.name).is_some_and(|report| report.steps_cached == report.steps_total))
+        && covered.iter().any(|covered| reports.get(&covered.name).is_some_and(|report| report.steps_total > 0));
+    all_hit.then(|| (source_stage.clone(), only.clone()))
+}
+
+/// [`all_hit_source`] in the registry: the manifest digest of the cache read.
 pub(crate) fn complete_cache_of_all_hit_build(
     plan: &Plan,
     stage: &str,
@@ -226,16 +249,30 @@ pub(crate) fn complete_cache_of_all_hit_build(
     if !matches!(plan.backend, Backend::Registry { .. }) {
         return None;
     }
-    let stage = plan.stage(stage)?;
-    let sources = resolution.sources(plan, stage);
-    let [(_, only)] = sources.as_slice() else { return None };
-    let digest = resolution.digests.get(&only.location.to_string())?;
-    let covered = plan.covered_by(stage);
-    let all_hit = covered
-        .iter()
-        .all(|covered| reports.get(&covered.name).is_some_and(|report| report.steps_cached == report.steps_total))
-        && covered.iter().any(|covered| reports.get(&covered.name).is_some_and(|report| report.steps_total > 0));
-    all_hit.then(|| digest.clone())
+    let (_, only) = all_hit_source(plan, stage, resolution, reports)?;
+    resolution.digests.get(&only.location.to_string()).cloned()
+}
+
+/// A write of the local and tarball backends after a build that read every step from `source`
+/// (of `source_stage`): the cache read, not the export, goes to the write's place; `None` when
+/// that place is the cache read (it holds every result already).
+pub(crate) fn write_from_complete(
+    plan: &Plan,
+    write: &CacheWrite,
+    source_stage: &str,
+    source: &CacheLocation,
+) -> Option<CacheWrite> {
+    match (source, write) {
+        (CacheLocation::Directory(read), CacheWrite::CopyDir { to, .. }) if read == to => None,
+        (CacheLocation::Directory(read), CacheWrite::CopyDir { to, .. }) => {
+            Some(CacheWrite::CopyDir { from: read.clone(), to: to.clone() })
+        }
+        (CacheLocation::TarFile(read), CacheWrite::Pack { to, .. }) if read == to => None,
+        (CacheLocation::TarFile(_), CacheWrite::Pack { to, .. }) => {
+            Some(CacheWrite::Pack { from: plan.unpacked_dir(source_stage), to: to.clone() })
+        }
+        _ => Some(write.clone()),
+    }
 }
 
 /// Puts the cache manifest `digest` (in the plan's repository) at `to`, with `annotations`.

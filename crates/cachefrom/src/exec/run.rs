@@ -7,10 +7,11 @@ use super::evidence::{explain_stages, gather_evidence, joined, record_of, write_
 use super::guard::{perform_writes, recover, RunOutcome};
 use super::mounts::{restore_mounts, save_mounts, MountRun};
 use super::repair::{
-    build_with_fallbacks, complete_cache_of_all_hit_build, is_disk_full, restore_cache, reuse_unchanged,
-    unchanged_record,
+    all_hit_source, build_with_fallbacks, complete_cache_of_all_hit_build, is_disk_full, restore_cache,
+    reuse_unchanged, unchanged_record, write_from_complete,
 };
 use super::resolve::{check_caches, Resolution};
+use crate::backend::Backend;
 use crate::ci::step_summary_path;
 use crate::docker::signal_name;
 use crate::docker::{last_lines, Docker};
@@ -220,6 +221,8 @@ pub(crate) fn execute_checked(
     // Stages whose build failed to export.
     let mut not_exported: BTreeSet<String> = BTreeSet::new();
     let mut mount_run = MountRun::default();
+    // After an all-hit local or tarball build: (stage built, the stage whose cache it read, that cache).
+    let mut complete: Option<(String, String, crate::backend::CacheLocation)> = None;
     for step in &plan.steps {
         // After a failure only the cache mounts are saved (what the steps that ran left in them).
         if (build_error.is_some() || write_error.is_some()) && !matches!(step, Step::SaveMounts { .. }) {
@@ -296,6 +299,9 @@ pub(crate) fn execute_checked(
                     if let Err(error) = restore_cache(ctx, plan, &digest, to, &annotations) {
                         resolution.warnings.push(format!("{error:#}"));
                     }
+                } else if matches!(plan.backend, Backend::Local { .. } | Backend::Tarball { .. }) {
+                    complete = all_hit_source(plan, stage, &resolution, &stage_reports)
+                        .map(|(source_stage, source)| (stage.clone(), source_stage, source.location));
                 }
             }
             // The cache directory is full: the other file writes would fail the same way.
@@ -306,8 +312,21 @@ pub(crate) fn execute_checked(
                 written.skipped_full += 1;
             }
             Step::Write { stage, write } => {
-                let writes = std::slice::from_ref(write);
-                write_error = written.perform(ctx, plan, stage, writes, &annotations, &mut stage_reports);
+                let planned = write;
+                let write = match &complete {
+                    Some((built, source_stage, source)) if built == stage => {
+                        write_from_complete(plan, planned, source_stage, source)
+                    }
+                    _ => Some(planned.clone()),
+                };
+                match write {
+                    Some(write) => {
+                        let writes = std::slice::from_ref(&write);
+                        write_error = written.perform(ctx, plan, stage, writes, &annotations, &mut stage_reports);
+                    }
+                    // The cache read is there already, whole.
+                    None => credit_writes(plan, stage_reports.values_mut(), &planned.destinations()),
+                }
             }
             Step::RefreshStageTags { stage, writes } => {
                 let writes = existing_destinations(writes, &resolution);

@@ -27,7 +27,9 @@ impl Plan {
                 argv: self.planned_argv(stage),
                 fallbacks: self.fallbacks(stage),
             });
-            if let (Backend::Registry { .. }, Some(primary)) = (&self.backend, self.primary_write(stage)) {
+            if let (Backend::Registry { .. } | Backend::Local { .. } | Backend::Tarball { .. }, Some(primary)) =
+                (&self.backend, self.primary_write(stage))
+            {
                 steps.push(Step::WriteBack { stage: stage.name.clone(), to: primary.location.to_string() });
             }
             for write in self.writes_after(stage) {

@@ -319,9 +319,10 @@ pub enum Step {
         /// The write.
         write: CacheWrite,
     },
-    /// After a registry build of `stage` whose every step hit the one cache it read: that cache's
-    /// manifest, with this run's record, written at `to` (BuildKit's export of such a build can
-    /// lack results it never loaded).
+    /// After a build of `stage` whose every step hit the one cache it read: that cache, not the
+    /// export, is what the build's places get (BuildKit's export of such a build can lack results
+    /// it never loaded). Registry: the cache's manifest, with this run's record, written at `to`;
+    /// local and tarball: the writes that follow copy the cache read (none to where it was read).
     WriteBack {
         /// The stage built.
         stage: String,
