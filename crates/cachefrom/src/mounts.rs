@@ -72,8 +72,14 @@ impl CacheMount {
         let target =
             ["target", "dst", "destination"].iter().find_map(|key| fields.get(*key)).cloned().unwrap_or_default();
         let id = fields.get("id").cloned().filter(|id| !id.is_empty()).unwrap_or_else(|| clean_path(&target));
+        // What reaches the generated Dockerfile of the restore and save builds is plain.
+        let plain = |text: &str| text.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '/' | '-'));
+        let options_plain =
+            ["id", "sharing", "uid", "gid", "mode"].iter().all(|key| fields.get(*key).is_none_or(|v| plain(v)));
         let not_kept = if value.contains('$') {
             Some("its options use a variable".to_string())
+        } else if !options_plain || !plain(&id) {
+            Some("its options hold characters other than letters, digits, `_`, `.`, `/` and `-`".to_string())
         } else if fields.contains_key("from") {
             Some("it starts from another stage or image (from=)".to_string())
         } else if fields.contains_key("source") || fields.contains_key("src") {
@@ -254,6 +260,20 @@ mod tests {
     }
 
     proptest! {
+        #[test]
+        fn any_mount_value_is_kept_plain_or_not_at_all(value in any::<String>(), id in any::<String>()) {
+            let written = format!("type=cache,target=/x,id={id},{value}");
+            if let Some(mount) = CacheMount::parse(&written) {
+                if mount.not_kept.is_none() {
+                    let line = mount.mount_at("/cachefrom/m0");
+                    prop_assert!(
+                        line.chars().all(|c| c.is_ascii_alphanumeric() || "_./-=,".contains(c)),
+                        "{}", line
+                    );
+                }
+            }
+        }
+
         #[test]
         fn every_mount_tag_is_valid_reads_back_and_differs_by_identity(
             id in any::<String>(),

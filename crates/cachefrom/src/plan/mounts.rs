@@ -137,6 +137,8 @@ fn root_image(stage: &Stage, by_key: &BTreeMap<String, &Stage>) -> Option<String
         {
             Some(parent) => current = parent,
             None if current.base == "scratch" => return None,
+            // It is written into the restore and save builds' Dockerfiles: one plain word only.
+            None if current.base.chars().any(|c| c.is_whitespace() || c.is_control() || c == '\\') => return None,
             None => return Some(current.base.clone()),
         }
     }
