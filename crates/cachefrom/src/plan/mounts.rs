@@ -166,16 +166,11 @@ impl Plan {
     /// options and the fetched archives, and unpacks each archive that was fetched into its mount
     /// when the mount is empty (a runner that kept its own is at least as fresh), all at once.
     pub fn restore_dockerfile(&self) -> String {
-        let jobs: Vec<String> = self
-            .mounts
-            .iter()
-            .map(|mount| {
-                let (at, name) = (format!("/cachefrom/{}", mount.name), &mount.name);
+        let jobs = self.mount_jobs(|at, name| {
                 format!(
                     "if [ -f /cachefrom/in/{name}.tar.gz ] && [ -z \"$(ls -A {at})\" ]; then tar -xzpf /cachefrom/in/{name}.tar.gz --numeric-owner -C {at}; fi"
                 )
-            })
-            .collect();
+        });
         format!(
             "FROM {}\nARG {RUN_ARG}\nRUN {} --mount=type=bind,target=/cachefrom/in \\\n    {}\n",
             self.mount_image.as_deref().unwrap_or("scratch"),
@@ -191,21 +186,21 @@ impl Plan {
     pub fn save_dockerfile(&self) -> String {
         let image = self.mount_image.as_deref().unwrap_or("scratch");
         let max_kb = self.cache_mount_max_size / 1024;
-        let jobs: Vec<String> = self
-            .mounts
-            .iter()
-            .map(|mount| {
-                let (at, name) = (format!("/cachefrom/{}", mount.name), &mount.name);
+        let jobs = self.mount_jobs(|at, name| {
                 format!(
                     "cd {at} && size=$(du -sk . | cut -f1) && if [ \"$size\" -gt {max_kb} ]; then echo \"$size\" > /cachefrom/out/{name}.too-big; elif [ -n \"$(ls -A .)\" ]; then {{ tar --sort=name --numeric-owner -cf - . 2>/dev/null || tar -cf - .; }} | gzip -1n > /cachefrom/out/{name}.tar.gz && echo \"$size\" > /cachefrom/out/{name}.size; fi"
                 )
-            })
-            .collect();
+        });
         format!(
             "FROM {image} AS pack\nARG {RUN_ARG}\nRUN {} \\\n    mkdir -p /cachefrom/out && {}\nFROM scratch\nCOPY --from=pack /cachefrom/out/ /\n",
             self.mount_flags(),
             in_parallel(&jobs)
         )
+    }
+
+    /// `job(at, name)` for every kept cache: its place in the builds and its short name.
+    fn mount_jobs(&self, job: impl Fn(&str, &str) -> String) -> Vec<String> {
+        self.mounts.iter().map(|mount| job(&format!("/cachefrom/{}", mount.name), &mount.name)).collect()
     }
 
     /// `--mount=…` of every kept cache, at `/cachefrom/<name>`.
