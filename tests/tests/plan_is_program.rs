@@ -133,6 +133,8 @@ struct Named {
     by_builds: BTreeSet<String>,
     by_cachefrom: BTreeSet<String>,
     pushes: BTreeSet<String>,
+    /// `docker pull`s the plan names (the cache mounts' image, beside the restore).
+    pulls: Vec<Vec<String>>,
     /// The plan saves cache mounts or mounts base layers: cachefrom writes blobs.
     cachefrom_blobs: bool,
 }
@@ -150,6 +152,7 @@ impl Named {
             by_builds: BTreeSet::new(),
             by_cachefrom: BTreeSet::new(),
             pushes: BTreeSet::new(),
+            pulls: Vec::new(),
             cachefrom_blobs: false,
         };
         let mut writes: Vec<&serde_json::Value> = Vec::new();
@@ -168,7 +171,15 @@ impl Named {
                 "push-image" => {
                     named.pushes.insert(step["image"].as_str().unwrap().to_string());
                 }
-                "restore-mounts" => named.builds.push(strings(&step["argv"])),
+                "restore-mounts" => {
+                    named.builds.push(strings(&step["argv"]));
+                    if !step["again"].is_null() {
+                        named.builds.push(strings(&step["again"]));
+                    }
+                    if !step["pull"].is_null() {
+                        named.pulls.push(strings(&step["pull"]));
+                    }
+                }
                 "mount-base-layers" => named.cachefrom_blobs = true,
                 "save-mounts" => {
                     named.builds.push(strings(&step["argv"]));
@@ -229,6 +240,7 @@ impl Named {
                 }
             }
             ["push", .., image] if self.pushes.contains(*image) => Ok(()),
+            ["pull", ..] if self.pulls.iter().any(|pull| pull == call) => Ok(()),
             _ => Err("a docker call the plan does not name".to_string()),
         }
     }

@@ -12,7 +12,7 @@ use std::fmt::{self, Write as _};
 
 use crate::backend::{Backend, CacheLocation};
 use crate::plan::{Builder, CacheRef, Execution, Plan, StagePlan, Step};
-use crate::render::{render_command_multiline, shell_quote};
+use crate::render::{render_command, render_command_multiline, shell_quote};
 
 /// `text` made safe for the inside of a `#` comment: control characters (a newline would end
 /// the comment) are written as escapes.
@@ -337,7 +337,7 @@ impl fmt::Display for Plan {
                         comment_text(&self.repository.path)
                     )?;
                 }
-                Step::RestoreMounts { argv } => {
+                Step::RestoreMounts { argv, pull, again } => {
                     let dir = self.mounts_dir();
                     writeln!(
                         out,
@@ -359,9 +359,13 @@ impl fmt::Display for Plan {
                             places.join(", ")
                         )?;
                     }
+                    if let Some(pull) = pull {
+                        writeln!(out, "# When any was saved, the mounts' image is pulled meanwhile (the build finds it unpacked):")?;
+                        writeln!(out, "{} & pulling=$!", render_command(pull))?;
+                    }
                     writeln!(
                         out,
-                        "# then unpacks them into BuildKit's cache mounts (a new {} makes the RUN run):",
+                        "# Then cachefrom unpacks them into BuildKit's cache mounts (a new {} makes the RUN run):",
                         crate::plan::RUN_ARG
                     )?;
                     writeln!(out, "export {}=\"$$-$RANDOM\"", crate::plan::RUN_ARG)?;
@@ -372,7 +376,27 @@ impl fmt::Display for Plan {
                         shell_quote(&self.restore_dockerfile()),
                         shell_quote(&dir.join("restore.Dockerfile").display().to_string())
                     )?;
-                    writeln!(out, "{}", render_command_multiline(argv))?;
+                    match again {
+                        Some(again) => {
+                            writeln!(out, "{} || {{", render_command_multiline(argv))?;
+                            writeln!(
+                                out,
+                                "  # failed in {} (no tar there?): again in the mounts' own image",
+                                comment_text(self.restore_image.as_deref().unwrap_or_default())
+                            )?;
+                            writeln!(
+                                out,
+                                "  printf '%s' {} > {}",
+                                shell_quote(&self.restore_again_dockerfile()),
+                                shell_quote(&dir.join("restore-again.Dockerfile").display().to_string())
+                            )?;
+                            writeln!(out, "  {}\n}}", render_command_multiline(again))?;
+                        }
+                        None => writeln!(out, "{}", render_command_multiline(argv))?,
+                    }
+                    if pull.is_some() {
+                        writeln!(out, "wait $pulling || true")?;
+                    }
                 }
                 Step::SaveMounts { .. } => {
                     writeln!(

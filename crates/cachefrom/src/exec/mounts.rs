@@ -77,17 +77,55 @@ fn new_report(mount: &MountPlan) -> MountReport {
     MountReport { id: mount.mount.id.clone(), target: mount.mount.target.clone(), ..Default::default() }
 }
 
+/// The restore step's commands ([`crate::plan::Step::RestoreMounts`]).
+pub(crate) struct RestoreCommands<'a> {
+    pub argv: &'a [String],
+    pub pull: Option<&'a [String]>,
+    pub again: Option<&'a [String]>,
+}
+
 /// Fetches each mount's saved contents (the first level of its chain that has them) into the
-/// restore build's context, then runs the restore build (`argv`) when anything was fetched.
-pub(crate) fn restore_mounts(ctx: &Context, plan: &Plan, argv: &[String], run: &mut MountRun) -> Vec<String> {
+/// restore build's context, then runs the restore build when anything was fetched (again in the
+/// mounts' own image when it fails in another); the mounts' image is pulled beside all of it
+/// when the plan says so.
+pub(crate) fn restore_mounts(ctx: &Context, plan: &Plan, commands: RestoreCommands, run: &mut MountRun) -> Vec<String> {
+    // Which saved contents exist, every level of every mount at once.
+    let existing = existing_or_why(ctx, plan);
+    let any_saved = existing.0.values().any(|found| *found);
+    let (mut warnings, pulled) = std::thread::scope(|scope| {
+        let pulling = commands.pull.filter(|_| any_saved).map(|argv| {
+            scope.spawn(move || ctx.docker.run("pulling the cache mounts' image", argv, ctx.docker.timeouts.transfer))
+        });
+        let warnings = fetch_and_restore(ctx, plan, existing, &commands, run);
+        (warnings, pulling.map(|pulling| pulling.join()))
+    });
+    match pulled {
+        Some(Ok(Ok(output))) if !output.success => {
+            ctx.say(&format!(
+                "cachefrom: pulling {} beside the restore failed (the build pulls it): {}",
+                plan.mount_image.as_deref().unwrap_or_default(),
+                last_lines(&output.stderr, 2)
+            ));
+        }
+        Some(Ok(Err(error))) => warnings.push(format!("pulling the cache mounts' image: {error:#}")),
+        _ => {}
+    }
+    warnings
+}
+
+fn fetch_and_restore(
+    ctx: &Context,
+    plan: &Plan,
+    (found, unknown): (BTreeMap<String, bool>, Vec<String>),
+    commands: &RestoreCommands,
+    run: &mut MountRun,
+) -> Vec<String> {
     let mut warnings = Vec::new();
     let dir = plan.mounts_dir();
     let inbox = dir.join("in");
     if let Err(error) = writes::remove_dir(&dir).and_then(|()| Ok(std::fs::create_dir_all(&inbox)?)) {
         return vec![format!("the cache mounts were not restored: preparing {}: {error:#}", dir.display())];
     }
-    // Which saved contents exist, every level of every mount at once.
-    let (found, unknown) = existing_or_why(ctx, plan);
     if !unknown.is_empty() {
         warnings.push(format!(
             "could not check whether the cache mounts were saved ({}); those not found start empty",
@@ -131,14 +169,25 @@ pub(crate) fn restore_mounts(ctx: &Context, plan: &Plan, argv: &[String], run: &
         return warnings;
     }
     let unpack = Instant::now();
-    let result = std::fs::write(dir.join("restore.Dockerfile"), plan.restore_dockerfile())
-        .context("writing the restore build's Dockerfile")
-        .and_then(|()| with_run_value(ctx).run("restoring the cache mounts", argv, ctx.docker.timeouts.transfer));
-    let failed = match result {
-        Ok(output) if output.success => None,
-        Ok(output) => Some(last_lines(&output.stderr, 4)),
-        Err(error) => Some(format!("{error:#}")),
+    let restore = |file: &str, dockerfile: String, argv: &[String]| {
+        let result = std::fs::write(dir.join(file), dockerfile)
+            .context("writing the restore build's Dockerfile")
+            .and_then(|()| with_run_value(ctx).run("restoring the cache mounts", argv, ctx.docker.timeouts.transfer));
+        match result {
+            Ok(output) if output.success => None,
+            Ok(output) => Some(last_lines(&output.stderr, 4)),
+            Err(error) => Some(format!("{error:#}")),
+        }
     };
+    let mut failed = restore("restore.Dockerfile", plan.restore_dockerfile(), commands.argv);
+    if let (Some(why), Some(again)) = (&failed, commands.again) {
+        ctx.say(&format!(
+            "cachefrom: the restore build failed in {}, again in {}: {why}",
+            plan.restore_image.as_deref().unwrap_or_default(),
+            plan.mount_image.as_deref().unwrap_or_default()
+        ));
+        failed = restore("restore-again.Dockerfile", plan.restore_again_dockerfile(), again);
+    }
     let unpack_seconds = unpack.elapsed().as_secs_f64();
     for (name, _) in started {
         if let Some(report) = run.reports.get_mut(&name) {
@@ -296,6 +345,7 @@ pub(crate) fn save_mounts(
     argv: &[String],
     run: &mut MountRun,
     stages: &BTreeMap<String, StageReport>,
+    succeeded: bool,
 ) -> Vec<String> {
     let mut warnings = Vec::new();
     let dir = plan.mounts_dir();
@@ -345,10 +395,15 @@ pub(crate) fn save_mounts(
             .and_then(|kb| kb.trim().parse::<u64>().ok())
             .map(|kb| kb * 1024);
         let restored = run.restored.get(&mount.name).cloned().unwrap_or_default();
-        // The steps' time from empty: this run's when it started empty, else the one recorded.
+        // The steps' time from empty: this run's when it started empty and the build succeeded
+        // (a failed step's time says nothing of a whole run), else the one recorded.
         let now = step_seconds(mount, stages);
         report.step_seconds = now;
-        let cold = if report.restored_from.is_some() { restored.cold_seconds } else { now };
+        let cold = match (&report.restored_from, succeeded) {
+            (Some(_), _) => restored.cold_seconds,
+            (None, true) => now,
+            (None, false) => None,
+        };
         report.cold_step_seconds = cold;
         match write_mount(ctx, plan, mount, &file, report, cold) {
             Ok(()) => {}

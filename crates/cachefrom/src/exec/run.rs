@@ -5,7 +5,7 @@ use super::build::credit_writes;
 use super::context::Context;
 use super::evidence::{explain_stages, gather_evidence, joined, record_of, write_stage_records, MissEvidence};
 use super::guard::{perform_writes, recover, RunOutcome};
-use super::mounts::{restore_mounts, save_mounts, MountRun};
+use super::mounts::{restore_mounts, save_mounts, MountRun, RestoreCommands};
 use super::repair::{
     all_hit_source, build_with_fallbacks, complete_cache_of_all_hit_build, is_disk_full, restore_cache,
     reuse_unchanged, unchanged_record, write_from_complete,
@@ -234,16 +234,18 @@ pub(crate) fn execute_checked(
                     resolution.warnings.push(warning);
                 }
             }
-            Step::RestoreMounts { argv } => {
+            Step::RestoreMounts { argv, pull, again } => {
                 // Its warnings go into the report, printed once at the end.
-                let warnings = restore_mounts(ctx, plan, argv, &mut mount_run);
+                let commands = RestoreCommands { argv, pull: pull.as_deref(), again: again.as_deref() };
+                let warnings = restore_mounts(ctx, plan, commands, &mut mount_run);
                 resolution.warnings.extend(warnings);
             }
             Step::SaveMounts { argv } => {
                 // Saving is not cancelled: it is what a cancel waits for, as the recovery.
                 let uncancelled =
                     Context { docker: Docker { cancel: Default::default(), ..ctx.docker.clone() }, ..ctx.clone() };
-                let warnings = save_mounts(&uncancelled, plan, argv, &mut mount_run, &stage_reports);
+                let succeeded = build_error.is_none() && write_error.is_none();
+                let warnings = save_mounts(&uncancelled, plan, argv, &mut mount_run, &stage_reports, succeeded);
                 resolution.warnings.extend(warnings);
             }
             Step::ReuseUnchanged { record_on, image_tags, writes } => {

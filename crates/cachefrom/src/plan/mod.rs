@@ -122,6 +122,11 @@ pub struct Plan {
     /// The image the cache mounts' restore and save builds run in.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mount_image: Option<String>,
+    /// The image the restore build runs in first when it is not `mount_image`: the target's own
+    /// base (most often a small runtime image the build pulls anyway), while `mount_image` is
+    /// pulled beside it; when that build fails (no `tar` there), it runs again in `mount_image`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore_image: Option<String>,
     /// The most a cache mount may hold to be saved (bytes, before compression).
     pub cache_mount_max_size: u64,
 }
@@ -348,6 +353,7 @@ impl Plan {
             recovery: Vec::new(),
             mounts: planned_mounts.mounts,
             mount_image: planned_mounts.image,
+            restore_image: planned_mounts.restore_image,
             cache_mount_max_size: options.cache_mount_max_size,
         };
         plan.steps = plan.compute_steps();

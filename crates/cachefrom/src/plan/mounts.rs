@@ -42,6 +42,8 @@ pub struct MountPlan {
 pub(crate) struct PlannedMounts {
     pub mounts: Vec<MountPlan>,
     pub image: Option<String>,
+    /// The image the restore build runs in first, when not `image`: see [`Plan::restore_image`].
+    pub restore_image: Option<String>,
     pub notes: Vec<String>,
 }
 
@@ -53,7 +55,7 @@ pub(crate) fn mounts_of(
     chain: &[Level],
     write_levels: &[Level],
 ) -> PlannedMounts {
-    let mut planned = PlannedMounts { mounts: Vec::new(), image: None, notes: Vec::new() };
+    let mut planned = PlannedMounts { mounts: Vec::new(), image: None, restore_image: None, notes: Vec::new() };
     let used: Vec<(&Stage, &CacheMount)> =
         order.iter().flat_map(|stage| stage.cache_mounts.iter().map(move |mount| (*stage, mount))).collect();
     if used.is_empty() {
@@ -124,6 +126,13 @@ pub(crate) fn mounts_of(
             cache_to: refs(write_levels),
         });
     }
+    // The target's own base, which the build pulls anyway, is most often a small runtime image:
+    // the restore runs there while the mounts' image (a toolchain, a gigabyte or more) is pulled
+    // beside it. One platform only: the restore build runs on the engine's.
+    let one_platform = !options.platform.as_deref().is_some_and(|list| list.contains(','));
+    if let (Some(image), Some(target), true) = (&planned.image, order.last(), one_platform) {
+        planned.restore_image = root_image(target, &by_key).filter(|base| base != image);
+    }
     planned
 }
 
@@ -166,14 +175,24 @@ impl Plan {
     /// options and the fetched archives, and unpacks each archive that was fetched into its mount
     /// when the mount is empty (a runner that kept its own is at least as fresh), all at once.
     pub fn restore_dockerfile(&self) -> String {
+        self.restore_dockerfile_in(self.restore_image.as_deref().or(self.mount_image.as_deref()))
+    }
+
+    /// The restore build's Dockerfile, run again in the mounts' own image (see
+    /// [`Plan::restore_image`]).
+    pub fn restore_again_dockerfile(&self) -> String {
+        self.restore_dockerfile_in(self.mount_image.as_deref())
+    }
+
+    fn restore_dockerfile_in(&self, image: Option<&str>) -> String {
         let jobs = self.mount_jobs(|at, name| {
                 format!(
                     "if [ -f /cachefrom/in/{name}.tar.gz ] && [ -z \"$(ls -A {at})\" ]; then tar -xzpf /cachefrom/in/{name}.tar.gz --numeric-owner -C {at}; fi"
                 )
         });
         format!(
-            "FROM {}\nARG {RUN_ARG}\nRUN {} --mount=type=bind,target=/cachefrom/in \\\n    {}\n",
-            self.mount_image.as_deref().unwrap_or("scratch"),
+            "FROM {}\nUSER 0:0\nARG {RUN_ARG}\nRUN {} --mount=type=bind,target=/cachefrom/in \\\n    {}\n",
+            image.unwrap_or("scratch"),
             self.mount_flags(),
             in_parallel(&jobs)
         )
@@ -192,7 +211,7 @@ impl Plan {
                 )
         });
         format!(
-            "FROM {image} AS pack\nARG {RUN_ARG}\nRUN {} \\\n    mkdir -p /cachefrom/out && {}\nFROM scratch\nCOPY --from=pack /cachefrom/out/ /\n",
+            "FROM {image} AS pack\nUSER 0:0\nARG {RUN_ARG}\nRUN {} \\\n    mkdir -p /cachefrom/out && {}\nFROM scratch\nCOPY --from=pack /cachefrom/out/ /\n",
             self.mount_flags(),
             in_parallel(&jobs)
         )
@@ -220,6 +239,30 @@ impl Plan {
         argv.extend(["--output".into(), "type=cacheonly".into()]);
         argv.push(dir.join("in").display().to_string());
         argv
+    }
+
+    /// The restore build again, in the mounts' own image, when it ran in another first.
+    pub(crate) fn restore_again_argv(&self) -> Option<Vec<String>> {
+        self.restore_image.as_ref()?;
+        let dir = self.mounts_dir();
+        let mut argv = self.mount_build_start(&dir.join("restore-again.Dockerfile"));
+        argv.extend(["--output".into(), "type=cacheonly".into()]);
+        argv.push(dir.join("in").display().to_string());
+        Some(argv)
+    }
+
+    /// `docker pull` of the mounts' image, beside a restore build that runs in another: with the
+    /// engine's own builder (the `docker` driver) the build then finds it pulled and unpacked.
+    pub(crate) fn mount_image_pull(&self) -> Option<Vec<String>> {
+        if self.restore_image.is_none() || self.builder_keeps_no_image {
+            return None;
+        }
+        let mut argv: Vec<String> = vec!["pull".into(), "--quiet".into()];
+        if let Some(platform) = &self.platform {
+            argv.extend(["--platform".into(), platform.clone()]);
+        }
+        argv.push(self.mount_image.clone()?);
+        Some(argv)
     }
 
     /// The save build: its `RUN` runs, its files output to `out/`.

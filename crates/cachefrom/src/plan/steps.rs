@@ -16,7 +16,11 @@ impl Plan {
             steps.push(reuse);
         }
         if !self.mounts.is_empty() {
-            steps.push(Step::RestoreMounts { argv: self.restore_argv() });
+            steps.push(Step::RestoreMounts {
+                argv: self.restore_argv(),
+                pull: self.mount_image_pull(),
+                again: self.restore_again_argv(),
+            });
         }
         if let Some(mount) = self.mount_base_layers_step() {
             steps.push(mount);

@@ -543,8 +543,18 @@ fn every_cache_mount_of_the_stages_built_is_restored_before_the_build_and_saved_
         .collect();
     assert_eq!(kinds[..3], ["other", "restore", "build"], "{kinds:?}");
     assert!(kinds.contains(&"save"));
+    // The restore runs in the target's base (pulled by the build anyway) while the mounts'
+    // image is pulled beside it; again in the mounts' own image when that fails.
     let restore = plan.restore_dockerfile();
-    assert!(restore.starts_with("FROM rust:1.85\n"), "{restore}");
+    assert!(restore.starts_with("FROM debian:bookworm-slim\nUSER 0:0\n"), "{restore}");
+    assert!(plan.restore_again_dockerfile().starts_with("FROM rust:1.85\nUSER 0:0\n"));
+    let Some(Step::RestoreMounts { pull, again, .. }) =
+        plan.steps.iter().find(|step| matches!(step, Step::RestoreMounts { .. }))
+    else {
+        panic!("no restore step")
+    };
+    assert_eq!(pull.as_deref(), Some(&["pull".to_string(), "--quiet".into(), "rust:1.85".into()][..]));
+    assert!(again.as_ref().is_some_and(|argv| argv.iter().any(|arg| arg.ends_with("restore-again.Dockerfile"))));
     assert!(restore.contains("--mount=type=cache,id=target,target=/cachefrom/m1,sharing=locked"), "{restore}");
     let save = plan.save_dockerfile();
     assert!(save.contains("gzip -1n > /cachefrom/out/m0.tar.gz"), "{save}");
@@ -556,6 +566,32 @@ fn every_cache_mount_of_the_stages_built_is_restored_before_the_build_and_saved_
     assert!(script.contains("save_mounts || true;"), "{script}");
     let syntax = std::process::Command::new("bash").args(["-n", "-c", &script]).status().unwrap();
     assert!(syntax.success(), "{script}");
+    assert!(script.contains("docker pull --quiet rust:1.85 & pulling=$!"), "{script}");
+    assert!(script.contains("restore-again.Dockerfile"), "{script}");
+}
+
+#[test]
+fn the_mounts_image_is_pulled_beside_the_restore_only_where_the_build_finds_it_and_it_is_another() {
+    // A builder that keeps no image in the engine (docker-container, remote) would not see the pull.
+    let mut remote = options(feature_branch());
+    remote.builder_keeps_no_image = true;
+    let plan_remote = plan(CARGO_MOUNTS, &remote);
+    assert_eq!(plan_remote.restore_image.as_deref(), Some("debian:bookworm-slim"));
+    assert!(plan_remote
+        .steps
+        .iter()
+        .any(|step| matches!(step, Step::RestoreMounts { pull: None, again: Some(_), .. })));
+    // One stage: the restore runs in its image, nothing beside it.
+    let one = plan("FROM rust:1.85\nRUN --mount=type=cache,target=/t cargo build\n", &options(feature_branch()));
+    assert_eq!(one.restore_image, None);
+    assert!(one.restore_dockerfile().starts_with("FROM rust:1.85\n"));
+    assert!(one.steps.iter().any(|step| matches!(step, Step::RestoreMounts { pull: None, again: None, .. })));
+    // A target from scratch: its base is no image to run in.
+    let scratch = plan(
+        "FROM rust:1.85 AS b\nRUN --mount=type=cache,target=/t cargo build\nFROM scratch\nCOPY --from=b /x /x\n",
+        &options(feature_branch()),
+    );
+    assert_eq!(scratch.restore_image, None);
 }
 
 #[test]

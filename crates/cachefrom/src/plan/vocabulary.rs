@@ -290,6 +290,16 @@ pub enum Step {
     RestoreMounts {
         /// The restore build's `docker` arguments.
         argv: Vec<String>,
+        /// `docker` arguments of a pull of the mounts' image, run from the start of the step
+        /// beside the fetches and the restore build (which then runs in a smaller image, see
+        /// [`crate::plan::Plan::restore_image`]); the step ends when it ends. A failed pull is
+        /// one line: the build pulls the image itself.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pull: Option<Vec<String>>,
+        /// The restore build again in the mounts' own image, when the first one, run in another,
+        /// failed.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        again: Option<Vec<String>>,
     },
     /// Mounts the layers of the base images that live in the same registry into this run's
     /// repository (`POST …/blobs/uploads/?mount=DIGEST&from=BASE`, no bytes move), so that the
