@@ -63,6 +63,12 @@ pub fn random_hex(bytes: usize) -> String {
     buffer.iter().map(|byte| format!("{byte:02x}")).collect()
 }
 
+/// The first 12 hex digits of the SHA-256 of `bytes`: a short name that tells contents apart.
+pub fn short_digest(bytes: &[u8]) -> String {
+    let digest = <sha2::Sha256 as sha2::Digest>::digest(bytes);
+    digest.iter().take(6).map(|byte| format!("{byte:02x}")).collect()
+}
+
 /// `O_NOFOLLOW | O_NONBLOCK`: a link at the last step fails to open, a FIFO opens without
 /// waiting for a writer (and is then refused as not a regular file).
 fn libc_flags() -> i32 {

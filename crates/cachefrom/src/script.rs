@@ -64,10 +64,10 @@ impl Plan {
     }
 
     /// The shell command that fetches one cache candidate (classic builder and tarball).
-    fn fetch_command(&self, stage: &str, candidate: &CacheRef) -> String {
+    fn fetch_command(&self, candidate: &CacheRef) -> String {
         match &candidate.location {
             CacheLocation::TarFile(file) => {
-                let unpacked = self.unpacked_dir(stage);
+                let unpacked = self.unpacked_dir(&candidate.location);
                 format!(
                     "{{ test -f {file} && mkdir -p {dir} && tar -xf {file} -C {dir}; }}",
                     file = shell_quote(&file.display().to_string()),
@@ -140,7 +140,7 @@ impl Plan {
             writeln!(out, "\n# Fetch the first cache that exists, level by level.")?;
             for stage in &self.stages {
                 let fetches: Vec<String> =
-                    stage.cache_from.iter().map(|candidate| self.fetch_command(&stage.name, candidate)).collect();
+                    stage.cache_from.iter().map(|candidate| self.fetch_command(candidate)).collect();
                 if !fetches.is_empty() {
                     writeln!(out, "{} || true", fetches.join(" ||\n  "))?;
                 }

@@ -100,7 +100,7 @@ pub(crate) fn build_unit(
     let planned = plan.build_argv(&stage.name).map(<[String]>::to_vec).unwrap_or_else(|| plan.planned_argv(stage));
     let chosen: BTreeSet<String> = sources
         .iter()
-        .map(|(source_stage, source)| plan.backend.cache_from_arg(&source.location, &plan.unpacked_dir(source_stage)))
+        .map(|(_, source)| plan.backend.cache_from_arg(&source.location, &plan.unpacked_dir(&source.location)))
         .collect();
     let args = crate::plan::narrowed(&planned, &|value| chosen.contains(value));
     let covered = plan.covered_by(stage);
@@ -318,10 +318,10 @@ pub(crate) fn seed_export_dir(
     timeout: std::time::Duration,
 ) -> Result<()> {
     let staging = plan.staging_dir(&stage.name);
-    for (source_stage, source) in sources {
+    for (_, source) in sources {
         let dir = match (&plan.backend, &source.location) {
             (Backend::Local { .. }, CacheLocation::Directory(dir)) => dir.clone(),
-            (Backend::Tarball { .. }, _) => plan.unpacked_dir(source_stage),
+            (Backend::Tarball { .. }, _) => plan.unpacked_dir(&source.location),
             _ => continue,
         };
         let blobs = dir.join("blobs");

@@ -50,7 +50,7 @@ pub(crate) fn gather_evidence(ctx: &Context, plan: &Plan, resolution: &Resolutio
                 crate::files::read_text(&dir.join(crate::explain::FILE), crate::files::MAX_RECORD_BYTES).ok()
             }
             (Backend::Tarball { .. }, _) => crate::files::read_text(
-                &plan.unpacked_dir(&stage.name).join(crate::explain::FILE),
+                &plan.unpacked_dir(&chosen.location).join(crate::explain::FILE),
                 crate::files::MAX_RECORD_BYTES,
             )
             .ok(),

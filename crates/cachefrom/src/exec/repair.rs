@@ -253,15 +253,10 @@ pub(crate) fn complete_cache_of_all_hit_build(
     resolution.digests.get(&only.location.to_string()).cloned()
 }
 
-/// A write of the local and tarball backends after a build that read every step from `source`
-/// (of `source_stage`): the cache read, not the export, goes to the write's place; `None` when
+/// A write of the local and tarball backends after a build that read every step from `source`:
+/// the cache read, not the export, goes to the write's place; `None` when
 /// that place is the cache read (it holds every result already).
-pub(crate) fn write_from_complete(
-    plan: &Plan,
-    write: &CacheWrite,
-    source_stage: &str,
-    source: &CacheLocation,
-) -> Option<CacheWrite> {
+pub(crate) fn write_from_complete(plan: &Plan, write: &CacheWrite, source: &CacheLocation) -> Option<CacheWrite> {
     match (source, write) {
         (CacheLocation::Directory(read), CacheWrite::CopyDir { to, .. }) if read == to => None,
         (CacheLocation::Directory(read), CacheWrite::CopyDir { to, .. }) => {
@@ -269,7 +264,7 @@ pub(crate) fn write_from_complete(
         }
         (CacheLocation::TarFile(read), CacheWrite::Pack { to, .. }) if read == to => None,
         (CacheLocation::TarFile(_), CacheWrite::Pack { to, .. }) => {
-            Some(CacheWrite::Pack { from: plan.unpacked_dir(source_stage), to: to.clone() })
+            Some(CacheWrite::Pack { from: plan.unpacked_dir(source), to: to.clone() })
         }
         _ => Some(write.clone()),
     }

@@ -217,6 +217,8 @@ pub(crate) fn check_caches(ctx: &Context, plan: &Plan) -> Result<Resolution> {
     let record = if inputs.is_some() { read_record(ctx, plan, &stages) } else { None };
     let source_record = read_source_record(ctx, plan, &stages, record.as_ref());
 
+    // A file read by several stages is unpacked once.
+    let mut unpacked: BTreeMap<std::path::PathBuf, bool> = BTreeMap::new();
     for stage in &plan.stages {
         let Some(chosen) = stages[&stage.name].chosen.clone() else { continue };
         match (&plan.backend, &chosen.location) {
@@ -229,8 +231,17 @@ pub(crate) fn check_caches(ctx: &Context, plan: &Plan) -> Result<Resolution> {
                 }
             }
             (Backend::Tarball { .. }, CacheLocation::TarFile(file)) => {
-                if let Err(error) = unpack(plan, &stage.name, file, ctx.docker.timeouts.transfer) {
-                    fail_or_warn(plan, &mut warnings, format!("{error:#}"))?;
+                let done = match unpacked.get(file) {
+                    Some(done) => *done,
+                    None => match unpack(plan, &chosen.location, file, ctx.docker.timeouts.transfer) {
+                        Ok(()) => *unpacked.entry(file.clone()).or_insert(true),
+                        Err(error) => {
+                            fail_or_warn(plan, &mut warnings, format!("{error:#}"))?;
+                            *unpacked.entry(file.clone()).or_insert(false)
+                        }
+                    },
+                };
+                if !done {
                     stages.get_mut(&stage.name).expect("stage").chosen = None;
                 }
             }
@@ -423,8 +434,8 @@ pub(crate) fn fail_or_warn(plan: &Plan, warnings: &mut Vec<String>, line: String
     Ok(())
 }
 
-pub(crate) fn unpack(plan: &Plan, stage: &str, file: &Path, timeout: std::time::Duration) -> Result<()> {
-    let dir = plan.unpacked_dir(stage);
+pub(crate) fn unpack(plan: &Plan, location: &CacheLocation, file: &Path, timeout: std::time::Duration) -> Result<()> {
+    let dir = plan.unpacked_dir(location);
     empty_dir(&dir)?;
     let args = vec!["-xf".to_string(), file.display().to_string(), "-C".to_string(), dir.display().to_string()];
     run_program("tar", &args, &format!("unpacking cache {}", file.display()), timeout)?;

@@ -221,8 +221,8 @@ pub(crate) fn execute_checked(
     // Stages whose build failed to export.
     let mut not_exported: BTreeSet<String> = BTreeSet::new();
     let mut mount_run = MountRun::default();
-    // After an all-hit local or tarball build: (stage built, the stage whose cache it read, that cache).
-    let mut complete: Option<(String, String, crate::backend::CacheLocation)> = None;
+    // After an all-hit local or tarball build: (stage built, the cache it read).
+    let mut complete: Option<(String, crate::backend::CacheLocation)> = None;
     for step in &plan.steps {
         // After a failure only the cache mounts are saved (what the steps that ran left in them).
         if (build_error.is_some() || write_error.is_some()) && !matches!(step, Step::SaveMounts { .. }) {
@@ -303,7 +303,7 @@ pub(crate) fn execute_checked(
                     }
                 } else if matches!(plan.backend, Backend::Local { .. } | Backend::Tarball { .. }) {
                     complete = all_hit_source(plan, stage, &resolution, &stage_reports)
-                        .map(|(source_stage, source)| (stage.clone(), source_stage, source.location));
+                        .map(|(_, source)| (stage.clone(), source.location));
                 }
             }
             // The cache directory is full: the other file writes would fail the same way.
@@ -316,9 +316,7 @@ pub(crate) fn execute_checked(
             Step::Write { stage, write } => {
                 let planned = write;
                 let write = match &complete {
-                    Some((built, source_stage, source)) if built == stage => {
-                        write_from_complete(plan, planned, source_stage, source)
-                    }
+                    Some((built, source)) if built == stage => write_from_complete(plan, planned, source),
                     _ => Some(planned.clone()),
                 };
                 match write {

@@ -39,8 +39,8 @@ impl Plan {
             }
         }
         let mut seen = BTreeSet::new();
-        for (source_stage, source) in sources {
-            let unpacked = self.unpacked_dir(source_stage);
+        for (_, source) in sources {
+            let unpacked = self.unpacked_dir(&source.location);
             let value = self.backend.cache_from_arg(&source.location, &unpacked);
             if seen.insert(value.clone()) {
                 args.extend(["--cache-from".into(), value]);
@@ -161,9 +161,19 @@ impl Plan {
         }
     }
 
-    /// Where the tarball backend unpacks `stage`'s cache before its build.
-    pub fn unpacked_dir(&self, stage: &str) -> PathBuf {
-        self.work_dir.join("from").join(stage)
+    /// Where the tarball backend unpacks the cache at `location` before a build: one directory a
+    /// file, so that stages reading the same file read one cache (BuildKit given the same records
+    /// twice, from two directories, was seen missing steps of them).
+    pub fn unpacked_dir(&self, location: &CacheLocation) -> PathBuf {
+        let name = match location {
+            CacheLocation::TarFile(file) => file.file_name().map(|name| name.to_string_lossy().into_owned()),
+            _ => None,
+        };
+        let name = name.unwrap_or_else(|| location.to_string());
+        let safe: String =
+            name.chars().map(|c| if c.is_ascii_alphanumeric() || "._-".contains(c) { c } else { '_' }).collect();
+        let digest = crate::files::short_digest(location.to_string().as_bytes());
+        self.work_dir.join("from").join(format!("{digest}-{safe}"))
     }
 
     /// Where the local and tarball backends have BuildKit export `stage`'s cache, to copy or pack it afterwards.

@@ -259,14 +259,37 @@ fn the_tarball_backend_unpacks_before_and_packs_after() {
     let mut options = options(main_branch());
     options.chain = vec![Level::Branch];
     options.backend = Backend::parse("tarball,dir=/shared", None).unwrap();
-    let script = plan("FROM alpine AS deps\n", &options).to_string();
-    assert!(script.contains("{ test -f /shared/127.0.0.1-5000-app/cache-deps.main.tar && mkdir -p /work/from/deps && tar -xf /shared/127.0.0.1-5000-app/cache-deps.main.tar -C /work/from/deps; } || true"), "{script}");
+    let planned = plan("FROM alpine AS deps\n", &options);
+    let file = std::path::PathBuf::from("/shared/127.0.0.1-5000-app/cache-deps.main.tar");
+    let unpacked = planned.unpacked_dir(&CacheLocation::TarFile(file));
+    let unpacked = unpacked.display().to_string();
+    assert!(unpacked.starts_with("/work/from/") && unpacked.ends_with("-cache-deps.main.tar"), "{unpacked}");
+    let script = planned.to_string();
+    assert!(script.contains(&format!("{{ test -f /shared/127.0.0.1-5000-app/cache-deps.main.tar && mkdir -p {unpacked} && tar -xf /shared/127.0.0.1-5000-app/cache-deps.main.tar -C {unpacked}; }} || true")), "{script}");
     assert!(
         script.contains("tar -cf /shared/127.0.0.1-5000-app/cache-deps.main.tar.partial.$$ -C /work/to/deps . && mv /shared/127.0.0.1-5000-app/cache-deps.main.tar.partial.$$ /shared"),
         "{script}"
     );
-    assert!(script.contains("--cache-from type=local,src=/work/from/deps"), "{script}");
+    assert!(script.contains(&format!("--cache-from type=local,src={unpacked}")), "{script}");
     assert!(script.contains("--cache-to type=local,dest=/work/to/deps,mode=max,ignore-error=true"), "{script}");
+}
+
+#[test]
+fn stages_that_read_one_tarball_read_it_from_one_directory() {
+    let mut options = options(main_branch());
+    options.backend = Backend::parse("tarball,dir=/shared", None).unwrap();
+    let planned = plan("FROM alpine AS deps\nFROM deps AS build\nFROM build AS app\n", &options);
+    // One build of the target: every stage's candidates are the target's files.
+    let build = planned.build_argv("app").expect("the target's build");
+    let sources: Vec<&String> =
+        build.windows(2).filter(|pair| pair[0] == "--cache-from").map(|pair| &pair[1]).collect();
+    let distinct: std::collections::BTreeSet<&&String> = sources.iter().collect();
+    assert_eq!(sources.len(), distinct.len(), "each file once: {sources:?}");
+    let a = planned.unpacked_dir(&CacheLocation::TarFile("/shared/r/cache-app.main.tar".into()));
+    let b = planned.unpacked_dir(&CacheLocation::TarFile("/shared/r/cache-app.main.tar".into()));
+    let c = planned.unpacked_dir(&CacheLocation::TarFile("/shared/s/cache-app.main.tar".into()));
+    assert_eq!(a, b);
+    assert_ne!(a, c, "two files of one name are two directories");
 }
 
 #[test]
