@@ -31,6 +31,79 @@ pub struct Engine {
     pub builder: Option<(String, String)>,
 }
 
+/// What the engine's BuildKit version is said to be when buildx was not asked: the daemon's own.
+const DAEMONS_OWN: &str = "built into dockerd";
+
+/// An environment variable as a docker call sees it: the client's own settings first.
+fn env_of(docker: &Docker, name: &str) -> Option<String> {
+    docker
+        .env
+        .iter()
+        .rev()
+        .find(|(key, _)| key == name)
+        .map(|(_, value)| value.clone())
+        .or_else(|| std::env::var(name).ok())
+        .filter(|value| !value.is_empty())
+}
+
+/// The docker context whose docker driver buildx builds with when nothing names or selects
+/// another builder: none named (`--builder`, `BUILDX_BUILDER`), none selected (buildx's
+/// `current` file, written by `docker buildx use` and `create --use`), and the buildx plugin
+/// where docker looks for it. `None` when buildx must be asked.
+fn default_builder(env: &dyn Fn(&str) -> Option<String>, builder_name: Option<&str>) -> Option<String> {
+    if builder_name.is_some() || env("BUILDX_BUILDER").is_some() {
+        return None;
+    }
+    let docker_config = env("DOCKER_CONFIG")
+        .map(std::path::PathBuf::from)
+        .or_else(|| env("HOME").map(|home| std::path::Path::new(&home).join(".docker")))?;
+    let buildx_config = env("BUILDX_CONFIG").map(std::path::PathBuf::from).unwrap_or_else(|| docker_config.join("buildx"));
+    // `current` naming no builder (`""`, as `docker buildx rm` of the one in use leaves it) or
+    // `default` is the default builder still; any other name, or a file not read, is asked.
+    let current = buildx_config.join("current");
+    if std::fs::symlink_metadata(&current).is_ok() {
+        let text = crate::files::read_text(&current, 64 * 1024).ok()?;
+        let selected = serde_json::from_str::<serde_json::Value>(&text).ok()?;
+        let name = selected.get("Name")?.as_str()?;
+        if !name.is_empty() && name != "default" {
+            return None;
+        }
+    }
+    let plugin_dirs = [
+        docker_config.join("cli-plugins"),
+        "/usr/local/lib/docker/cli-plugins".into(),
+        "/usr/local/libexec/docker/cli-plugins".into(),
+        "/usr/lib/docker/cli-plugins".into(),
+        "/usr/libexec/docker/cli-plugins".into(),
+    ];
+    let installed = plugin_dirs.iter().any(|dir| {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(dir.join("docker-buildx")).is_ok_and(|meta| meta.is_file() && meta.permissions().mode() & 0o111 != 0)
+    });
+    // A context chosen in docker's config: read there, else asked.
+    let config = std::fs::read_to_string(docker_config.join("config.json")).unwrap_or_default();
+    let chosen_in_config = serde_json::from_str::<serde_json::Value>(&config)
+        .ok()
+        .and_then(|config| config.get("currentContext").and_then(|context| context.as_str().map(str::to_string)));
+    let context = env("DOCKER_CONTEXT").or(chosen_in_config).unwrap_or_else(|| "default".to_string());
+    installed.then_some(context)
+}
+
+/// `docker info`'s `OS/ARCHITECTURE` (`linux/x86_64`, `linux/aarch64`) as an OCI platform.
+fn oci_platform(daemon: &str) -> Option<String> {
+    let (os, arch) = daemon.split_once('/')?;
+    let arch = match arch {
+        "x86_64" | "amd64" => "amd64",
+        "aarch64" | "arm64" => "arm64",
+        "armv7l" => "arm/v7",
+        "armv6l" => "arm/v6",
+        "ppc64le" | "s390x" | "riscv64" | "386" => arch,
+        "i686" | "i386" => "386",
+        _ => return None,
+    };
+    (!os.is_empty() && os.chars().all(|c| c.is_ascii_lowercase())).then(|| format!("{os}/{arch}"))
+}
+
 /// The oldest BuildKit whose `gha` cache speaks GitHub's current cache service (v2); the one
 /// older releases speak has been retired.
 const GHA_MIN_BUILDKIT: (u64, u64) = (0, 20);
@@ -49,25 +122,40 @@ impl Engine {
     /// Asks the engine, two questions in parallel (each docker call costs a CLI start):
     /// `docker info` (the daemon's version and image store) and `docker buildx inspect [BUILDER]`
     /// (buildx present, the builder's driver and BuildKit version).
+    ///
+    /// When no builder is named or selected, buildx builds with the docker driver of the current
+    /// docker context; that is known from buildx's files and the plugin's place, and
+    /// `docker buildx inspect` (a plugin start, about 0.15 s of every run) is not asked.
     pub fn probe(docker: &Docker, builder_name: Option<&str>) -> Result<Engine> {
         let timeout = docker.timeouts.probe;
         let args = |words: &[&str]| words.iter().map(|w| w.to_string()).collect::<Vec<String>>();
-        let info_args = args(&["info", "--format", "{{.ServerVersion}}\t{{json .DriverStatus}}\t{{.DockerRootDir}}"]);
+        let info_args = args(&[
+            "info",
+            "--format",
+            "{{.ServerVersion}}\t{{json .DriverStatus}}\t{{.OSType}}/{{.Architecture}}\t{{.DockerRootDir}}",
+        ]);
         let mut inspect_args = args(&["buildx", "inspect"]);
         inspect_args.extend(builder_name.map(str::to_string));
+        let default_builder = default_builder(&|name| env_of(docker, name), builder_name);
         let (info, inspect) = std::thread::scope(|scope| {
             let info = scope
                 .spawn(|| docker.run("asking the Docker daemon for its version and image store", &info_args, timeout));
-            let inspect = scope.spawn(|| docker.run("asking buildx for its builder", &inspect_args, timeout));
-            (info.join(), inspect.join())
+            let inspect = default_builder
+                .is_none()
+                .then(|| scope.spawn(|| docker.run("asking buildx for its builder", &inspect_args, timeout)));
+            (info.join(), inspect.map(|inspect| inspect.join()))
         });
         let joined = |result: std::thread::Result<Result<crate::docker::Output>>| {
             result.unwrap_or_else(|_| Err(anyhow::anyhow!("a probe thread panicked")))
         };
         let info = joined(info)?;
-        let mut fields = info.stdout.trim().splitn(3, '\t');
-        let (server_version, driver_status, root_dir) =
-            (fields.next().unwrap_or_default(), fields.next().unwrap_or_default(), fields.next().unwrap_or_default());
+        let mut fields = info.stdout.trim().splitn(4, '\t');
+        let (server_version, driver_status, daemon_platform, root_dir) = (
+            fields.next().unwrap_or_default(),
+            fields.next().unwrap_or_default(),
+            fields.next().unwrap_or_default(),
+            fields.next().unwrap_or_default(),
+        );
         if !info.success || server_version.is_empty() {
             let host = std::env::var("DOCKER_HOST").unwrap_or_else(|_| "unix:///var/run/docker.sock".to_string());
             bail!(
@@ -75,6 +163,18 @@ impl Engine {
                 last_lines(&info.stderr, 3)
             );
         }
+        let Some(inspect) = inspect else {
+            let context = default_builder.unwrap_or_default();
+            return Ok(Engine {
+                platform: oci_platform(daemon_platform),
+                server_version: server_version.to_string(),
+                buildkit_version: Some(DAEMONS_OWN.to_string()),
+                containerd_store: driver_status.contains("io.containerd.snapshotter"),
+                builder: Some((context.clone(), context)),
+                driver: Some("docker".to_string()),
+                root_dir: root_dir.to_string(),
+            });
+        };
         let inspect = joined(inspect)?;
         let field = |name: &str| {
             inspect.stdout.lines().find_map(|line| line.trim().strip_prefix(name).map(|value| value.trim().to_string()))
@@ -194,6 +294,52 @@ mod tests {
             root_dir: "/var/lib/docker".into(),
             builder: Some(("ci".into(), "unix:///run/buildkit/buildkitd.sock".into())),
         }
+    }
+
+    #[test]
+    fn buildx_is_not_asked_only_when_nothing_names_or_selects_another_builder() {
+        let home = tempfile::tempdir().unwrap();
+        let config = home.path().join(".docker");
+        let plugins = config.join("cli-plugins");
+        std::fs::create_dir_all(&plugins).unwrap();
+        let vars = |extra: &[(&str, &str)]| {
+            let mut vars: Vec<(String, String)> = vec![("HOME".into(), home.path().display().to_string())];
+            vars.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+            move |name: &str| vars.iter().find(|(key, _)| key == name).map(|(_, value)| value.clone())
+        };
+        // No plugin where docker looks (here, or in this machine's own places): asked.
+        let on_machine = default_builder(&vars(&[]), None);
+        let plugin = plugins.join("docker-buildx");
+        std::fs::write(&plugin, "#!/bin/sh\n").unwrap();
+        assert_eq!(default_builder(&vars(&[]), None), on_machine, "not executable: not a plugin");
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&plugin, std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert_eq!(default_builder(&vars(&[]), None).as_deref(), Some("default"));
+        assert_eq!(default_builder(&vars(&[("DOCKER_CONTEXT", "remote")]), None).as_deref(), Some("remote"));
+        std::fs::write(config.join("config.json"), r#"{"currentContext":"ci"}"#).unwrap();
+        assert_eq!(default_builder(&vars(&[]), None).as_deref(), Some("ci"));
+        // A builder named or selected: asked.
+        assert_eq!(default_builder(&vars(&[]), Some("ci")), None);
+        assert_eq!(default_builder(&vars(&[("BUILDX_BUILDER", "ci")]), None), None);
+        std::fs::create_dir_all(config.join("buildx")).unwrap();
+        std::fs::write(config.join("buildx/current"), r#"{"Key":"x","Name":"","Global":false}"#).unwrap();
+        assert_eq!(default_builder(&vars(&[]), None).as_deref(), Some("ci"), "no builder selected");
+        std::fs::write(config.join("buildx/current"), "not json").unwrap();
+        assert_eq!(default_builder(&vars(&[]), None), None);
+        std::fs::write(config.join("buildx/current"), r#"{"Key":"x","Name":"ci","Global":false}"#).unwrap();
+        assert_eq!(default_builder(&vars(&[]), None), None);
+        assert_eq!(default_builder(&vars(&[("BUILDX_CONFIG", "/nonexistent")]), None).as_deref(), Some("ci"));
+        assert_eq!(default_builder(&|_| None, None), None, "no HOME, no DOCKER_CONFIG: asked");
+    }
+
+    #[test]
+    fn the_daemons_platform_is_read_as_oci_names_it() {
+        assert_eq!(oci_platform("linux/x86_64").as_deref(), Some("linux/amd64"));
+        assert_eq!(oci_platform("linux/aarch64").as_deref(), Some("linux/arm64"));
+        assert_eq!(oci_platform("linux/armv7l").as_deref(), Some("linux/arm/v7"));
+        assert_eq!(oci_platform("linux/weird"), None);
+        assert_eq!(oci_platform("Linux/x86_64"), None);
+        assert_eq!(oci_platform(""), None);
     }
 
     #[test]

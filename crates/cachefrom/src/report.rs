@@ -423,7 +423,7 @@ fn target_platform(platform: &str) -> String {
 }
 
 /// `[linux/arm64 deps 3/6] COPY a b` → `(Some("linux/arm64"), "deps", "COPY a b")`.
-fn parse_step(name: &str) -> Option<(Option<String>, String, String)> {
+pub(crate) fn parse_step(name: &str) -> Option<(Option<String>, String, String)> {
     let rest = name.strip_prefix('[')?;
     let (inside, instruction) = rest.split_once("] ")?;
     // A Dockerfile of one stage: `[2/3] COPY …`, no stage named.

@@ -112,7 +112,7 @@ impl Plan {
         let writes: Vec<&str> = self.write_levels.iter().map(|level| level.name()).collect();
         writeln!(out, "# writes: {}", if writes.is_empty() { "nothing".to_string() } else { writes.join(", ") })?;
         let queries = match self.builder {
-            Builder::Buildx => "docker info, docker buildx inspect",
+            Builder::Buildx => "docker info, docker buildx inspect (when a builder is named or selected)",
             Builder::Classic => "docker info",
         };
         writeln!(out, "# asks first, changing nothing: {queries} (what the engine can build)")?;

@@ -83,6 +83,20 @@ pub(crate) fn build_unit(
     stage_name: &str,
     resolution: &Resolution,
 ) -> Result<BuildOutcome> {
+    build_unit_observed(ctx, plan, stage_name, resolution, None)
+}
+
+/// What sees each of BuildKit's progress events as the build streams them.
+pub(crate) type Observer<'a> = Option<&'a (dyn Fn(&ProgressEvent) + Sync)>;
+
+/// [`build_unit`], each progress event shown to `observer` too.
+pub(crate) fn build_unit_observed(
+    ctx: &Context,
+    plan: &Plan,
+    stage_name: &str,
+    resolution: &Resolution,
+    observer: Observer,
+) -> Result<BuildOutcome> {
     let stage = plan.stage(stage_name).with_context(|| format!("the plan has no stage `{stage_name}`"))?;
     if matches!(plan.backend, Backend::Tarball { .. } | Backend::Local { .. }) {
         remove_dir(&plan.staging_dir(&stage.name))?;
@@ -152,6 +166,9 @@ pub(crate) fn build_unit(
                 text_lines.push(text.clone());
             }
             renderer.show(&event, started.elapsed().as_secs_f64());
+            if let Some(observe) = observer {
+                observe(&event);
+            }
         }
     });
     renderer.finish(started.elapsed().as_secs_f64());

@@ -339,15 +339,15 @@ fn record_path(file: &Path) -> PathBuf {
 
 /// Packs every mount (the save build, `argv`) and writes each one whose contents changed, or
 /// that this run's levels do not have yet. Runs after the build, whatever its outcome.
-pub(crate) fn save_mounts(
-    ctx: &Context,
-    plan: &Plan,
-    argv: &[String],
-    run: &mut MountRun,
-    stages: &BTreeMap<String, StageReport>,
-    succeeded: bool,
-) -> Vec<String> {
-    let mut warnings = Vec::new();
+/// What the save build left: the line that says why nothing was saved, if so, and its seconds.
+pub(crate) struct Packed {
+    failed: Option<String>,
+    seconds: f64,
+}
+
+/// The save build ([`crate::plan::Step::SaveMounts`]'s `argv`): every mount packed into
+/// `mounts/out/`.
+pub(crate) fn pack_mounts(ctx: &Context, plan: &Plan, argv: &[String]) -> Packed {
     let dir = plan.mounts_dir();
     let (out, empty) = (dir.join("out"), dir.join("empty"));
     let packed = Instant::now();
@@ -363,13 +363,82 @@ pub(crate) fn save_mounts(
         }
         Err(error) => Some(format!("the cache mounts were not saved: {error:#}")),
     };
+    Packed { failed, seconds: packed.elapsed().as_secs_f64() }
+}
+
+/// Starts the save build once every `RUN` that uses a kept mount has finished in the build
+/// being watched, while the rest of that build runs (its other steps, exports and pushes); what
+/// [`save_mounts`] then takes instead of running it.
+pub(crate) struct EarlyPack {
+    waiting: std::sync::Mutex<Vec<(String, String)>>,
+    started: std::sync::Mutex<Option<std::thread::JoinHandle<Packed>>>,
+    ctx: Context,
+    plan: Plan,
+    argv: Vec<String>,
+}
+
+impl EarlyPack {
+    /// For the one build of `plan` whose steps are every mount's (one platform only: a build for
+    /// several runs each step once a platform); `None` otherwise.
+    pub(crate) fn new(ctx: &Context, plan: &Plan, argv: &[String]) -> Option<EarlyPack> {
+        if plan.execution != crate::plan::Execution::OneBuild
+            || plan.platform.as_deref().is_some_and(|list| list.contains(','))
+        {
+            return None;
+        }
+        let waiting: Vec<(String, String)> = plan.mounts.iter().flat_map(|mount| mount.steps.iter().cloned()).collect();
+        Some(EarlyPack {
+            waiting: std::sync::Mutex::new(waiting),
+            started: std::sync::Mutex::new(None),
+            ctx: ctx.clone(),
+            plan: plan.clone(),
+            argv: argv.to_vec(),
+        })
+    }
+
+    /// Sees one progress event of the build.
+    pub(crate) fn observe(&self, event: &crate::report::ProgressEvent) {
+        let crate::report::ProgressEvent::Finished { name, error: None, .. } = event else { return };
+        let Some((_, stage, _)) = crate::report::parse_step(name) else { return };
+        let Ok(mut waiting) = self.waiting.lock() else { return };
+        let before = waiting.len();
+        waiting.retain(|(step_stage, written)| !(*step_stage == stage && name.contains(written.as_str())));
+        if waiting.is_empty() && before > 0 {
+            let (ctx, plan, argv) = (self.ctx.clone(), self.plan.clone(), self.argv.clone());
+            let handle = std::thread::spawn(move || pack_mounts(&ctx, &plan, &argv));
+            if let Ok(mut started) = self.started.lock() {
+                *started = Some(handle);
+            }
+        }
+    }
+
+    /// The save build's outcome, when it started (waiting for it to end).
+    pub(crate) fn take(self) -> Option<Packed> {
+        let handle = self.started.into_inner().ok()??;
+        Some(handle.join().unwrap_or(Packed { failed: Some("the save build panicked".into()), seconds: 0.0 }))
+    }
+}
+
+/// Writes what the save build packed (`packed`, or the save build run now) at this run's levels.
+pub(crate) fn save_mounts(
+    ctx: &Context,
+    plan: &Plan,
+    argv: &[String],
+    run: &mut MountRun,
+    stages: &BTreeMap<String, StageReport>,
+    succeeded: bool,
+    packed: Option<Packed>,
+) -> Vec<String> {
+    let mut warnings = Vec::new();
+    let dir = plan.mounts_dir();
+    let out = dir.join("out");
+    let Packed { failed, seconds: pack_seconds } = packed.unwrap_or_else(|| pack_mounts(ctx, plan, argv));
     if let Some(line) = failed {
         for mount in &plan.mounts {
             run.reports.entry(mount.name.clone()).or_insert_with(|| new_report(mount)).warnings.push(line.clone());
         }
         return vec![line];
     }
-    let pack_seconds = packed.elapsed().as_secs_f64();
     for mount in &plan.mounts {
         let begun = Instant::now();
         let report = run.reports.entry(mount.name.clone()).or_insert_with(|| new_report(mount));

@@ -168,8 +168,9 @@ pub(crate) fn build_with_fallbacks(
     stage: &str,
     fallbacks: &[Fallback],
     resolution: &mut Resolution,
+    observer: super::build::Observer,
 ) -> Result<BuildOutcome> {
-    let mut outcome = build_unit(ctx, plan, stage, resolution)?;
+    let mut outcome = super::build::build_unit_observed(ctx, plan, stage, resolution, observer)?;
     if fallbacks.contains(&Fallback::WithoutBrokenSource) {
         // The build fails where the image needs the content; only the export fails, as a
         // warning, where nothing but the cache needs it.

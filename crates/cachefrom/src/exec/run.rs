@@ -5,7 +5,7 @@ use super::build::credit_writes;
 use super::context::Context;
 use super::evidence::{explain_stages, gather_evidence, joined, record_of, write_stage_records, MissEvidence};
 use super::guard::{perform_writes, recover, RunOutcome};
-use super::mounts::{restore_mounts, save_mounts, MountRun, RestoreCommands};
+use super::mounts::{restore_mounts, save_mounts, EarlyPack, MountRun, RestoreCommands};
 use super::repair::{
     all_hit_source, build_with_fallbacks, complete_cache_of_all_hit_build, is_disk_full, restore_cache,
     reuse_unchanged, unchanged_record, write_from_complete,
@@ -221,6 +221,7 @@ pub(crate) fn execute_checked(
     // Stages whose build failed to export.
     let mut not_exported: BTreeSet<String> = BTreeSet::new();
     let mut mount_run = MountRun::default();
+    let mut early_pack: Option<EarlyPack> = None;
     // After an all-hit local or tarball build: (stage built, the cache it read).
     let mut complete: Option<(String, crate::backend::CacheLocation)> = None;
     for step in &plan.steps {
@@ -245,7 +246,9 @@ pub(crate) fn execute_checked(
                 let uncancelled =
                     Context { docker: Docker { cancel: Default::default(), ..ctx.docker.clone() }, ..ctx.clone() };
                 let succeeded = build_error.is_none() && write_error.is_none();
-                let warnings = save_mounts(&uncancelled, plan, argv, &mut mount_run, &stage_reports, succeeded);
+                let packed = early_pack.take().and_then(EarlyPack::take);
+                let warnings =
+                    save_mounts(&uncancelled, plan, argv, &mut mount_run, &stage_reports, succeeded, packed);
                 resolution.warnings.extend(warnings);
             }
             Step::ReuseUnchanged { record_on, image_tags, writes } => {
@@ -267,7 +270,25 @@ pub(crate) fn execute_checked(
                     let (ctx, plan, resolution) = (ctx.clone(), plan.clone(), resolution.clone());
                     gathering = Some(std::thread::spawn(move || gather_evidence(&ctx, &plan, &resolution)));
                 }
-                let outcome = build_with_fallbacks(ctx, plan, stage, fallbacks, &mut resolution)?;
+                // The save build starts as soon as the mounts' steps have finished (uncancelled,
+                // as the save step itself).
+                if early_pack.is_none() {
+                    let save = plan.steps.iter().find_map(|step| match step {
+                        Step::SaveMounts { argv } => Some(argv),
+                        _ => None,
+                    });
+                    let uncancelled =
+                        Context { docker: Docker { cancel: Default::default(), ..ctx.docker.clone() }, ..ctx.clone() };
+                    early_pack = save.and_then(|argv| EarlyPack::new(&uncancelled, plan, argv));
+                }
+                let observe = |event: &crate::report::ProgressEvent| {
+                    if let Some(early) = &early_pack {
+                        early.observe(event);
+                    }
+                };
+                let observer: &(dyn Fn(&crate::report::ProgressEvent) + Sync) = &observe;
+                let outcome =
+                    build_with_fallbacks(ctx, plan, stage, fallbacks, &mut resolution, Some(observer))?;
                 if outcome.export_failed {
                     not_exported.insert(stage.clone());
                 }

@@ -158,7 +158,7 @@ set -euo pipefail
 # commit {SHA_HEAD}; parent {SHA_PARENT}; merge-base none
 # cache sources, most specific first: branch > unprefixed
 # writes: branch, commit, unprefixed
-# asks first, changing nothing: docker info, docker buildx inspect (what the engine can build)
+# asks first, changing nothing: docker info, docker buildx inspect (when a builder is named or selected) (what the engine can build)
 
 # Stages, in build order: deps -> app
 # deps cache candidates:

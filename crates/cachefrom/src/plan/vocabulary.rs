@@ -350,7 +350,9 @@ pub enum Step {
     },
     /// Saves the cache mounts, after the build whether it succeeded, failed or was cancelled:
     /// one build (`argv`) packs each mount into a file; each file whose contents are not stored
-    /// yet is uploaded, and written at this run's levels.
+    /// yet is uploaded, and written at this run's levels. In a run of one build for one platform,
+    /// the packing build starts as soon as every `RUN` that uses a kept mount has finished, while
+    /// the build's other steps, exports and pushes go on.
     SaveMounts {
         /// The save build's `docker` arguments.
         argv: Vec<String>,
