@@ -44,6 +44,21 @@ pub struct BenchArgs {
 }
 
 pub fn run(sh: &Shell, args: &BenchArgs) -> Result<()> {
+    // What is measured is what users run: a release build, the library in-process included.
+    if cfg!(debug_assertions) {
+        eprintln!("bench: building and running the benchmarks for release");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
+        let status = std::process::Command::new(cargo)
+            .args(["run", "--quiet", "--release", "--package", "xtask", "--"])
+            .args(std::env::args_os().skip(1))
+            .current_dir(cachefrom_stack::repository_root())
+            .status()
+            .context("starting cargo")?;
+        if !status.success() {
+            bail!("the release benchmarks failed ({status})");
+        }
+        return Ok(());
+    }
     crate::stack::Stack::new().up(sh)?;
     if let Some(only) = &args.only {
         let (heading, section) = match only.as_str() {

@@ -237,17 +237,21 @@ pub fn cachefrom_binary() -> PathBuf {
     static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     BUILT
         .get_or_init(|| {
+            // The profile this code was built with: tests run the debug binary, the benchmarks
+            // (built for release) the release one, as users run it.
+            let release = !cfg!(debug_assertions);
             let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
-            let status = std::process::Command::new(cargo)
-                .args(["build", "--quiet", "-p", "cachefrom-cli"])
-                .current_dir(repository_root())
-                .status()
-                .expect("cargo runs");
+            let mut command = std::process::Command::new(cargo);
+            command.args(["build", "--quiet", "-p", "cachefrom-cli"]);
+            if release {
+                command.arg("--release");
+            }
+            let status = command.current_dir(repository_root()).status().expect("cargo runs");
             assert!(status.success(), "building the cachefrom binary failed");
             let target = std::env::var_os("CARGO_TARGET_DIR")
                 .map(PathBuf::from)
                 .unwrap_or_else(|| repository_root().join("target"));
-            target.join("debug").join("cachefrom")
+            target.join(if release { "release" } else { "debug" }).join("cachefrom")
         })
         .clone()
 }
