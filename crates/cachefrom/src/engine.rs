@@ -57,7 +57,8 @@ fn default_builder(env: &dyn Fn(&str) -> Option<String>, builder_name: Option<&s
     let docker_config = env("DOCKER_CONFIG")
         .map(std::path::PathBuf::from)
         .or_else(|| env("HOME").map(|home| std::path::Path::new(&home).join(".docker")))?;
-    let buildx_config = env("BUILDX_CONFIG").map(std::path::PathBuf::from).unwrap_or_else(|| docker_config.join("buildx"));
+    let buildx_config =
+        env("BUILDX_CONFIG").map(std::path::PathBuf::from).unwrap_or_else(|| docker_config.join("buildx"));
     // `current` naming no builder (`""`, as `docker buildx rm` of the one in use leaves it) or
     // `default` is the default builder still; any other name, or a file not read, is asked.
     let current = buildx_config.join("current");
@@ -78,7 +79,8 @@ fn default_builder(env: &dyn Fn(&str) -> Option<String>, builder_name: Option<&s
     ];
     let installed = plugin_dirs.iter().any(|dir| {
         use std::os::unix::fs::PermissionsExt;
-        std::fs::metadata(dir.join("docker-buildx")).is_ok_and(|meta| meta.is_file() && meta.permissions().mode() & 0o111 != 0)
+        std::fs::metadata(dir.join("docker-buildx"))
+            .is_ok_and(|meta| meta.is_file() && meta.permissions().mode() & 0o111 != 0)
     });
     // A context chosen in docker's config: read there, else asked.
     let config = std::fs::read_to_string(docker_config.join("config.json")).unwrap_or_default();

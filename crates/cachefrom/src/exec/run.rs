@@ -247,8 +247,7 @@ pub(crate) fn execute_checked(
                     Context { docker: Docker { cancel: Default::default(), ..ctx.docker.clone() }, ..ctx.clone() };
                 let succeeded = build_error.is_none() && write_error.is_none();
                 let packed = early_pack.take().and_then(EarlyPack::take);
-                let warnings =
-                    save_mounts(&uncancelled, plan, argv, &mut mount_run, &stage_reports, succeeded, packed);
+                let warnings = save_mounts(&uncancelled, plan, argv, &mut mount_run, &stage_reports, succeeded, packed);
                 resolution.warnings.extend(warnings);
             }
             Step::ReuseUnchanged { record_on, image_tags, writes } => {
@@ -287,8 +286,7 @@ pub(crate) fn execute_checked(
                     }
                 };
                 let observer: &(dyn Fn(&crate::report::ProgressEvent) + Sync) = &observe;
-                let outcome =
-                    build_with_fallbacks(ctx, plan, stage, fallbacks, &mut resolution, Some(observer))?;
+                let outcome = build_with_fallbacks(ctx, plan, stage, fallbacks, &mut resolution, Some(observer))?;
                 if outcome.export_failed {
                     not_exported.insert(stage.clone());
                 }
