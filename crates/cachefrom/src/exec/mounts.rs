@@ -337,8 +337,6 @@ fn record_path(file: &Path) -> PathBuf {
     PathBuf::from(path)
 }
 
-/// Packs every mount (the save build, `argv`) and writes each one whose contents changed, or
-/// that this run's levels do not have yet. Runs after the build, whatever its outcome.
 /// What the save build left: the line that says why nothing was saved, if so, and its seconds.
 pub(crate) struct Packed {
     failed: Option<String>,
@@ -419,7 +417,8 @@ impl EarlyPack {
     }
 }
 
-/// Writes what the save build packed (`packed`, or the save build run now) at this run's levels.
+/// Writes each packed mount (`packed`, else the save build, `argv`, run now) whose contents
+/// changed, or that this run's levels do not have yet. Runs after the build, whatever its outcome.
 pub(crate) fn save_mounts(
     ctx: &Context,
     plan: &Plan,
