@@ -209,3 +209,56 @@ fn a_cache_mount_is_kept_in_the_local_directory_and_can_be_turned_off() {
     assert_eq!(compiled(&tag).len(), 4);
     assert!(off.stderr().contains("cache mounts are not kept across runners: turned off"), "{}", off.stderr());
 }
+
+/// Release tooling that composes the three functions itself, with the mounts around them.
+fn composed(dir: &Path, image: &str, tag: &str) -> (cachefrom::report::RunReport, Vec<cachefrom::report::MountReport>) {
+    use cachefrom::exec::{pull_cached, CacheMounts, PushGuard};
+    let mut settings = cachefrom::settings::Settings::new(image, dir);
+    settings.branch = Some("main".to_string());
+    settings.default_branch = Some("main".to_string());
+    settings.build_args = vec![("BASE".to_string(), RUNTIME_BASE_IMAGE.to_string())];
+    settings.docker_args = vec!["--network=none".to_string()];
+    settings.tags = vec![tag.to_string()];
+    let options = settings.plan_options(&cachefrom::ci::Environment::default()).unwrap();
+    let plan = cachefrom::plan::Plan::new(&options).unwrap();
+    let ctx = plain_context();
+    let resolution = pull_cached(&ctx, &plan).unwrap();
+    let mounts = CacheMounts::restore(&ctx, &plan);
+    assert!(mounts.warnings().is_empty(), "{:?}", mounts.warnings());
+    let mut guard = PushGuard::new(&ctx, &plan, &resolution);
+    for stage in &plan.stages {
+        guard.build(stage).unwrap();
+    }
+    let report = guard.finish().unwrap();
+    let saved = mounts.save(&ctx, &plan, &report.stages, report.success);
+    (report, saved)
+}
+
+#[test]
+#[cfg_attr(not(stack_up), ignore = "needs the stack: cargo xtask stack up")]
+fn library_users_who_compose_the_three_functions_keep_the_mounts_too() {
+    let _serial = serial();
+    need_stack("library_users_who_compose_the_three_functions_keep_the_mounts_too");
+    let project = mount_project(4).unwrap();
+    let dir = project.path();
+    let image = unique_repository("mounts-library");
+    let tag = format!("{image}:v1");
+
+    fresh_runner().unwrap();
+    let (seed, saved) = composed(dir, &image, &tag);
+    assert!(seed.success);
+    assert_eq!(compiled(&tag).len(), 4);
+    assert_eq!(saved.len(), 1, "{saved:#?}");
+    assert!(saved[0].restored_from.is_none() && saved[0].save_bytes > 0, "{saved:#?}");
+
+    std::fs::write(dir.join("src/f01.txt"), "source 1, edited\n").unwrap();
+    fresh_runner().unwrap();
+    let (edit, restored) = composed(dir, &image, &tag);
+    assert!(edit.success);
+    assert_eq!(compiled(&tag), vec!["/src/f01.txt".to_string()]);
+    assert!(app(&tag).contains("source 1, edited"));
+    assert!(
+        restored[0].restored_from.as_deref().is_some_and(|from| from.contains("cachemount-objs--")),
+        "{restored:#?}"
+    );
+}

@@ -22,5 +22,6 @@ pub use build::{build_stage, BuildOutcome, StageFailed};
 pub use context::Context;
 pub use evidence::{explain, Explanation};
 pub use guard::{push_cached, PushGuard, PushOutcome};
+pub use mounts::CacheMounts;
 pub use resolve::{pull_cached, Choice, Resolution};
 pub use run::{build_with_cache, execute_plan, BuildOptions};

@@ -537,3 +537,47 @@ fn write_mount(
     }
     Ok(())
 }
+
+/// The cache mounts for library users who compose [`super::pull_cached`], [`super::build_stage`]
+/// and [`super::push_cached`] themselves: [`CacheMounts::restore`] before the builds (the plan's
+/// `restore-mounts` step), [`CacheMounts::save`] after them, whatever their outcome (its
+/// `save-mounts` step). [`super::build_with_cache`] does both itself.
+#[derive(Debug, Default)]
+pub struct CacheMounts {
+    run: MountRun,
+    warnings: Vec<String>,
+}
+
+impl CacheMounts {
+    /// Restores every mount the plan keeps from the most specific level that saved it (nothing
+    /// when the plan keeps none). A mount that cannot be restored starts empty, with a warning.
+    pub fn restore(ctx: &Context, plan: &Plan) -> CacheMounts {
+        let mut mounts = CacheMounts::default();
+        for step in &plan.steps {
+            if let crate::plan::Step::RestoreMounts { argv, pull, again } = step {
+                let commands = RestoreCommands { argv, pull: pull.as_deref(), again: again.as_deref() };
+                mounts.warnings = restore_mounts(ctx, plan, commands, &mut mounts.run);
+            }
+        }
+        mounts
+    }
+
+    /// The warnings of the restore, one line each.
+    pub fn warnings(&self) -> &[String] {
+        &self.warnings
+    }
+
+    /// Saves the mounts at the plan's levels (nothing for a read-only plan), after the builds
+    /// whose reports are `stages` (`succeeded`: all of them did). One report a mount, its warnings
+    /// in it.
+    pub fn save(mut self, ctx: &Context, plan: &Plan, stages: &[StageReport], succeeded: bool) -> Vec<MountReport> {
+        let by_name: BTreeMap<String, StageReport> =
+            stages.iter().map(|report| (report.name.clone(), report.clone())).collect();
+        for step in &plan.steps {
+            if let crate::plan::Step::SaveMounts { argv } = step {
+                save_mounts(ctx, plan, argv, &mut self.run, &by_name, succeeded, None);
+            }
+        }
+        self.run.finish(plan, &by_name)
+    }
+}
