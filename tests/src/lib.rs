@@ -31,6 +31,49 @@ pub fn registry_manifest(address: &str, repository: &str, reference: &str) -> Re
     Ok(serde_json::from_str(&response.body_mut().read_to_string()?)?)
 }
 
+/// The layers of the stack's base images (every platform of an index). The registry keeps one
+/// copy of a blob for every repository, so deleting one of these would break every later build.
+pub fn base_image_layers() -> std::collections::BTreeSet<String> {
+    let mut layers = std::collections::BTreeSet::new();
+    for image in [RUNTIME_BASE_IMAGE, RUST_BASE_IMAGE] {
+        let Some((repository, tag)) = image.strip_prefix(&format!("{REGISTRY}/")).and_then(|rest| rest.split_once(':'))
+        else {
+            continue;
+        };
+        let Ok(manifest) = registry_manifest(REGISTRY, repository, tag) else { continue };
+        let mut manifests = vec![manifest.clone()];
+        for child in manifest["manifests"].as_array().into_iter().flatten() {
+            if let Some(digest) = child["digest"].as_str() {
+                manifests.extend(registry_manifest(REGISTRY, repository, digest).ok());
+            }
+        }
+        for manifest in manifests {
+            for layer in manifest["layers"].as_array().into_iter().flatten() {
+                layers.extend(layer["digest"].as_str().map(str::to_string));
+            }
+        }
+    }
+    layers
+}
+
+/// The digest of a layer of `manifest` that a test may delete from the registry's storage to
+/// stand for a lost blob: the last one that is neither a base image's nor the empty layer
+/// (both are shared by every repository). Panics when there is none.
+pub fn deletable_layer(manifest: &serde_json::Value) -> String {
+    const EMPTY_LAYER: &str = "sha256:4f4fb700ef54461cfa02571ae0db9a0dc1e0cdb5577484a6d75e68dc38e8acc1";
+    let base = base_image_layers();
+    assert!(!base.is_empty(), "the base images' layers could not be read");
+    manifest["layers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|layer| layer["digest"].as_str())
+        .filter(|digest| *digest != EMPTY_LAYER && !base.contains(*digest))
+        .last()
+        .unwrap_or_else(|| panic!("no layer of its own in {manifest:#}"))
+        .to_string()
+}
+
 /// Fails with a clear message when the stack is not up. Outside CI a caller may skip instead;
 /// in CI (`CI=true`) a missing stack is always a failure.
 pub fn require_stack() -> Result<()> {

@@ -21,7 +21,8 @@ fn a_cache_with_a_missing_blob_is_rebuilt_and_replaced() {
     let _serial = serial();
     need_stack("a_cache_with_a_missing_blob_is_rebuilt_and_replaced");
     let image = unique_repository("broken");
-    // The last layer holds the repository's name: no other cache shares its blob.
+    // The last layer holds the repository's name: no other cache shares its blob (a base image's
+    // layer, which every repository shares, is never the one deleted: deletable_layer).
     let dockerfile = format!("{SYNTHETIC_DOCKERFILE}RUN echo {image} > /marker\n");
     let project = synthetic_project(&dockerfile).unwrap();
     let report = project.path().join("report.json");
@@ -30,8 +31,7 @@ fn a_cache_with_a_missing_blob_is_rebuilt_and_replaced() {
 
     let path = image.strip_prefix(&format!("{REGISTRY}/")).unwrap();
     let manifest = registry_manifest(REGISTRY, path, "cache-runtime.main").unwrap();
-    let layers = manifest["layers"].as_array().unwrap();
-    let digest = layers.last().unwrap()["digest"].as_str().unwrap().to_string();
+    let digest = deletable_layer(&manifest);
     let hex = digest.strip_prefix("sha256:").unwrap();
     std::fs::remove_file(format!("{STORAGE}/{}/{hex}/data", &hex[..2])).unwrap();
     assert!(!blob_answers(path, &digest));

@@ -353,7 +353,7 @@ fn every_docker_call_and_registry_write_of_a_run_is_named_by_its_plan() {
     // Broken cache: a blob the target's cache names is gone (the same inputs: the unchanged build
     // cannot be reused); built again without it.
     let manifest = registry_manifest(REGISTRY, scenario.path(), "cache-runtime.main").unwrap();
-    let digest = manifest["layers"].as_array().unwrap().last().unwrap()["digest"].as_str().unwrap().to_string();
+    let digest = deletable_layer(&manifest);
     let hex = digest.strip_prefix("sha256:").unwrap();
     std::fs::remove_file(format!("{STORAGE}/{}/{hex}/data", &hex[..2])).unwrap();
     fresh_runner().unwrap();

@@ -274,7 +274,18 @@ impl Stack {
         .filter(|(image, _, _)| {
             let (repository, tag) = image.rsplit_once(':').expect("base images have tags");
             let repository = cachefrom::refs::Repository::parse(repository).expect("valid repository");
-            client.exists(&repository, tag) != cachefrom::registry::Existence::Exists
+            if client.exists(&repository, tag) != cachefrom::registry::Existence::Exists {
+                return true;
+            }
+            // A layer whose blob is gone (the registry's storage lost it) is made again too.
+            let platform = cachefrom::dockerfile::Platform::host().to_string();
+            let whole = client
+                .image_blobs(&repository, tag, &platform)
+                .is_ok_and(|blobs| blobs.iter().all(|blob| client.blob_exists(&repository, blob).unwrap_or(false)));
+            if !whole {
+                eprintln!("stack: {image} lacks a layer in the registry; making it again");
+            }
+            !whole
         })
         .collect();
         if missing.is_empty() {
