@@ -45,17 +45,8 @@ fn info_over_socket(docker: &Docker, timeout: std::time::Duration) -> Option<Str
         return None;
     }
     let env = |name: &str| env_of(docker, name);
-    if env("DOCKER_CONTEXT").is_some_and(|context| context != "default") {
+    if docker_context(&env)? != "default" {
         return None;
-    }
-    let docker_config = env("DOCKER_CONFIG")
-        .map(std::path::PathBuf::from)
-        .or_else(|| env("HOME").map(|home| std::path::Path::new(&home).join(".docker")))?;
-    if let Ok(text) = crate::files::read_text(&docker_config.join("config.json"), 1 << 20) {
-        let config: serde_json::Value = serde_json::from_str(&text).ok()?;
-        if config.get("currentContext").and_then(|context| context.as_str()).is_some_and(|c| c != "default") {
-            return None;
-        }
     }
     let socket = match env("DOCKER_HOST") {
         None => "/var/run/docker.sock".to_string(),
@@ -69,7 +60,7 @@ fn info_over_socket(docker: &Docker, timeout: std::time::Duration) -> Option<Str
     stream.take(4 << 20).read_to_end(&mut answer).ok()?;
     let answer = String::from_utf8(answer).ok()?;
     let (head, body) = answer.split_once("\r\n\r\n")?;
-    if !head.lines().next()?.split(' ').nth(1).is_some_and(|status| status == "200") {
+    if head.lines().next()?.split(' ').nth(1) != Some("200") {
         return None;
     }
     info_line(body)
@@ -111,9 +102,7 @@ fn default_builder(env: &dyn Fn(&str) -> Option<String>, builder_name: Option<&s
     if builder_name.is_some() || env("BUILDX_BUILDER").is_some() {
         return None;
     }
-    let docker_config = env("DOCKER_CONFIG")
-        .map(std::path::PathBuf::from)
-        .or_else(|| env("HOME").map(|home| std::path::Path::new(&home).join(".docker")))?;
+    let docker_config = docker_config_dir(env)?;
     let buildx_config =
         env("BUILDX_CONFIG").map(std::path::PathBuf::from).unwrap_or_else(|| docker_config.join("buildx"));
     // `current` naming no builder (`""`, as `docker buildx rm` of the one in use leaves it) or
@@ -139,13 +128,34 @@ fn default_builder(env: &dyn Fn(&str) -> Option<String>, builder_name: Option<&s
         std::fs::metadata(dir.join("docker-buildx"))
             .is_ok_and(|meta| meta.is_file() && meta.permissions().mode() & 0o111 != 0)
     });
-    // A context chosen in docker's config: read there, else asked.
-    let config = std::fs::read_to_string(docker_config.join("config.json")).unwrap_or_default();
-    let chosen_in_config = serde_json::from_str::<serde_json::Value>(&config)
-        .ok()
-        .and_then(|config| config.get("currentContext").and_then(|context| context.as_str().map(str::to_string)));
-    let context = env("DOCKER_CONTEXT").or(chosen_in_config).unwrap_or_else(|| "default".to_string());
-    installed.then_some(context)
+    if !installed {
+        return None;
+    }
+    docker_context(env)
+}
+
+/// docker's configuration directory: `DOCKER_CONFIG`, else `~/.docker`.
+fn docker_config_dir(env: &dyn Fn(&str) -> Option<String>) -> Option<std::path::PathBuf> {
+    env("DOCKER_CONFIG")
+        .map(std::path::PathBuf::from)
+        .or_else(|| env("HOME").map(|home| std::path::Path::new(&home).join(".docker")))
+}
+
+/// The docker context in use: `DOCKER_CONTEXT`, else the config's `currentContext`, else
+/// `default`. `None` when the config is there but not read.
+fn docker_context(env: &dyn Fn(&str) -> Option<String>) -> Option<String> {
+    if let Some(context) = env("DOCKER_CONTEXT") {
+        return Some(context);
+    }
+    let Some(dir) = docker_config_dir(env) else { return Some("default".to_string()) };
+    let chosen = match crate::files::read_text(&dir.join("config.json"), 1 << 20) {
+        Ok(text) => serde_json::from_str::<serde_json::Value>(&text)
+            .ok()?
+            .get("currentContext")
+            .and_then(|context| context.as_str().map(str::to_string)),
+        Err(_) => None,
+    };
+    Some(chosen.unwrap_or_else(|| "default".to_string()))
 }
 
 /// `docker info`'s `OS/ARCHITECTURE` (`linux/x86_64`, `linux/aarch64`) as an OCI platform.

@@ -22,6 +22,12 @@ pub struct Context {
 }
 
 impl Context {
+    /// The same context whose docker calls a cancel does not stop: what a cancel waits for
+    /// (writing what finished, saving the cache mounts).
+    pub(crate) fn uncancelled(&self) -> Context {
+        Context { docker: crate::docker::Docker { cancel: Default::default(), ..self.docker.clone() }, ..self.clone() }
+    }
+
     /// A context from the process environment: `docker` on PATH, the user's docker logins.
     pub fn from_environment() -> Context {
         let env = Environment::from_process();

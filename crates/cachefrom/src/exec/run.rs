@@ -13,8 +13,8 @@ use super::repair::{
 use super::resolve::{check_caches, Resolution};
 use crate::backend::Backend;
 use crate::ci::step_summary_path;
+use crate::docker::last_lines;
 use crate::docker::signal_name;
-use crate::docker::{last_lines, Docker};
 use crate::engine::{BackendFallback, Engine};
 use crate::error::BuildFailed;
 use crate::error::Error;
@@ -243,8 +243,7 @@ pub(crate) fn execute_checked(
             }
             Step::SaveMounts { argv } => {
                 // Saving is not cancelled: it is what a cancel waits for, as the recovery.
-                let uncancelled =
-                    Context { docker: Docker { cancel: Default::default(), ..ctx.docker.clone() }, ..ctx.clone() };
+                let uncancelled = ctx.uncancelled();
                 let succeeded = build_error.is_none() && write_error.is_none();
                 let packed = early_pack.take().and_then(EarlyPack::take);
                 let warnings = save_mounts(&uncancelled, plan, argv, &mut mount_run, &stage_reports, succeeded, packed);
@@ -276,8 +275,7 @@ pub(crate) fn execute_checked(
                         Step::SaveMounts { argv } => Some(argv),
                         _ => None,
                     });
-                    let uncancelled =
-                        Context { docker: Docker { cancel: Default::default(), ..ctx.docker.clone() }, ..ctx.clone() };
+                    let uncancelled = ctx.uncancelled();
                     early_pack = save.and_then(|argv| EarlyPack::new(&uncancelled, plan, argv));
                 }
                 let observe = |event: &crate::report::ProgressEvent| {
@@ -296,8 +294,7 @@ pub(crate) fn execute_checked(
                 if let Some(error) = outcome.error {
                     build_error = Some(error);
                     // Writing what finished is not cancelled: it is what a cancel waits for.
-                    let uncancelled =
-                        Context { docker: Docker { cancel: Default::default(), ..ctx.docker.clone() }, ..ctx.clone() };
+                    let uncancelled = ctx.uncancelled();
                     if let Err(error) = recover(&uncancelled, plan, &resolution, &outcome.finished, &mut stage_reports)
                     {
                         write_error = Some(format!("{error:#}"));

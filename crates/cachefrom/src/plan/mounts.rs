@@ -234,21 +234,22 @@ impl Plan {
 
     /// The restore build: its `RUN` runs (see [`Plan::mount_build_start`]), nothing output.
     pub(crate) fn restore_argv(&self) -> Vec<String> {
-        let dir = self.mounts_dir();
-        let mut argv = self.mount_build_start(&dir.join("restore.Dockerfile"));
-        argv.extend(["--output".into(), "type=cacheonly".into()]);
-        argv.push(dir.join("in").display().to_string());
-        argv
+        self.restore_argv_of("restore.Dockerfile")
     }
 
     /// The restore build again, in the mounts' own image, when it ran in another first.
     pub(crate) fn restore_again_argv(&self) -> Option<Vec<String>> {
         self.restore_image.as_ref()?;
+        Some(self.restore_argv_of("restore-again.Dockerfile"))
+    }
+
+    /// A restore build of the Dockerfile `file` in the mounts' directory, nothing output.
+    fn restore_argv_of(&self, file: &str) -> Vec<String> {
         let dir = self.mounts_dir();
-        let mut argv = self.mount_build_start(&dir.join("restore-again.Dockerfile"));
+        let mut argv = self.mount_build_start(&dir.join(file));
         argv.extend(["--output".into(), "type=cacheonly".into()]);
         argv.push(dir.join("in").display().to_string());
-        Some(argv)
+        argv
     }
 
     /// `docker pull` of the mounts' image, beside a restore build that runs in another: with the
