@@ -190,7 +190,7 @@ fn a_cache_mount_is_kept_in_the_local_directory_and_can_be_turned_off() {
     assert_eq!(saved.len(), 3, "{:#}", seed.report);
     for file in &saved {
         assert!(Path::new(file).is_file(), "{file}");
-        assert!(file.ends_with(".tar.gz"), "{file}");
+        assert!(file.ends_with(".tar.zst"), "{file}");
     }
 
     std::fs::write(dir.join("src/f01.txt"), "source 1, edited\n").unwrap();
@@ -198,6 +198,24 @@ fn a_cache_mount_is_kept_in_the_local_directory_and_can_be_turned_off() {
     let edit = build(dir, &image, &args);
     assert!(edit.output.status.success(), "{}", edit.stderr());
     assert_eq!(compiled(&tag), vec!["/src/f01.txt".to_string()], "{}", edit.stderr());
+
+    // The saved files are not archives any more (a disk that cut them, a hostile neighbour):
+    // one warning, a build from an empty mount, and the files written again.
+    for file in &saved {
+        std::fs::write(file, b"not an archive").unwrap();
+    }
+    std::fs::write(dir.join("src/f03.txt"), "source 3, edited\n").unwrap();
+    fresh_runner().unwrap();
+    let corrupt = build(dir, &image, &args);
+    assert!(corrupt.output.status.success(), "{}", corrupt.stderr());
+    let stderr = corrupt.stderr();
+    let warnings: Vec<&str> = stderr.lines().filter(|line| line.contains("was not restored")).collect();
+    assert_eq!(warnings.len(), 1, "one warning: {stderr}");
+    assert!(warnings[0].contains("neither zstd nor gzip"), "{}", warnings[0]);
+    assert_eq!(compiled(&tag).len(), 4, "an empty mount compiles everything");
+    for file in &saved {
+        assert_eq!(&std::fs::read(file).unwrap()[..4], &[0x28, 0xb5, 0x2f, 0xfd], "{file} written again");
+    }
 
     // Turned off: nothing restored, everything compiles, the plan says why.
     std::fs::write(dir.join("src/f02.txt"), "source 2, edited\n").unwrap();

@@ -13,7 +13,9 @@ use anyhow::{bail, Context as _, Result};
 use super::context::Context;
 use crate::backend::CacheLocation;
 use crate::docker::last_lines;
-use crate::mounts::{file_digest, ANNOTATION_BYTES, ANNOTATION_COLD_SECONDS, ANNOTATION_ID, ARTIFACT_TYPE, LAYER_TYPE};
+use crate::mounts::{
+    file_digest, ANNOTATION_BYTES, ANNOTATION_COLD_SECONDS, ANNOTATION_ID, ARTIFACT_TYPE, LAYER_TYPE, LAYER_TYPE_GZIP,
+};
 use crate::plan::{CacheRef, MountPlan, Plan};
 use crate::registry::Existence;
 use crate::report::{MountReport, StageReport};
@@ -143,7 +145,17 @@ fn fetch_and_restore(
             run.reports.insert(mount.name.clone(), report);
             continue;
         };
-        match fetch(ctx, plan, from, &inbox.join(format!("{}.tar.gz", mount.name))) {
+        let archive = dir.join(format!("{}.archive", mount.name));
+        let fetched = fetch(ctx, plan, from, &archive).and_then(|fetched| {
+            let unpacked = crate::mounts::decompress_file(
+                &archive,
+                &inbox.join(format!("{}.tar", mount.name)),
+                crate::mounts::tar_limit(plan.cache_mount_max_size),
+            );
+            let _ = std::fs::remove_file(&archive);
+            unpacked.map(|()| fetched)
+        });
+        match fetched {
             Ok((bytes, record)) => {
                 fetched_any = true;
                 report.restored_from = Some(from.location.to_string());
@@ -301,7 +313,7 @@ fn fetch(ctx: &Context, plan: &Plan, from: &CacheRef, to: &Path) -> Result<(u64,
                 serde_json::from_slice(&manifest.body).context("its manifest is not JSON")?;
             let layer =
                 value["layers"].as_array().and_then(|layers| layers.first()).context("its manifest has no layer")?;
-            let (Some(digest), Some(size), Some(LAYER_TYPE)) =
+            let (Some(digest), Some(size), Some(LAYER_TYPE | LAYER_TYPE_GZIP)) =
                 (layer["digest"].as_str(), layer["size"].as_u64(), layer["mediaType"].as_str())
             else {
                 bail!("its manifest is not a saved cache mount");
@@ -438,10 +450,34 @@ pub(crate) fn save_mounts(
         }
         return vec![line];
     }
+    // Every packed tar compressed at once, each on a core of its own.
+    let compressing = Instant::now();
+    let compressed: BTreeMap<String, Result<()>> = std::thread::scope(|scope| {
+        let jobs: Vec<_> = plan
+            .mounts
+            .iter()
+            .filter(|mount| out.join(format!("{}.tar", mount.name)).is_file())
+            .map(|mount| {
+                let (tar, file) =
+                    (out.join(format!("{}.tar", mount.name)), out.join(format!("{}.tar.zst", mount.name)));
+                (mount.name.clone(), scope.spawn(move || crate::mounts::compress_file(&tar, &file)))
+            })
+            .collect();
+        jobs.into_iter()
+            .map(|(name, job)| (name, job.join().unwrap_or_else(|_| Err(anyhow::anyhow!("compressing it panicked")))))
+            .collect()
+    });
+    let pack_seconds = pack_seconds + compressing.elapsed().as_secs_f64();
     for mount in &plan.mounts {
         let begun = Instant::now();
         let report = run.reports.entry(mount.name.clone()).or_insert_with(|| new_report(mount));
         report.save_seconds = pack_seconds;
+        if let Some(Err(error)) = compressed.get(&mount.name) {
+            let line = format!("the cache mount {} was not saved: {error:#}", mount.mount.target);
+            report.warnings.push(line.clone());
+            warnings.push(line);
+            continue;
+        }
         let too_big = out.join(format!("{}.too-big", mount.name));
         if let Ok(kb) = std::fs::read_to_string(&too_big) {
             let line = format!(
@@ -454,7 +490,7 @@ pub(crate) fn save_mounts(
             warnings.push(line);
             continue;
         }
-        let file = out.join(format!("{}.tar.gz", mount.name));
+        let file = out.join(format!("{}.tar.zst", mount.name));
         if !file.is_file() {
             continue; // Empty: nothing to keep.
         }

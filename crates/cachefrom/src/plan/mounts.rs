@@ -158,7 +158,7 @@ fn root_image(stage: &Stage, by_key: &BTreeMap<String, &Stage>) -> Option<String
 fn mount_location(backend: &Backend, options: &PlanOptions, tag: &str) -> CacheLocation {
     match backend {
         Backend::Local { dir } | Backend::Tarball { dir } => CacheLocation::TarFile(
-            dir.join(crate::backend::repository_dir_name(&options.repository)).join(format!("{tag}.tar.gz")),
+            dir.join(crate::backend::repository_dir_name(&options.repository)).join(format!("{tag}.tar.zst")),
         ),
         _ => CacheLocation::Image(options.repository.with_tag(tag)),
     }
@@ -172,8 +172,9 @@ impl Plan {
     }
 
     /// The restore build's Dockerfile: one `RUN` that mounts every kept cache with its own
-    /// options and the fetched archives, and unpacks each archive that was fetched into its mount
-    /// when the mount is empty (a runner that kept its own is at least as fresh), all at once.
+    /// options and the fetched archives (decompressed by cachefrom: plain tars), and unpacks each
+    /// one into its mount when the mount is empty (a runner that kept its own is at least as
+    /// fresh), all at once. Only `tar` is needed in the image.
     pub fn restore_dockerfile(&self) -> String {
         self.restore_dockerfile_in(self.restore_image.as_deref().or(self.mount_image.as_deref()))
     }
@@ -187,7 +188,7 @@ impl Plan {
     fn restore_dockerfile_in(&self, image: Option<&str>) -> String {
         let jobs = self.mount_jobs(|at, name| {
                 format!(
-                    "if [ -f /cachefrom/in/{name}.tar.gz ] && [ -z \"$(ls -A {at})\" ]; then tar -xzpf /cachefrom/in/{name}.tar.gz --numeric-owner -C {at}; fi"
+                    "if [ -f /cachefrom/in/{name}.tar ] && [ -z \"$(ls -A {at})\" ]; then tar -xpf /cachefrom/in/{name}.tar --numeric-owner -C {at}; fi"
                 )
         });
         format!(
@@ -198,16 +199,16 @@ impl Plan {
         )
     }
 
-    /// The save build's Dockerfile: one `RUN` that packs every mount at once into
-    /// `<name>.tar.gz` (owners, modes and times kept, sorted by name, no timestamp: the same
-    /// contents give the same bytes) with its size in `<name>.size`, or writes only
-    /// `<name>.too-big` when it is over the cap; output as files.
+    /// The save build's Dockerfile: one `RUN` that packs every mount at once into `<name>.tar`
+    /// (owners, modes and times kept, sorted by name: the same contents give the same bytes) with
+    /// its size in `<name>.size`, or writes only `<name>.too-big` when it is over the cap; output
+    /// as files, which cachefrom compresses (zstd, on all cores, off the build's container).
     pub fn save_dockerfile(&self) -> String {
         let image = self.mount_image.as_deref().unwrap_or("scratch");
         let max_kb = self.cache_mount_max_size / 1024;
         let jobs = self.mount_jobs(|at, name| {
                 format!(
-                    "cd {at} && size=$(du -sk . | cut -f1) && if [ \"$size\" -gt {max_kb} ]; then echo \"$size\" > /cachefrom/out/{name}.too-big; elif [ -n \"$(ls -A .)\" ]; then {{ tar --sort=name --numeric-owner -cf - . 2>/dev/null || tar -cf - .; }} | gzip -1n > /cachefrom/out/{name}.tar.gz && echo \"$size\" > /cachefrom/out/{name}.size; fi"
+                    "cd {at} && size=$(du -sk . | cut -f1) && if [ \"$size\" -gt {max_kb} ]; then echo \"$size\" > /cachefrom/out/{name}.too-big; elif [ -n \"$(ls -A .)\" ]; then {{ tar --sort=name --numeric-owner -cf - . 2>/dev/null || tar -cf - .; }} > /cachefrom/out/{name}.tar && echo \"$size\" > /cachefrom/out/{name}.size; fi"
                 )
         });
         format!(
