@@ -68,8 +68,7 @@ pub fn deletable_layer(manifest: &serde_json::Value) -> String {
         .into_iter()
         .flatten()
         .filter_map(|layer| layer["digest"].as_str())
-        .filter(|digest| *digest != EMPTY_LAYER && !base.contains(*digest))
-        .last()
+        .rfind(|digest| *digest != EMPTY_LAYER && !base.contains(*digest))
         .unwrap_or_else(|| panic!("no layer of its own in {manifest:#}"))
         .to_string()
 }

@@ -140,6 +140,9 @@ struct Credentials {
     secret: String,
 }
 
+/// One reference's answer: whether it exists, and its manifest digest when it does.
+pub type Answer = (Existence, Option<String>);
+
 impl RegistryClient {
     /// A client with a per-request `timeout` and the docker config at `docker_config`.
     pub fn new(timeout: Duration, docker_config: Option<PathBuf>) -> RegistryClient {
@@ -167,13 +170,13 @@ impl RegistryClient {
 
     /// Like [`RegistryClient::check_all`], with the manifest digest of each reference that exists
     /// (the registry's `Docker-Content-Digest`): references with the same digest hold the same cache.
-    pub fn check_all_with_digests(&self, refs: &[(Repository, String)]) -> Vec<(Existence, Option<String>)> {
+    pub fn check_all_with_digests(&self, refs: &[(Repository, String)]) -> Vec<Answer> {
         let session = self.session();
         let session = &session;
         // A bounded pool: a Dockerfile of 2,000 stages asks 6,000 questions, never with 6,000
         // threads; every reference is asked or answered `Unknown` with the reason.
         let next = std::sync::atomic::AtomicUsize::new(0);
-        let answers: Vec<Mutex<Option<(Existence, Option<String>)>>> = refs.iter().map(|_| Mutex::new(None)).collect();
+        let answers: Vec<Mutex<Option<Answer>>> = refs.iter().map(|_| Mutex::new(None)).collect();
         let workers = CHECK_THREADS.min(refs.len());
         let silent: Mutex<BTreeMap<String, String>> = Mutex::new(BTreeMap::new());
         std::thread::scope(|scope| {

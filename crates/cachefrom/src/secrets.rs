@@ -59,10 +59,13 @@ pub fn is_secret_name(name: &str) -> bool {
         || upper.split(|c: char| !c.is_ascii_alphanumeric()).any(|word| SECRET_WORDS.contains(&word))
 }
 
+/// Whether a value has one shape of secret.
+pub type SecretTest = fn(&str) -> bool;
+
 /// The shapes of secret values, in one place: a name, and the test of a value. A value of any of
 /// these shapes is hidden wherever cachefrom shows it, and a build argument holding one reaches
 /// docker through its environment.
-pub const SECRET_SHAPES: &[(&str, fn(&str) -> bool)] = &[
+pub const SECRET_SHAPES: &[(&str, SecretTest)] = &[
     ("a token with a well-known prefix (ghp_, glpat-, xoxb-, sk_live_, AIza, AKIA, …)", has_token_prefix),
     ("a JSON Web Token (eyJ….eyJ….…)", is_jwt),
     ("a PEM private key", |value| value.contains("PRIVATE KEY-----")),
