@@ -190,7 +190,7 @@ fn a_cache_mount_is_kept_in_the_local_directory_and_can_be_turned_off() {
     assert_eq!(saved.len(), 3, "{:#}", seed.report);
     for file in &saved {
         assert!(Path::new(file).is_file(), "{file}");
-        assert!(file.ends_with(".tar.zst"), "{file}");
+        assert!(file.ends_with(".tar.gz"), "{file}");
     }
 
     std::fs::write(dir.join("src/f01.txt"), "source 1, edited\n").unwrap();
@@ -211,10 +211,10 @@ fn a_cache_mount_is_kept_in_the_local_directory_and_can_be_turned_off() {
     let stderr = corrupt.stderr();
     let warnings: Vec<&str> = stderr.lines().filter(|line| line.contains("was not restored")).collect();
     assert_eq!(warnings.len(), 1, "one warning: {stderr}");
-    assert!(warnings[0].contains("neither zstd nor gzip"), "{}", warnings[0]);
+    assert!(warnings[0].contains("it is not a gzip archive; it starts empty"), "{}", warnings[0]);
     assert_eq!(compiled(&tag).len(), 4, "an empty mount compiles everything");
     for file in &saved {
-        assert_eq!(&std::fs::read(file).unwrap()[..4], &[0x28, 0xb5, 0x2f, 0xfd], "{file} written again");
+        assert_eq!(&std::fs::read(file).unwrap()[..2], &[0x1f, 0x8b], "{file} written again");
     }
 
     // Turned off: nothing restored, everything compiles, the plan says why.

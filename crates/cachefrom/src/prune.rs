@@ -194,10 +194,10 @@ pub fn plan_dir(dir: &Path, repository: &Repository, options: &PruneOptions) -> 
     Ok(DirPrune { dir, remove })
 }
 
-/// The tag a cache file is named after: `TAG.tar` (a layer cache), `TAG.tar.zst` and
-/// `TAG.tar.zst.json` (a saved cache mount and its record; `.tar.gz` as saved before).
+/// The tag a cache file is named after: `TAG.tar` (a layer cache), `TAG.tar.gz` and
+/// `TAG.tar.gz.json` (a saved cache mount and its record).
 fn tag_of_file(name: &str) -> Option<&str> {
-    [".tar.zst.json", ".tar.zst", ".tar.gz.json", ".tar.gz", ".tar"].iter().find_map(|suffix| name.strip_suffix(suffix))
+    [".tar.gz.json", ".tar.gz", ".tar"].iter().find_map(|suffix| name.strip_suffix(suffix))
 }
 
 /// The tags with a cache in `dir` (the backend's shared directory) for `repository`.

@@ -162,11 +162,8 @@ impl Plan {
             out,
             "\n# save_mounts: packs each cache mount (owners, modes, times kept; the same contents, the same"
         )?;
-        writeln!(
-            out,
-            "# bytes) into a tar, then cachefrom compresses each (zstd), uploads each archive not stored yet"
-        )?;
-        writeln!(out, "# and writes it at:")?;
+        writeln!(out, "# bytes) into a tar, then cachefrom gzips each one on every core, uploads each archive not")?;
+        writeln!(out, "# stored yet and writes it at:")?;
         for mount in &self.mounts {
             let places: Vec<String> = mount.cache_to.iter().map(|to| comment_text(&to.location.to_string())).collect();
             writeln!(out, "#   {} ({}): {}", mount.name, comment_text(&mount.mount.target), places.join(", "))?;
@@ -349,7 +346,7 @@ impl fmt::Display for Plan {
                     )?;
                     writeln!(
                         out,
-                        "# first of its places that exists and decompresses it into {}/NAME.tar (digest checked):",
+                        "# first of its places that exists into {}/NAME.tar.gz (digest checked):",
                         comment_text(&dir.join("in").display().to_string())
                     )?;
                     for mount in &self.mounts {

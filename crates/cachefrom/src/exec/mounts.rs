@@ -13,9 +13,7 @@ use anyhow::{bail, Context as _, Result};
 use super::context::Context;
 use crate::backend::CacheLocation;
 use crate::docker::last_lines;
-use crate::mounts::{
-    file_digest, ANNOTATION_BYTES, ANNOTATION_COLD_SECONDS, ANNOTATION_ID, ARTIFACT_TYPE, LAYER_TYPE, LAYER_TYPE_GZIP,
-};
+use crate::mounts::{file_digest, ANNOTATION_BYTES, ANNOTATION_COLD_SECONDS, ANNOTATION_ID, ARTIFACT_TYPE, LAYER_TYPE};
 use crate::plan::{CacheRef, MountPlan, Plan};
 use crate::registry::Existence;
 use crate::report::{MountReport, StageReport};
@@ -145,15 +143,13 @@ fn fetch_and_restore(
             run.reports.insert(mount.name.clone(), report);
             continue;
         };
-        let archive = dir.join(format!("{}.archive", mount.name));
-        let fetched = fetch(ctx, plan, from, &archive).and_then(|fetched| {
-            let unpacked = crate::mounts::decompress_file(
-                &archive,
-                &inbox.join(format!("{}.tar", mount.name)),
-                crate::mounts::tar_limit(plan.cache_mount_max_size),
-            );
-            let _ = std::fs::remove_file(&archive);
-            unpacked.map(|()| fetched)
+        let file = inbox.join(format!("{}.tar.gz", mount.name));
+        let fetched = fetch(ctx, plan, from, &file).and_then(|fetched| {
+            let checked = crate::mounts::check_archive(&file);
+            if checked.is_err() {
+                let _ = std::fs::remove_file(&file);
+            }
+            checked.map(|()| fetched)
         });
         match fetched {
             Ok((bytes, record)) => {
@@ -313,7 +309,7 @@ fn fetch(ctx: &Context, plan: &Plan, from: &CacheRef, to: &Path) -> Result<(u64,
                 serde_json::from_slice(&manifest.body).context("its manifest is not JSON")?;
             let layer =
                 value["layers"].as_array().and_then(|layers| layers.first()).context("its manifest has no layer")?;
-            let (Some(digest), Some(size), Some(LAYER_TYPE | LAYER_TYPE_GZIP)) =
+            let (Some(digest), Some(size), Some(LAYER_TYPE)) =
                 (layer["digest"].as_str(), layer["size"].as_u64(), layer["mediaType"].as_str())
             else {
                 bail!("its manifest is not a saved cache mount");
@@ -450,23 +446,19 @@ pub(crate) fn save_mounts(
         }
         return vec![line];
     }
-    // Every packed tar compressed at once, each on a core of its own.
+    // Each packed tar compressed, one after the other, each on every core.
     let compressing = Instant::now();
-    let compressed: BTreeMap<String, Result<()>> = std::thread::scope(|scope| {
-        let jobs: Vec<_> = plan
-            .mounts
-            .iter()
-            .filter(|mount| out.join(format!("{}.tar", mount.name)).is_file())
-            .map(|mount| {
-                let (tar, file) =
-                    (out.join(format!("{}.tar", mount.name)), out.join(format!("{}.tar.zst", mount.name)));
-                (mount.name.clone(), scope.spawn(move || crate::mounts::compress_file(&tar, &file)))
-            })
-            .collect();
-        jobs.into_iter()
-            .map(|(name, job)| (name, job.join().unwrap_or_else(|_| Err(anyhow::anyhow!("compressing it panicked")))))
-            .collect()
-    });
+    let compressed: BTreeMap<String, Result<()>> = plan
+        .mounts
+        .iter()
+        .filter(|mount| out.join(format!("{}.tar", mount.name)).is_file())
+        .map(|mount| {
+            let (tar, file) = (out.join(format!("{}.tar", mount.name)), out.join(format!("{}.tar.gz", mount.name)));
+            let result = crate::mounts::compress_file(&tar, &file);
+            let _ = std::fs::remove_file(&tar);
+            (mount.name.clone(), result)
+        })
+        .collect();
     let pack_seconds = pack_seconds + compressing.elapsed().as_secs_f64();
     for mount in &plan.mounts {
         let begun = Instant::now();
@@ -490,7 +482,7 @@ pub(crate) fn save_mounts(
             warnings.push(line);
             continue;
         }
-        let file = out.join(format!("{}.tar.zst", mount.name));
+        let file = out.join(format!("{}.tar.gz", mount.name));
         if !file.is_file() {
             continue; // Empty: nothing to keep.
         }

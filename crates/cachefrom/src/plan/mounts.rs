@@ -158,7 +158,7 @@ fn root_image(stage: &Stage, by_key: &BTreeMap<String, &Stage>) -> Option<String
 fn mount_location(backend: &Backend, options: &PlanOptions, tag: &str) -> CacheLocation {
     match backend {
         Backend::Local { dir } | Backend::Tarball { dir } => CacheLocation::TarFile(
-            dir.join(crate::backend::repository_dir_name(&options.repository)).join(format!("{tag}.tar.zst")),
+            dir.join(crate::backend::repository_dir_name(&options.repository)).join(format!("{tag}.tar.gz")),
         ),
         _ => CacheLocation::Image(options.repository.with_tag(tag)),
     }
@@ -172,9 +172,8 @@ impl Plan {
     }
 
     /// The restore build's Dockerfile: one `RUN` that mounts every kept cache with its own
-    /// options and the fetched archives (decompressed by cachefrom: plain tars), and unpacks each
-    /// one into its mount when the mount is empty (a runner that kept its own is at least as
-    /// fresh), all at once. Only `tar` is needed in the image.
+    /// options and the fetched archives, and unpacks each archive that was fetched into its mount
+    /// when the mount is empty (a runner that kept its own is at least as fresh), all at once.
     pub fn restore_dockerfile(&self) -> String {
         self.restore_dockerfile_in(self.restore_image.as_deref().or(self.mount_image.as_deref()))
     }
@@ -188,7 +187,7 @@ impl Plan {
     fn restore_dockerfile_in(&self, image: Option<&str>) -> String {
         let jobs = self.mount_jobs(|at, name| {
                 format!(
-                    "if [ -f /cachefrom/in/{name}.tar ] && [ -z \"$(ls -A {at})\" ]; then tar -xpf /cachefrom/in/{name}.tar --numeric-owner -C {at}; fi"
+                    "if [ -f /cachefrom/in/{name}.tar.gz ] && [ -z \"$(ls -A {at})\" ]; then tar -xzpf /cachefrom/in/{name}.tar.gz --numeric-owner -C {at}; fi"
                 )
         });
         format!(
@@ -202,7 +201,8 @@ impl Plan {
     /// The save build's Dockerfile: one `RUN` that packs every mount at once into `<name>.tar`
     /// (owners, modes and times kept, sorted by name: the same contents give the same bytes) with
     /// its size in `<name>.size`, or writes only `<name>.too-big` when it is over the cap; output
-    /// as files, which cachefrom compresses (zstd, on all cores, off the build's container).
+    /// as files, which cachefrom compresses into `<name>.tar.gz` on every core
+    /// ([`crate::mounts::compress_file`]): no compressor runs in the build's one container.
     pub fn save_dockerfile(&self) -> String {
         let image = self.mount_image.as_deref().unwrap_or("scratch");
         let max_kb = self.cache_mount_max_size / 1024;

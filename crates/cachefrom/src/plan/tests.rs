@@ -581,11 +581,7 @@ fn every_cache_mount_of_the_stages_built_is_restored_before_the_build_and_saved_
     assert!(restore.contains("--mount=type=cache,id=target,target=/cachefrom/m1,sharing=locked"), "{restore}");
     let save = plan.save_dockerfile();
     assert!(save.contains("> /cachefrom/out/m0.tar && echo"), "{save}");
-    assert!(
-        !save.contains("gzip") && !restore.contains("gzip") && !restore.contains("-xz"),
-        "no compressor in the builds"
-    );
-    assert!(restore.contains("tar -xpf /cachefrom/in/m0.tar --numeric-owner"), "{restore}");
+    assert!(!save.contains("gzip"), "cachefrom compresses, not the build: {save}");
     assert!(save.contains(&format!("-gt {}", crate::mounts::DEFAULT_MAX_SIZE / 1024)), "{save}");
 
     // The script saves them in its EXIT trap, and is valid bash.
@@ -647,7 +643,7 @@ fn cache_mounts_are_read_only_where_caches_are_and_can_be_turned_off() {
     local.backend = Backend::parse("local,dir=/cache", None).unwrap();
     let plan_local = plan(CARGO_MOUNTS, &local);
     let file = plan_local.mounts[0].cache_to[0].location.to_string();
-    assert!(file.starts_with("/cache/") && file.ends_with(".tar.zst"), "{file}");
+    assert!(file.starts_with("/cache/") && file.ends_with(".tar.gz"), "{file}");
 
     // A platform is part of what names a mount's contents.
     let mut arm = options(feature_branch());
