@@ -75,6 +75,21 @@ fn libc_flags() -> i32 {
     libc::O_NONBLOCK | libc::O_NOFOLLOW
 }
 
+/// `PATH.partial.`: the start of where a cache is written before it is renamed into place; the
+/// writer adds its process id ([`partial_path_of`]), so that concurrent writers never share one.
+pub fn partial_path(path: &std::path::Path) -> std::path::PathBuf {
+    let mut partial = path.as_os_str().to_owned();
+    partial.push(".partial.");
+    std::path::PathBuf::from(partial)
+}
+
+/// `PATH.partial.PID`: this process's scratch name for `path`.
+pub fn partial_path_of(path: &std::path::Path) -> std::path::PathBuf {
+    let mut partial = partial_path(path).into_os_string();
+    partial.push(std::process::id().to_string());
+    std::path::PathBuf::from(partial)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -230,12 +230,7 @@ pub fn compress_file(from: &std::path::Path, to: &std::path::Path) -> anyhow::Re
     use anyhow::Context as _;
     use std::io::{Read as _, Write as _};
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).clamp(1, 8);
-    // Beside `to`, named for this process: a half-written file never has the final name.
-    let partial = {
-        let mut name = to.as_os_str().to_owned();
-        name.push(format!(".partial.{}", std::process::id()));
-        std::path::PathBuf::from(name)
-    };
+    let partial = crate::files::partial_path_of(to);
     let result = (|| -> anyhow::Result<()> {
         let mut input = std::fs::File::open(from)?;
         let mut output = std::io::BufWriter::new(std::fs::File::create(&partial)?);

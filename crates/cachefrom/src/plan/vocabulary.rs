@@ -249,20 +249,7 @@ impl CacheWrite {
     }
 }
 
-/// `PATH.partial.`: the start of where a cache is written before it is renamed into place; the
-/// writer adds its process id ([`partial_path_of`]), so that concurrent writers never share one.
-pub fn partial_path(path: &Path) -> PathBuf {
-    let mut partial = path.as_os_str().to_owned();
-    partial.push(".partial.");
-    PathBuf::from(partial)
-}
-
-/// `PATH.partial.PID`: this process's scratch name for `path`.
-pub fn partial_path_of(path: &Path) -> PathBuf {
-    let mut partial = partial_path(path).into_os_string();
-    partial.push(std::process::id().to_string());
-    PathBuf::from(partial)
-}
+pub use crate::files::{partial_path, partial_path_of};
 
 pub(crate) fn quote_path(path: &Path) -> String {
     shell_quote(&path.display().to_string())
